@@ -1,0 +1,68 @@
+"""Vectorised histogram binning on a package's reference bin edges (shared by packager and agent).
+
+For a feature with edges ``e_0 < … < e_{k-1}`` there are ``k + 1`` counts: index 0 is underflow (``x < e_0``),
+index ``i`` (1 ≤ i ≤ k-1) is the inner bin ``[e_{i-1}, e_i)`` — the last inner bin is closed, so the maximum
+seen in the reference lands inside — and index ``k`` is overflow (``x > e_{k-1}``). NaN is not binned: callers
+count it separately. The same rule is used to build the reference profile and every on-device window, so the
+server compares like with like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Binner:
+    """Precomputed edges for F features; ``add(x, counts)`` accumulates a batch ``[N, F]`` into flat counts."""
+
+    def __init__(self, edges: Sequence[Sequence[float]]) -> None:
+        self.n_features = len(edges)
+        self.sizes = np.array([len(e) + 1 for e in edges], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.total = int(self.sizes.sum())
+        width = max((len(e) for e in edges), default=0)
+        self.padded = np.full((self.n_features, width), np.inf, dtype=np.float64)
+        self.last = np.empty(self.n_features, dtype=np.float64)
+        self.last_index = np.empty(self.n_features, dtype=np.int64)
+        self._edges = [np.asarray(e, dtype=np.float64) for e in edges]
+        for i, e in enumerate(self._edges):
+            self.padded[i, : len(e)] = e
+            self.last[i] = e[-1]
+            self.last_index[i] = len(e) - 1
+
+    def indices(self, x: np.ndarray) -> np.ndarray:
+        """Bin index per value, ``[N, F]`` int64 (NaN maps to 0; mask it out with ``np.isnan``)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[0] <= 8:
+            idx = (x[:, :, None] >= self.padded[None, :, :]).sum(axis=2)
+        else:
+            idx = np.empty(x.shape, dtype=np.int64)
+            for j, e in enumerate(self._edges):
+                idx[:, j] = np.searchsorted(e, x[:, j], side="right")
+        return np.where(x == self.last[None, :], self.last_index[None, :], idx)
+
+    def add(self, x: np.ndarray, counts: np.ndarray) -> None:
+        """Add the batch's bin counts into ``counts`` (flat, length ``self.total``); NaN values are skipped."""
+        x = np.asarray(x, dtype=np.float64)
+        flat = self.indices(x) + self.offsets[None, :]
+        ok = ~np.isnan(x)
+        counts += np.bincount(flat[ok], minlength=self.total)
+
+    def split(self, counts: np.ndarray) -> list[list[int]]:
+        return [counts[o : o + s].astype(int).tolist() for o, s in zip(self.offsets, self.sizes, strict=True)]
+
+
+def quantile_edges(values: np.ndarray, bins: int = 20) -> list[float]:
+    """Reference edges at the data's quantiles (ties collapse, so a discrete feature gets fewer bins)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return [0.0]
+    edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, bins + 1)))
+    return [float(e) for e in edges]
+
+
+def fixed_edges(lo: float, hi: float, bins: int) -> list[float]:
+    return [float(e) for e in np.linspace(lo, hi, bins + 1)]

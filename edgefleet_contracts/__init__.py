@@ -1,0 +1,70 @@
+"""edgefleet wire contracts: every document that crosses a process boundary, defined once.
+
+Imports nothing heavy (no numpy, no runtimes): device, server and packager all depend on it.
+"""
+
+from .archive import VerifiedPackage, open_package
+from .canonical import canonical_bytes, parse_json
+from .errors import (
+    ContractError,
+    ExpiredError,
+    FileMismatchError,
+    PackageError,
+    RevokedKeyError,
+    RollbackError,
+    SchemaError,
+    SignatureError,
+    TamperedError,
+    TargetMismatchError,
+    UnsafeArchiveError,
+    UnsignedError,
+    UntrustedKeyError,
+)
+from .keyset import DelegatedKey, Keyset
+from .manifest import (
+    KEYSET_NAME,
+    MANIFEST_NAME,
+    FeatureSpec,
+    FileEntry,
+    ImageSpec,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+)
+from .trust import check_target, verify_keyset, verify_manifest
+from .versions import is_newer, parse_version
+
+__all__ = [
+    "KEYSET_NAME",
+    "MANIFEST_NAME",
+    "ContractError",
+    "DelegatedKey",
+    "ExpiredError",
+    "FeatureSpec",
+    "FileEntry",
+    "FileMismatchError",
+    "ImageSpec",
+    "InputSpec",
+    "Keyset",
+    "Manifest",
+    "OutputSpec",
+    "PackageError",
+    "RevokedKeyError",
+    "RollbackError",
+    "SchemaError",
+    "SignatureError",
+    "TamperedError",
+    "TargetMismatchError",
+    "UnsafeArchiveError",
+    "UnsignedError",
+    "UntrustedKeyError",
+    "VerifiedPackage",
+    "canonical_bytes",
+    "check_target",
+    "is_newer",
+    "open_package",
+    "parse_json",
+    "parse_version",
+    "verify_keyset",
+    "verify_manifest",
+]

@@ -1,0 +1,162 @@
+"""Reading a package archive safely: verify before extracting, stream within declared lengths.
+
+The archive is an uncompressed tar whose first member is ``keyset.json`` and second ``manifest.json``; the
+signatures are checked before any payload byte is read. Each payload member must be a regular file listed in
+the manifest with the same length; exactly that many bytes are read and hashed. Nothing is written outside
+the staging folder; links, devices, absolute paths, ``..`` and duplicates are refused. Uncompressed tar
+keeps byte ranges meaningful for resumable downloads and removes decompression bombs from the threat model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from .canonical import parse_json
+from .errors import FileMismatchError, PackageError, SchemaError, UnsafeArchiveError
+from .keyset import Keyset
+from .manifest import KEYSET_NAME, MANIFEST_NAME, Manifest
+from .signing import Ed25519PublicKey
+from .trust import check_target, verify_keyset, verify_manifest
+
+MAX_METADATA_BYTES = 1024 * 1024
+MAX_MEMBERS = 256
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VerifiedPackage:
+    manifest: Manifest
+    keyset: Keyset
+    signer: str
+    directory: Path | None  # where the payload was extracted, when a staging folder was given
+
+
+def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str:
+    name = m.name
+    p = PurePosixPath(name)
+    if p.is_absolute() or name.startswith("/"):
+        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path")
+    if ".." in p.parts:
+        raise UnsafeArchiveError(f"archive member {name!r} escapes the package folder with '..'")
+    if m.issym() or m.islnk():
+        raise UnsafeArchiveError(f"archive member {name!r} is a link (to {m.linkname!r}); links are not allowed")
+    if not m.isreg():
+        raise UnsafeArchiveError(f"archive member {name!r} is not a regular file")
+    norm = str(p)
+    if norm in seen:
+        raise UnsafeArchiveError(f"archive member {name!r} appears twice")
+    seen.add(norm)
+    return norm
+
+
+def _read_bounded(fh: IO[bytes], length: int) -> bytes:
+    data = fh.read(length)
+    if len(data) != length:
+        raise FileMismatchError(f"archive ended early: expected {length} bytes, got {len(data)}")
+    return data
+
+
+def _metadata(tar: tarfile.TarFile, expected: str, seen: set[str]) -> object:
+    try:
+        m = tar.next()
+    except tarfile.TarError as exc:
+        raise PackageError(f"package is not a readable tar archive: {exc}") from exc
+    if m is None:
+        raise FileMismatchError(f"package is missing {expected}")
+    name = _check_member(m, seen)
+    if name != expected:
+        raise FileMismatchError(f"package must start with {KEYSET_NAME} then {MANIFEST_NAME}; found {name!r}")
+    if m.size > MAX_METADATA_BYTES:
+        raise SchemaError(f"{expected} is {m.size} bytes, over the {MAX_METADATA_BYTES}-byte limit")
+    fh = tar.extractfile(m)
+    assert fh is not None
+    return parse_json(_read_bounded(fh, m.size), what=expected)
+
+
+def open_package(
+    path: Path,
+    root: Ed25519PublicKey,
+    *,
+    now: datetime,
+    target: str | None = None,
+    min_keyset_version: int = 0,
+    staging: Path | None = None,
+) -> VerifiedPackage:
+    """Verify a package archive against ``root``; when ``staging`` is given, extract the payload there.
+
+    Raises a ContractError subclass naming what failed (see ``edgefleet_contracts.errors``); the caller owns
+    ``staging`` and should delete it on error.
+    """
+    seen: set[str] = set()
+    try:
+        tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, OSError) as exc:
+        raise PackageError(f"{path} is not a readable package archive: {exc}") from exc
+    with tar:
+        keyset = verify_keyset(_metadata(tar, KEYSET_NAME, seen), root, now, min_keyset_version)
+        manifest, signer = verify_manifest(_metadata(tar, MANIFEST_NAME, seen), keyset, now)
+        check_target(manifest, target)
+        remaining = dict(manifest.files)
+        count = 2
+        while True:
+            try:
+                m = tar.next()
+            except tarfile.TarError as exc:
+                raise PackageError(f"package archive is corrupt after {count} members: {exc}") from exc
+            if m is None:
+                break
+            count += 1
+            if count > MAX_MEMBERS:
+                raise UnsafeArchiveError(f"package has more than {MAX_MEMBERS} members")
+            name = _check_member(m, seen)
+            entry = remaining.pop(name, None)
+            if entry is None:
+                raise FileMismatchError(f"package holds file {name!r}, which the signed manifest does not list")
+            if m.size != entry.length:
+                raise FileMismatchError(
+                    f"file {name!r} is {m.size} bytes in the archive but the manifest says {entry.length}"
+                )
+            _stream_file(tar, m, name, entry.length, entry.sha256, staging)
+        if remaining:
+            raise FileMismatchError(f"package is missing files listed in the manifest: {', '.join(sorted(remaining))}")
+    return VerifiedPackage(manifest, keyset, signer, staging)
+
+
+def _stream_file(
+    tar: tarfile.TarFile, m: tarfile.TarInfo, name: str, length: int, sha256: str, staging: Path | None
+) -> None:
+    fh = tar.extractfile(m)
+    assert fh is not None
+    digest = hashlib.sha256()
+    out = None
+    if staging is not None:
+        dest = (staging / name).resolve()
+        if not dest.is_relative_to(staging.resolve()):
+            raise UnsafeArchiveError(f"archive member {name!r} would be written outside the staging folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out = open(dest, "xb")  # noqa: SIM115 - closed in finally
+    try:
+        left = length
+        while left:
+            chunk = fh.read(min(CHUNK, left))
+            if not chunk:
+                raise FileMismatchError(f"file {name!r} ended after {length - left} of {length} bytes")
+            digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            left -= len(chunk)
+        if out is not None:
+            out.flush()
+    finally:
+        if out is not None:
+            out.close()
+    if digest.hexdigest() != sha256:
+        raise FileMismatchError(
+            f"file {name!r} has sha256 {digest.hexdigest()[:12]}… but the manifest says {sha256[:12]}… "
+            "(the file was altered or swapped)"
+        )

@@ -1,0 +1,1 @@
+"""edgefleet model packager: quantized, evaluated, signed packages for CPU/ARM targets."""
