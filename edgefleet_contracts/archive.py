@@ -17,10 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from .canonical import parse_json
-from .errors import FileMismatchError, PackageError, SchemaError, UnsafeArchiveError
+from .errors import ExpiredError, FileMismatchError, PackageError, SchemaError, UnsafeArchiveError
 from .keyset import Keyset
 from .manifest import KEYSET_NAME, MANIFEST_NAME, Manifest
 from .signing import Ed25519PublicKey
+from .timeutil import fmt
 from .trust import check_target, verify_keyset, verify_manifest
 
 MAX_METADATA_BYTES = 1024 * 1024
@@ -84,10 +85,14 @@ def open_package(
     *,
     now: datetime,
     target: str | None = None,
-    min_keyset_version: int = 0,
+    trusted_keyset: Keyset | None = None,
     staging: Path | None = None,
 ) -> VerifiedPackage:
     """Verify a package archive against ``root``; when ``staging`` is given, extract the payload there.
+
+    ``trusted_keyset`` is the newest keyset the verifier already holds. The package's own keyset (root-signed)
+    is used only when it is newer; otherwise the trusted one decides, so revocations stick and an old keyset
+    replayed inside a package changes nothing. ``VerifiedPackage.keyset`` is the keyset that decided.
 
     Raises a ContractError subclass naming what failed (see ``edgefleet_contracts.errors``); the caller owns
     ``staging`` and should delete it on error.
@@ -98,7 +103,10 @@ def open_package(
     except (tarfile.TarError, OSError) as exc:
         raise PackageError(f"{path} is not a readable package archive: {exc}") from exc
     with tar:
-        keyset = verify_keyset(_metadata(tar, KEYSET_NAME, seen), root, now, min_keyset_version)
+        carried = verify_keyset(_metadata(tar, KEYSET_NAME, seen), root, now, allow_expired=True)
+        keyset = carried if trusted_keyset is None or carried.version > trusted_keyset.version else trusted_keyset
+        if keyset.expires <= now:
+            raise ExpiredError(f"keyset version {keyset.version} expired at {fmt(keyset.expires)}; publish a new one")
         manifest, signer = verify_manifest(_metadata(tar, MANIFEST_NAME, seen), keyset, now)
         check_target(manifest, target)
         remaining = dict(manifest.files)

@@ -16,7 +16,9 @@ from .signing import Ed25519PublicKey, envelope_signatures, key_id, short, verif
 from .timeutil import fmt
 
 
-def verify_keyset(envelope: Any, root: Ed25519PublicKey, now: datetime, min_version: int = 0) -> Keyset:
+def verify_keyset(
+    envelope: Any, root: Ed25519PublicKey, now: datetime, min_version: int = 0, *, allow_expired: bool = False
+) -> Keyset:
     """Accept a keyset only if the root signed it, it has not expired and is not older than ``min_version``.
 
     Raises UnsignedError, UntrustedKeyError (not signed by the root), TamperedError, SchemaError,
@@ -35,7 +37,7 @@ def verify_keyset(envelope: Any, root: Ed25519PublicKey, now: datetime, min_vers
             f"keyset version {ks.version} is older than version {min_version} already trusted "
             "(an old keyset replayed; rebuild the package with the current keyset)"
         )
-    if ks.expires <= now:
+    if ks.expires <= now and not allow_expired:
         raise ExpiredError(f"keyset version {ks.version} expired at {fmt(ks.expires)}; publish a new keyset")
     return ks
 

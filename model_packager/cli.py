@@ -30,6 +30,59 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from .build import BuildRequest, build_package
+
+    req = BuildRequest(
+        model=Path(args.model), name=args.name, version=args.version, target=args.target,
+        calibration=Path(args.calibration), holdout=Path(args.holdout) if args.holdout else None,
+        quantize=args.quantize, keys=Path(args.keys), out=Path(args.out), owner=args.owner or "",
+        expires_in=parse_duration(args.expires_in), label_column=args.label_column or None,
+        preprocess=Path(args.preprocess) if args.preprocess else None, probabilities=args.probabilities,
+        classes=args.classes.split(",") if args.classes else None, max_accuracy_drop=args.max_accuracy_drop,
+        mlflow_run=args.mlflow_run, progress=not args.quiet,
+    )
+    result = build_package(req)
+    ch = result.report["chosen"]
+    acc = f"{ch['accuracy']:.4f}" if ch["accuracy"] is not None else "n/a (no labels)"
+    print(f"built {result.path}: {result.manifest.name} {result.manifest.version} for {result.manifest.target}, "
+          f"quantization {ch['mode']}, accuracy {acc}, agreement {ch['agreement']:.4f}, "
+          f"size {ch['size_ratio']:.2f}x float")
+    for c in result.report["candidates"]:
+        note = "chosen" if c["chosen"] else (f"rejected: {c['rejected']}" if c["rejected"] else "")
+        print(f"  {c['mode']:<13} size {c['size_ratio']:.2f}x  agreement {c['agreement']:.4f}  "
+              f"p50 {c['p50_ms'] * 1000:.1f} us ({c['latency_ratio']:.2f}x)  {note}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .inspect_verify import verify
+
+    vp = verify(Path(args.package), Path(args.root), target=args.target,
+                keyset=Path(args.keyset) if args.keyset else None)
+    m = vp.manifest
+    print(f"OK: {m.name} {m.version} for {m.target}, signed by key {vp.signer[:16]} "
+          f"(keyset v{vp.keyset.version}), {len(m.files)} files verified")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect_verify import describe, read_manifest_unverified, to_json
+
+    signed = read_manifest_unverified(Path(args.package))
+    print(to_json(signed) if args.json else describe(signed) + "\n(not verified: use `model-packager verify`)")
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from .examples import write_examples
+
+    paths = write_examples(Path(args.out), seed=args.seed)
+    for k, v in sorted(paths.items()):
+        print(f"{k:<22} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="model-packager", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -47,6 +100,44 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("keyid")
     kv.add_argument("--dir", required=True)
     k.set_defaults(func=_keys)
+
+    b = sub.add_parser("build", help="quantize, evaluate, profile and sign a model into a package")
+    b.add_argument("model", help="ONNX (.onnx) or LiteRT (.tflite) model")
+    b.add_argument("--name", required=True)
+    b.add_argument("--version", required=True)
+    b.add_argument("--target", required=True, help="hardware target (hardware/targets/*.toml)")
+    b.add_argument("--calibration", required=True, help=".npz, .csv or image folder")
+    b.add_argument("--holdout", help=".npz, .csv or image folder (labels enable accuracy and calibration)")
+    b.add_argument("--quantize", default="auto", choices=["auto", "none", "int8-dynamic", "int8-static"])
+    b.add_argument("--keys", required=True, help="key folder from `keys init`")
+    b.add_argument("--out", required=True)
+    b.add_argument("--owner", help="model owner (team or person)")
+    b.add_argument("--expires-in", default="365d")
+    b.add_argument("--label-column", default="label", help="CSV column holding the class index")
+    b.add_argument("--preprocess", help="JSON image preprocessing spec (required for image folders)")
+    b.add_argument("--probabilities", help="name of the model output holding class probabilities")
+    b.add_argument("--classes", help="comma-separated class names")
+    b.add_argument("--max-accuracy-drop", type=float, default=0.5, help="percentage points (default 0.5)")
+    b.add_argument("--mlflow-run", help="MLflow run id, recorded in the lineage")
+    b.add_argument("--quiet", action="store_true", help="no progress display")
+    b.set_defaults(func=_build)
+
+    v = sub.add_parser("verify", help="verify a package as a device would")
+    v.add_argument("package")
+    v.add_argument("--root", required=True, help="root public key (root.pub)")
+    v.add_argument("--target", help="refuse packages built for another target")
+    v.add_argument("--keyset", help="the newest keyset you hold (revocations take effect)")
+    v.set_defaults(func=_verify)
+
+    i = sub.add_parser("inspect", help="show a package's manifest (without verifying it)")
+    i.add_argument("package")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_inspect)
+
+    e = sub.add_parser("examples", help="write the example models and data (from scikit-learn's bundled data)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_examples)
     return p
 
 
@@ -54,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (PackagerError, ContractError, FileExistsError) as exc:
+    except ContractError as exc:
+        print(f"model-packager: REJECTED ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    except (PackagerError, FileExistsError, FileNotFoundError) as exc:
         print(f"model-packager: error: {exc}", file=sys.stderr)
         return 1
 

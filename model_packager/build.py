@@ -1,0 +1,282 @@
+"""``model-packager build``: measure quantization candidates, profile, calibrate, sign, write one archive."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from device_agent.errors import AgentError
+from device_agent.runtime import open_runtime
+from edgefleet_contracts.manifest import ImageSpec, InputSpec, Manifest, OutputSpec
+from edgefleet_contracts.signing import sign_envelope
+from edgefleet_contracts.targets import Target, get_target
+from edgefleet_contracts.timeutil import utcnow
+from edgefleet_contracts.versions import parse_version
+
+from .data import Dataset, load_dataset
+from .errors import DataError, ModelError, PackagerError, QuantizationError
+from .evaluate import Candidate, measure
+from .keys import KeyFolder
+from .profiling import calibration_map, feature_ranges, golden_tolerance, reference_profile
+from .quantize import op_types, quantize
+from .writer import file_entry, write_archive
+
+MODES = ("auto", "none", "int8-dynamic", "int8-static")
+
+
+@dataclass
+class BuildRequest:
+    model: Path
+    name: str
+    version: str
+    target: str
+    calibration: Path
+    keys: Path
+    out: Path
+    holdout: Path | None = None
+    quantize: str = "auto"
+    owner: str = ""
+    expires_in: timedelta = timedelta(days=365)
+    label_column: str | None = "label"
+    preprocess: Path | None = None
+    probabilities: str | None = None
+    classes: list[str] | None = None
+    max_accuracy_drop: float = 0.5  # percentage points
+    golden_count: int = 8
+    bins: int = 20
+    mlflow_run: str | None = None
+    progress: bool = False
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: Manifest
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _image_spec(path: Path | None) -> ImageSpec | None:
+    if path is None:
+        return None
+    try:
+        d = json.loads(Path(path).read_text())
+        return ImageSpec(int(d["width"]), int(d["height"]), str(d["color"]), str(d["resize"]), float(d["scale"]),
+                         float(d["mean"]), float(d["std"]), str(d["layout"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"cannot read preprocessing spec {path}: {exc!r}") from exc
+
+
+def _onnx_interface(model: Path, probabilities: str | None) -> tuple[str, list[int], str]:
+    import onnx
+
+    try:
+        m = onnx.load(str(model))
+    except Exception as exc:  # onnx raises DecodeError and others: translate
+        raise ModelError(f"{model} is not a readable ONNX model: {exc}") from exc
+    inits = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"{model} has {len(inputs)} inputs; edgefleet packages models with exactly one input")
+    dims = [d.dim_value if d.dim_value > 0 else -1 for d in inputs[0].type.tensor_type.shape.dim]
+    outs = [o.name for o in m.graph.output]
+    if probabilities:
+        if probabilities not in outs:
+            raise ModelError(f"{model} has no output {probabilities!r}; outputs: {outs}")
+        return inputs[0].name, dims, probabilities
+    for cand in ("probabilities", "output_probability", "probs", "softmax"):
+        if cand in outs:
+            return inputs[0].name, dims, cand
+    if len(outs) == 1:
+        return inputs[0].name, dims, outs[0]
+    raise ModelError(f"cannot tell which output of {model} holds probabilities ({outs}); pass --probabilities NAME")
+
+
+def _litert_interface(model: Path) -> tuple[str, list[int], str]:
+    from device_agent.runtime import LiteRtRuntime
+
+    rt = LiteRtRuntime(model)
+    shape = [int(s) for s in rt._in["shape_signature"]] if "shape_signature" in rt._in else list(rt._in["shape"])
+    shape[0] = -1
+    return rt.input_name, shape, str(rt._out["name"])
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _choose(cands: list[Candidate], target: Target, mode: str, bound: float, labelled: bool) -> Candidate:
+    by_mode = {c.mode: c for c in cands}
+    order = list(target.prefer) if mode == "auto" else [mode]
+    if mode == "auto" and "none" not in order:
+        order.append("none")
+    for c in cands:
+        loss = -(c.accuracy_delta_points or 0.0) if labelled else 100.0 * (1.0 - c.agreement)
+        if c.mode != "none" and loss > bound:
+            what = "accuracy" if labelled else "agreement with the float model"
+            c.rejected = f"loses {loss:.2f} points of {what} (bound {bound})"
+        elif (mode == "auto" and c.mode != "none" and target.max_latency_ratio is not None and target.host_matches()
+              and c.latency_ratio > target.max_latency_ratio):
+            c.rejected = (f"{c.latency_ratio:.2f}x the float latency on this {target.arch} host "
+                          f"(target allows {target.max_latency_ratio}x)")
+    for m in order:
+        pick = by_mode.get(m)
+        if pick is not None and not pick.rejected:
+            pick.chosen = True
+            return pick
+    raise QuantizationError(
+        f"{mode} variant rejected: {by_mode[mode].rejected}; raise --max-accuracy-drop or use --quantize auto"
+    )
+
+
+def build_package(req: BuildRequest, console: Console | None = None) -> BuildResult:
+    """Build, sign and write a package. Raises PackagerError subclasses or ContractError with the reason."""
+    console = console or Console(stderr=True, quiet=not req.progress)
+    if req.quantize not in MODES:
+        raise PackagerError(f"--quantize {req.quantize!r} is not one of {', '.join(MODES)}")
+    parse_version(req.version)
+    target = get_target(req.target)
+    folder = KeyFolder(Path(req.keys))
+    signing_key, keyset = folder.signing_key()  # fail early, before minutes of measuring
+    suffix = Path(req.model).suffix.lower()
+    runtime = {".onnx": "onnxruntime", ".tflite": "litert"}.get(suffix)
+    if runtime is None:
+        raise ModelError(f"{req.model}: model must be .onnx or .tflite, got {suffix!r}")
+    if runtime not in target.runtimes:
+        raise ModelError(f"target {target.name} has no {runtime} runtime (it has: {', '.join(target.runtimes)})")
+    if not Path(req.model).is_file():
+        raise ModelError(f"model file {req.model} does not exist")
+    spec = _image_spec(req.preprocess)
+    cal = load_dataset(req.calibration, label_column=req.label_column, image_spec=spec)
+    hold = load_dataset(req.holdout, label_column=req.label_column, image_spec=spec) if req.holdout else cal
+    if runtime == "onnxruntime":
+        input_name, shape, prob_name = _onnx_interface(req.model, req.probabilities)
+    else:
+        input_name, shape, prob_name = _litert_interface(req.model)
+    if list(cal.x.shape[1:]) != [s for s in shape[1:]] and -1 not in shape[1:]:
+        raise DataError(f"model input {input_name} has shape {shape} but the data rows have shape "
+                        f"{list(cal.x.shape[1:])}")
+
+    modes = ["none"]
+    if runtime == "onnxruntime":
+        wanted = list(target.prefer) if req.quantize == "auto" else [req.quantize]
+        modes += [m for m in wanted if m != "none"]
+    elif req.quantize not in ("auto", "none"):
+        raise QuantizationError("LiteRT models are packaged as provided (quantize them when converting); "
+                                "use --quantize auto or none")
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmpdir:
+        tmp = Path(tmpdir)
+        cands: list[Candidate] = []
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("calibrating and evaluating", total=len(modes))
+            for mode in modes:
+                progress.update(task, description=f"{mode}: quantizing and evaluating on {len(hold)} rows")
+                path = tmp / f"model-{mode}{suffix}"
+                if mode == "none":
+                    path.write_bytes(Path(req.model).read_bytes())
+                else:
+                    quantize(mode, Path(req.model), path, target, cal.x, input_name)
+                try:
+                    rt = open_runtime(runtime, path, prob_name, threads=1, graph_optimization=target.graph_optimization)
+                    c = Candidate(mode, path, path.stat().st_size)
+                    measure(c, rt, hold.x, hold.y, cands[0] if cands else None)
+                except AgentError as exc:
+                    raise ModelError(f"{mode} variant does not run: {exc}") from exc
+                if runtime == "onnxruntime":
+                    c.op_types = op_types(path)
+                cands.append(c)
+                progress.advance(task)
+        chosen = _choose(cands, target, req.quantize, req.max_accuracy_drop, hold.y is not None)
+        assert chosen.probabilities is not None
+        n_classes = chosen.probabilities.shape[1]
+        classes = req.classes or hold.class_names or cal.class_names or [str(i) for i in range(n_classes)]
+        if len(classes) != n_classes:
+            raise DataError(f"{len(classes)} class names given but the model outputs {n_classes} probabilities")
+
+        rt = open_runtime(runtime, chosen.path, prob_name, threads=1)
+        cal_probs = np.concatenate([rt.run(cal.x[i : i + 256]) for i in range(0, len(cal), 256)])
+        profile = reference_profile(cal.features, cal.feature_names, cal_probs, classes, req.bins)
+        cmap, fitted = calibration_map(chosen.probabilities, hold.y)
+        payload = _payload(tmp, req, chosen, hold, profile.to_dict(), cmap.to_dict())
+        report = _report(req, target, cands, chosen, cal, hold, fitted)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
+        payload["report.json"] = tmp / "report.json"
+
+        model_file = "model" + suffix
+        now = utcnow()
+        ranges = feature_ranges(cal.features, cal.feature_names)
+        manifest = Manifest(
+            name=req.name, version=req.version, target=target.name, runtime=runtime,
+            kind="image" if spec else "tabular", model_file=model_file,
+            input=InputSpec(input_name, "float32", tuple(shape), tuple(ranges), spec),
+            output=OutputSpec(prob_name, tuple(classes)),
+            files={n: file_entry(p) for n, p in payload.items()},
+            created=now, expires=now + req.expires_in, owner=req.owner,
+            quantization={"mode": chosen.mode, "requested": req.quantize, "format": target.quant_format,
+                          "activation_type": target.activation_type, "weight_type": target.weight_type,
+                          "per_channel": target.per_channel},
+            evaluation={k: report["chosen"][k] for k in ("accuracy", "accuracy_delta_points", "agreement",
+                                                         "size_ratio", "latency_ratio", "p50_ms")},
+            lineage=report["lineage"],
+        )
+        manifest_env = sign_envelope(manifest.to_signed(), signing_key)
+        write_archive(req.out, folder.keyset_envelope(), manifest_env, payload)
+        del keyset
+    return BuildResult(Path(req.out), manifest, report)
+
+
+def _payload(tmp: Path, req: BuildRequest, chosen: Candidate, hold: Dataset, profile: dict[str, Any],
+             cmap: dict[str, Any]) -> dict[str, Path]:
+    suffix = chosen.path.suffix
+    payload = {"model" + suffix: chosen.path}
+    (tmp / "profile.json").write_text(json.dumps(profile, sort_keys=True))
+    (tmp / "calibration.json").write_text(json.dumps(cmap, sort_keys=True))
+    payload["profile.json"] = tmp / "profile.json"
+    payload["calibration.json"] = tmp / "calibration.json"
+    assert chosen.probabilities is not None
+    k = min(req.golden_count, len(hold))
+    gold = {"x": hold.x[:k], "probabilities": chosen.probabilities[:k],
+            "tolerance": np.float32(golden_tolerance(chosen.mode))}
+    np.savez(tmp / "golden.npz", **gold)  # type: ignore[arg-type]
+    payload["golden.npz"] = tmp / "golden.npz"
+    for i, blob in enumerate(hold.images[:k]):
+        p = tmp / f"golden-{i}.img"
+        p.write_bytes(blob)
+        payload[f"golden/{i}.img"] = p
+    return payload
+
+
+def _report(req: BuildRequest, target: Target, cands: list[Candidate], chosen: Candidate, cal: Dataset,
+            hold: Dataset, fitted: bool) -> dict[str, Any]:
+    import platform
+
+    return {
+        "target": target.name,
+        "measured_on": {"machine": platform.machine(), "matches_target": target.host_matches(),
+                        "note": "latency measured on the build host, single sample, one thread"},
+        "rows": {"calibration": len(cal), "holdout": len(hold), "holdout_is_calibration": req.holdout is None},
+        "max_accuracy_drop_points": req.max_accuracy_drop,
+        "candidates": [c.to_report() for c in cands],
+        "chosen": chosen.to_report(),
+        "calibration_map_fitted": fitted,
+        "lineage": {
+            "model_sha256": file_entry(Path(req.model)).sha256,
+            "calibration_sha256": cal.sha256,
+            "holdout_sha256": hold.sha256 if req.holdout else None,
+            "git_commit": _git_commit(Path(req.model).resolve().parent),
+            "mlflow_run_id": req.mlflow_run,
+        },
+    }

@@ -1,0 +1,67 @@
+"""``model-packager verify`` and ``inspect``: the device's own verification, run on a workstation."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edgefleet_contracts.archive import VerifiedPackage, open_package
+from edgefleet_contracts.canonical import parse_json
+from edgefleet_contracts.errors import PackageError, SchemaError
+from edgefleet_contracts.signing import load_public_key
+from edgefleet_contracts.timeutil import utcnow
+from edgefleet_contracts.trust import verify_keyset
+
+
+def verify(path: Path, root_pub: Path, *, target: str | None = None, keyset: Path | None = None,
+           now: datetime | None = None) -> VerifiedPackage:
+    """Verify ``path`` as a device would. ``keyset`` is the newest keyset the verifier knows (so a package
+    carrying an older one is refused, and revocations take effect). Raises ContractError subclasses."""
+    now = now or utcnow()
+    root = load_public_key(root_pub)
+    trusted = None
+    if keyset is not None:
+        trusted = verify_keyset(parse_json(Path(keyset).read_bytes(), what=str(keyset)), root, now, allow_expired=True)
+    vp = open_package(Path(path), root, now=now, target=target, trusted_keyset=trusted)
+    return vp
+
+
+def read_manifest_unverified(path: Path) -> dict[str, Any]:
+    """The manifest's ``signed`` part, without verifying it (``inspect`` says so). Raises PackageError."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if m.name == "manifest.json" and m.isreg() and m.size < 1 << 20:
+                    fh = tar.extractfile(m)
+                    assert fh is not None
+                    env = parse_json(fh.read(m.size), what="manifest.json")
+                    if isinstance(env, dict) and isinstance(env.get("signed"), dict):
+                        return dict(env["signed"])
+                    raise SchemaError("manifest.json is not a signed envelope")
+    except (tarfile.TarError, OSError) as exc:
+        raise PackageError(f"{path} is not a readable package archive: {exc}") from exc
+    raise PackageError(f"{path} has no manifest.json")
+
+
+def describe(signed: dict[str, Any]) -> str:
+    ev = signed.get("evaluation", {})
+    q = signed.get("quantization", {})
+    lines = [
+        f"{signed.get('name')} {signed.get('version')}  target={signed.get('target')}  runtime={signed.get('runtime')}"
+        f"  kind={signed.get('kind')}",
+        f"quantization: {q.get('mode')} (requested {q.get('requested')})",
+        f"evaluation: accuracy={ev.get('accuracy')} delta={ev.get('accuracy_delta_points')} points "
+        f"agreement={ev.get('agreement')} size_ratio={ev.get('size_ratio')}",
+        f"owner: {signed.get('owner') or '-'}  created: {signed.get('created')}  expires: {signed.get('expires')}",
+        "files:",
+    ]
+    for name, e in sorted(signed.get("files", {}).items()):
+        lines.append(f"  {name:<20} {e.get('length'):>10}  {str(e.get('sha256'))[:16]}…")
+    return "\n".join(lines)
+
+
+def to_json(signed: dict[str, Any]) -> str:
+    return json.dumps(signed, indent=2, sort_keys=True)

@@ -1,0 +1,60 @@
+"""Writing a package archive: keyset, signed manifest, then the payload, as a reproducible uncompressed tar."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgefleet_contracts.atomic import fsync_dir
+from edgefleet_contracts.manifest import KEYSET_NAME, MANIFEST_NAME, FileEntry
+
+
+def file_entry(path: Path) -> FileEntry:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return FileEntry(h.hexdigest(), path.stat().st_size)
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mode = 0o644
+    ti.mtime = 0
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def write_archive(
+    out: Path, keyset_env: dict[str, Any], manifest_env: dict[str, Any], payload: dict[str, Path]
+) -> None:
+    """Atomically write the package: readers see no file or the whole one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        os.fchmod(fd, 0o644)  # a package is public; its integrity comes from the signatures
+        with os.fdopen(fd, "wb") as fh:
+            with tarfile.open(fileobj=fh, mode="w:", format=tarfile.PAX_FORMAT) as tar:
+                for name, doc in ((KEYSET_NAME, keyset_env), (MANIFEST_NAME, manifest_env)):
+                    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+                    tar.addfile(_info(name, len(data)), io.BytesIO(data))
+                for name in sorted(payload):
+                    src = payload[name]
+                    with open(src, "rb") as sf:
+                        tar.addfile(_info(name, src.stat().st_size), sf)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(out.parent)
