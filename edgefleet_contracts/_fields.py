@@ -15,7 +15,7 @@ def obj(d: Any, what: str) -> dict[str, Any]:
 
 def string(d: dict[str, Any], key: str, what: str, *, optional: bool = False) -> str:
     v = d.get(key)
-    if v is None and optional:
+    if optional and (v is None or v == ""):
         return ""
     if not isinstance(v, str) or not v:
         raise SchemaError(f"{what}.{key} must be a non-empty string")

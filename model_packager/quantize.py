@@ -70,6 +70,10 @@ def quantize(mode: str, model: Path, out: Path, target: Target, calibration: np.
                     per_channel=target.per_channel,
                     op_types_to_quantize=OPS,
                     calibrate_method=CalibrationMethod.MinMax,
+                    # onnxruntime 1.32's per-channel int32-bias weight-scale adjustment fails on MatMul+Add
+                    # biases ("truth value of an array ... is ambiguous"); the adjustment only matters for
+                    # tiny weight scales, so it is turned off.
+                    extra_options={"QDQDisableWeightAdjustForInt32Bias": True},
                 )
         else:
             raise QuantizationError(f"unknown quantization mode {mode!r}")
