@@ -55,6 +55,7 @@ class BuildRequest:
     bins: int = 20
     mlflow_run: str | None = None
     progress: bool = False
+    latency_runs: int = 300
 
 
 @dataclass
@@ -127,6 +128,8 @@ def _choose(cands: list[Candidate], target: Target, mode: str, bound: float, lab
         if c.mode != "none" and loss > bound:
             what = "accuracy" if labelled else "agreement with the float model"
             c.rejected = f"loses {loss:.2f} points of {what} (bound {bound})"
+        elif mode == "auto" and c.mode != "none" and c.size_ratio >= 1.0:
+            c.rejected = f"no size benefit ({c.size_ratio:.2f}x the float model: quantization overhead dominates)"
         elif (mode == "auto" and c.mode != "none" and target.max_latency_ratio is not None and target.host_matches()
               and c.latency_ratio > target.max_latency_ratio):
             c.rejected = (f"{c.latency_ratio:.2f}x the float latency on this {target.arch} host "
@@ -192,7 +195,7 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
                 try:
                     rt = open_runtime(runtime, path, prob_name, threads=1, graph_optimization=target.graph_optimization)
                     c = Candidate(mode, path, path.stat().st_size)
-                    measure(c, rt, hold.x, hold.y, cands[0] if cands else None)
+                    measure(c, rt, hold.x, hold.y, cands[0] if cands else None, req.latency_runs)
                 except AgentError as exc:
                     raise ModelError(f"{mode} variant does not run: {exc}") from exc
                 if runtime == "onnxruntime":

@@ -53,13 +53,15 @@ def latency_ms(rt: Runtime, x: np.ndarray, runs: int = 300, warmup: int = 30) ->
     return float(np.percentile(times, 50) / 1e6), float(np.percentile(times, 99) / 1e6)
 
 
-def measure(c: Candidate, rt: Runtime, x: np.ndarray, y: np.ndarray | None, reference: Candidate | None) -> None:
+def measure(
+    c: Candidate, rt: Runtime, x: np.ndarray, y: np.ndarray | None, reference: Candidate | None, runs: int = 300
+) -> None:
     probs = predict_all(rt, x)
     c.probabilities = probs
     pred = probs.argmax(axis=1)
     if y is not None:
         c.accuracy = float((pred == y).mean())
-    c.p50_ms, c.p99_ms = latency_ms(rt, x)
+    c.p50_ms, c.p99_ms = latency_ms(rt, x, runs=runs, warmup=max(30, runs // 10))
     if reference is not None and reference.probabilities is not None:
         c.agreement = float((pred == reference.probabilities.argmax(axis=1)).mean())
         c.size_ratio = c.size_bytes / reference.size_bytes

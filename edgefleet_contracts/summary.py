@@ -1,0 +1,198 @@
+"""The window summary: the only thing about inputs and outputs that leaves a device.
+
+A summary holds counts and sums, never a raw value: per input feature (or derived image statistic) counts on
+the package's reference bins (``len(edges) + 1``: underflow, inner bins, overflow), missing / NaN /
+out-of-range counts, sum and sum of squares of the in-range values; predicted-class counts, the confidence
+histogram and calibrated-confidence sums per predicted class (label-free accuracy estimation); a latency
+histogram on fixed log-spaced edges; error counts by kind; confusion counts when labels were fed back.
+
+Summaries are mergeable: :func:`merge` adds two summaries of the same device and model version (used when a
+window has fewer than k samples, and when the outbox is full). Each carries a per-device monotonic ``seq`` for
+idempotent ingest, and travels signed by the device key (``{"signed": …, "signatures": […]}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import _fields as f
+from .errors import SchemaError
+from .timeutil import fmt, parse
+from .topics import check_id
+
+SUMMARY_TYPE = "edgefleet.summary"
+SUMMARY_SPEC = 1
+MAX_SUMMARY_BYTES = 256 * 1024
+# Latency histogram edges in milliseconds, log-spaced 0.01 ms .. 10 s (shared by every device and the server).
+LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.01 * (10 ** (i / 8)), 6) for i in range(49))
+ERROR_KINDS = ("invalid_input", "missing_field", "unexpected_field", "wrong_shape", "nan", "out_of_range",
+               "bad_image", "inference", "other")
+
+
+def _int_list(v: Any, what: str, length: int | None = None) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise SchemaError(f"{what} must be a list of non-negative integers")
+    if length is not None and len(v) != length:
+        raise SchemaError(f"{what} must have {length} entries, got {len(v)}")
+    return v
+
+
+def _num(v: Any, what: str) -> float:
+    if not isinstance(v, int | float) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+        raise SchemaError(f"{what} must be a finite number")
+    return float(v)
+
+
+@dataclass
+class FeatureWindow:
+    name: str
+    counts: list[int]
+    missing: int = 0
+    nan: int = 0
+    out_of_range: int = 0
+    n: int = 0  # values counted in ``counts`` (and in sum/sumsq)
+    sum: float = 0.0
+    sumsq: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "counts": self.counts, "missing": self.missing, "nan": self.nan,
+                "out_of_range": self.out_of_range, "n": self.n, "sum": self.sum, "sumsq": self.sumsq}
+
+
+@dataclass
+class Summary:
+    device_id: str
+    model: str
+    version: str
+    seq: int
+    start: str
+    end: str
+    count: int  # predictions served in the window
+    features: list[FeatureWindow]
+    class_counts: list[int]
+    confidence_counts: list[int]
+    calibrated_sum: list[float]  # per predicted class: sum of calibrated confidence
+    latency_counts: list[int]  # len(LATENCY_EDGES_MS) + 1
+    errors: dict[str, int]
+    confusion: list[list[int]] | None = None  # [true][predicted], from fed-back labels
+    windows: int = 1  # how many raw windows were merged into this one
+    empty_bins: int = 0  # values that fell in bins empty in the reference (estimate not trustworthy there)
+    epsilon: float | None = None  # Laplace noise scale parameter used, if any
+    epsilon_spent: float = 0.0
+
+    # ---- wire ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": SUMMARY_TYPE, "spec": SUMMARY_SPEC, "device_id": self.device_id,
+            "model": {"name": self.model, "version": self.version}, "seq": self.seq,
+            "window": {"start": self.start, "end": self.end, "count": self.count, "windows": self.windows},
+            "features": [x.to_dict() for x in self.features],
+            "output": {"class_counts": self.class_counts, "confidence_counts": self.confidence_counts,
+                       "calibrated_sum": self.calibrated_sum, "empty_bins": self.empty_bins},
+            "ops": {"latency_counts": self.latency_counts, "errors": dict(sorted(self.errors.items()))},
+            "labels": {"confusion": self.confusion} if self.confusion is not None else None,
+            "privacy": {"epsilon": self.epsilon, "epsilon_spent": self.epsilon_spent},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Summary:
+        """Validate an untrusted summary document. Raises SchemaError naming the bad field."""
+        w = "summary"
+        d = f.obj(d, w)
+        f.const(d, "type", SUMMARY_TYPE, w)
+        if d.get("spec") != SUMMARY_SPEC:
+            raise SchemaError(f"summary.spec {d.get('spec')!r} is not supported (this server reads {SUMMARY_SPEC})")
+        model = f.obj(d.get("model"), "summary.model")
+        win = f.obj(d.get("window"), "summary.window")
+        start, end = f.string(win, "start", "summary.window"), f.string(win, "end", "summary.window")
+        if parse(end, "summary.window.end") < parse(start, "summary.window.start"):
+            raise SchemaError("summary.window.end is before its start")
+        feats = []
+        for i, fd in enumerate(f.array(d, "features", w)):
+            fw = f"summary.features[{i}]"
+            fd = f.obj(fd, fw)
+            feats.append(FeatureWindow(
+                f.string(fd, "name", fw), _int_list(fd.get("counts"), f"{fw}.counts"),
+                f.integer(fd, "missing", fw, minimum=0), f.integer(fd, "nan", fw, minimum=0),
+                f.integer(fd, "out_of_range", fw, minimum=0), f.integer(fd, "n", fw, minimum=0),
+                _num(fd.get("sum"), f"{fw}.sum"), _num(fd.get("sumsq"), f"{fw}.sumsq"),
+            ))
+        out = f.obj(d.get("output"), "summary.output")
+        class_counts = _int_list(out.get("class_counts"), "summary.output.class_counts")
+        cal = out.get("calibrated_sum")
+        if not isinstance(cal, list) or len(cal) != len(class_counts):
+            raise SchemaError("summary.output.calibrated_sum must have one number per class")
+        ops = f.obj(d.get("ops"), "summary.ops")
+        errors = f.obj(ops.get("errors"), "summary.ops.errors")
+        for k, v in errors.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SchemaError(f"summary.ops.errors[{k}] must be a non-negative integer")
+        labels = d.get("labels")
+        confusion = None
+        if labels is not None:
+            rows = f.array(f.obj(labels, "summary.labels"), "confusion", "summary.labels")
+            confusion = [_int_list(r, "summary.labels.confusion row", len(class_counts)) for r in rows]
+            if len(confusion) != len(class_counts):
+                raise SchemaError("summary.labels.confusion must be square, one row per class")
+        priv = f.obj(d.get("privacy", {}), "summary.privacy")
+        eps = priv.get("epsilon")
+        return cls(
+            device_id=check_id(f.string(d, "device_id", w), "summary.device_id"),
+            model=f.string(model, "name", "summary.model"), version=f.string(model, "version", "summary.model"),
+            seq=f.integer(d, "seq", w, minimum=0), start=start, end=end,
+            count=f.integer(win, "count", "summary.window", minimum=0), features=feats,
+            class_counts=class_counts,
+            confidence_counts=_int_list(out.get("confidence_counts"), "summary.output.confidence_counts"),
+            calibrated_sum=[_num(v, "summary.output.calibrated_sum[]") for v in cal],
+            latency_counts=_int_list(ops.get("latency_counts"), "summary.ops.latency_counts",
+                                     len(LATENCY_EDGES_MS) + 1),
+            errors={str(k): int(v) for k, v in errors.items()}, confusion=confusion,
+            windows=f.integer(win, "windows", "summary.window", minimum=1) if "windows" in win else 1,
+            empty_bins=f.integer(out, "empty_bins", "summary.output", minimum=0) if "empty_bins" in out else 0,
+            epsilon=_num(eps, "summary.privacy.epsilon") if eps is not None else None,
+            epsilon_spent=_num(priv.get("epsilon_spent", 0.0), "summary.privacy.epsilon_spent"),
+        )
+
+
+def _add(a: list[Any], b: list[Any], what: str) -> list[Any]:
+    if len(a) != len(b):
+        raise SchemaError(f"cannot merge summaries: {what} have different lengths ({len(a)} vs {len(b)})")
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def merge(a: Summary, b: Summary) -> Summary:
+    """Counts add; the window spans both; the result keeps ``b``'s sequence number (the later one).
+
+    Raises SchemaError when the summaries are from different devices or model versions or have other bins.
+    """
+    if (a.device_id, a.model, a.version) != (b.device_id, b.model, b.version):
+        raise SchemaError("cannot merge summaries of different devices or model versions")
+    if [x.name for x in a.features] != [x.name for x in b.features]:
+        raise SchemaError("cannot merge summaries with different features")
+    feats = [
+        FeatureWindow(x.name, _add(x.counts, y.counts, f"{x.name} counts"), x.missing + y.missing, x.nan + y.nan,
+                      x.out_of_range + y.out_of_range, x.n + y.n, x.sum + y.sum, x.sumsq + y.sumsq)
+        for x, y in zip(a.features, b.features, strict=True)
+    ]
+    errors = dict(a.errors)
+    for k, v in b.errors.items():
+        errors[k] = errors.get(k, 0) + v
+    confusion = None
+    if a.confusion is not None or b.confusion is not None:
+        n = len(a.class_counts)
+        ca = a.confusion or [[0] * n for _ in range(n)]
+        cb = b.confusion or [[0] * n for _ in range(n)]
+        confusion = [_add(r1, r2, "confusion rows") for r1, r2 in zip(ca, cb, strict=True)]
+    start = min(a.start, b.start, key=lambda t: parse(t, "start"))
+    end = max(a.end, b.end, key=lambda t: parse(t, "end"))
+    return Summary(
+        device_id=a.device_id, model=a.model, version=a.version, seq=max(a.seq, b.seq), start=fmt(parse(start, "s")),
+        end=fmt(parse(end, "e")), count=a.count + b.count, features=feats,
+        class_counts=_add(a.class_counts, b.class_counts, "class counts"),
+        confidence_counts=_add(a.confidence_counts, b.confidence_counts, "confidence counts"),
+        calibrated_sum=_add(a.calibrated_sum, b.calibrated_sum, "calibrated sums"),
+        latency_counts=_add(a.latency_counts, b.latency_counts, "latency counts"), errors=errors,
+        confusion=confusion, windows=a.windows + b.windows, empty_bins=a.empty_bins + b.empty_bins,
+        epsilon=a.epsilon if a.epsilon is not None else b.epsilon, epsilon_spent=a.epsilon_spent + b.epsilon_spent,
+    )
