@@ -73,20 +73,21 @@ def calibration_map(probabilities: np.ndarray, y: np.ndarray | None) -> tuple[Ca
 
 
 def feature_ranges(features: np.ndarray, names: list[str]) -> list[FeatureSpec]:
-    """Valid range per feature: the reference min/max widened by half the span on each side, never below 0
-    for a feature that is never negative in the reference (counts, sizes, intensities). Values outside are
-    rejected as out-of-range inputs: generous enough for real drift to be seen, tight enough to catch unit
-    errors and corrupted fields."""
+    """Valid range per feature: the reference min/max widened by three times the span on each side, never below
+    0 for a feature that is never negative in the reference (counts, sizes, intensities). Values outside are
+    rejected as out-of-range inputs. The range is for garbage (unit errors, corrupted fields), not for drift:
+    heavy-tailed features legitimately exceed the reference maximum, and such values are still served and
+    land in the overflow bin that drift detection watches."""
     specs = []
     for j, n in enumerate(names):
         col = features[:, j]
         col = col[~np.isnan(col)]
         lo, hi = (float(col.min()), float(col.max())) if col.size else (0.0, 0.0)
         span = max(hi - lo, abs(hi) * 0.1, 1e-6)
-        low = lo - 0.5 * span
+        low = lo - 3.0 * span
         if lo >= 0:
             low = max(0.0, low)
-        specs.append(FeatureSpec(n, round(low, 6), round(hi + 0.5 * span, 6)))
+        specs.append(FeatureSpec(n, round(low, 6), round(hi + 3.0 * span, 6)))
     return specs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,40 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                                calibration=cal, holdout=hold, keys=root / "keys", out=pkg, quantize="none",
                                owner="clinical-ml"))
     return Built(root, root / "keys", model, cal, hold, pkg)
+
+
+@dataclass(frozen=True)
+class VisionBuilt:
+    keys: Path
+    package: Path  # vision 1.0.0 for x86_64-avx2 (image folder data, OpenCV preprocessing), quantize none
+    holdout: Path  # image folder
+
+
+@pytest.fixture(scope="session")
+def vision_built(built: Built, tmp_path_factory: pytest.TempPathFactory) -> VisionBuilt:
+    from model_packager.build import BuildRequest, build_package
+    from model_packager.examples import write_examples
+
+    root = tmp_path_factory.mktemp("vision")
+    ex = write_examples(root / "examples")
+    pkg = root / "vision-1.0.0.efpkg"
+    build_package(BuildRequest(model=ex["vision_model"], name="vision", version="1.0.0", target="x86_64-avx2",
+                               calibration=ex["vision_calibration"], holdout=ex["vision_holdout"], keys=built.keys,
+                               out=pkg, quantize="none", preprocess=ex["vision_preprocess"], latency_runs=50))
+    return VisionBuilt(built.keys, pkg, ex["vision_holdout"])
+
+
+def extract(package: Path, dest: Path, root_pub: Path) -> Path:
+    """Verify and extract a package into ``dest`` with its manifest and keyset (as a model slot holds it)."""
+    from edgefleet_contracts import open_package
+    from edgefleet_contracts.signing import load_public_key
+    from edgefleet_contracts.timeutil import utcnow
+
+    dest.mkdir(parents=True)
+    open_package(package, load_public_key(root_pub), now=utcnow(), staging=dest)
+    with tarfile.open(package, "r:") as tar:
+        for name in ("manifest.json", "keyset.json"):
+            data = tar.extractfile(name)
+            assert data is not None
+            (dest / name).write_bytes(data.read())
+    return dest

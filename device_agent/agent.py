@@ -1,0 +1,353 @@
+"""The on-device agent: validated, low-latency inference with local summaries.
+
+``Agent.predict`` is the hot path: validate, run, copy the row into the window buffer, append to the in-memory
+prediction log. Binning happens every few dozen rows; closing a window (sequence number, k-anonymity, noise,
+outbox write) happens on a background thread; the prediction log is written by its own thread. Nothing on the
+hot path touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key, sign_envelope
+from edgefleet_contracts.targets import Target, load_target_file
+from edgefleet_contracts.timeutil import fmt, utcnow
+
+from . import imaging
+from .config import DeviceConfig, DeviceDir
+from .errors import AgentError, InferenceError, InputError
+from .model import LoadedModel, load_model
+from .predlog import PredictionLog
+from .summarizer import Closed, MemorySink, Summarizer, SummarySink
+from .window import Window
+
+
+class NoModelError(AgentError):
+    """The device has no installed model yet (install one with `device-agent install`)."""
+
+    reason = "no_model"
+
+
+class FeedbackError(AgentError):
+    """Label feedback for an unknown prediction id or an unknown class."""
+
+    reason = "feedback"
+
+
+@dataclass(slots=True)
+class Prediction:
+    prediction_id: str
+    model: str
+    version: str
+    label: str
+    class_index: int
+    confidence: float
+    probabilities: np.ndarray
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prediction_id": self.prediction_id, "model": self.model, "version": self.version,
+                "label": self.label, "class_index": self.class_index, "confidence": self.confidence,
+                "probabilities": [float(p) for p in self.probabilities], "latency_ms": self.latency_ms}
+
+
+@dataclass
+class Counters:
+    predictions: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    feedback: int = 0
+    feedback_unmatched: int = 0
+    windows_closed: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: DeviceConfig,
+        target: Target,
+        model: LoadedModel | None,
+        *,
+        sink: SummarySink | None = None,
+        prediction_log: PredictionLog | None = None,
+        device_key: Ed25519PrivateKey | None = None,
+        model_loader: Any = None,
+        background: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.target = target
+        self.sink = sink if sink is not None else MemorySink()
+        self.log = prediction_log
+        self.device_key = device_key
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._boot = f"{cfg.device_id}-{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+        self._model_loader = model_loader
+        self.summarizer = Summarizer(cfg.device_id, self.sink, cfg.min_window_samples, cfg.dp_epsilon)
+        self._model: LoadedModel | None = None
+        self._window: Window | None = None
+        self._window_start = utcnow()
+        self._window_t0 = time.monotonic()
+        if model is not None:
+            self._install_model(model)
+        self.reload_failures = 0
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        if background:
+            self._ticker = threading.Thread(target=self._tick_loop, name="window-ticker", daemon=True)
+            self._ticker.start()
+
+    # ---- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, device_dir: Path, *, background: bool = True) -> Agent:
+        """Open a provisioned device folder: config, target, key, active slot, outbox, prediction log.
+
+        Raises ConfigError when the folder is not provisioned; a device with no model yet opens and raises
+        NoModelError on predict.
+        """
+        from .outbox import Outbox
+        from .updater import Updater
+
+        d = DeviceDir(Path(device_dir))
+        cfg = d.load_config()
+        target = load_target_file(d.target_file)
+        updater = Updater(d)
+        updater.recover()
+
+        def loader() -> LoadedModel | None:
+            active = updater.slots.active()
+            return load_model(active[0], target) if active else None
+
+        outbox = Outbox(d.outbox, cfg.outbox_max_rows)
+        return cls(cfg, target, loader(), sink=outbox, prediction_log=PredictionLog(d.prediction_log,
+                   cfg.prediction_log_max_rows), device_key=load_private_key(d.device_key), model_loader=loader,
+                   background=background)
+
+    def _install_model(self, model: LoadedModel) -> None:
+        window = Window(model.profile, model.calibration, model.validator.lows, model.validator.highs)
+        with self._lock:
+            old = self._close_locked()
+            self._model = model
+            self._window = window
+        if old is not None:
+            self.summarizer.submit(old)
+
+    def reload(self) -> bool:
+        """Re-read the active slot (after an install or rollback); True when the model changed."""
+        if self._model_loader is None:
+            return False
+        new = self._model_loader()
+        cur = self._model
+        if new is None or (cur is not None and new.slot == cur.slot and new.version == cur.version):
+            return False
+        self._install_model(new)
+        return True
+
+    # ---- hot path --------------------------------------------------------------------------------------
+    def predict(self, x: Any) -> Prediction:
+        """Predict one input: an array of features, a name -> value mapping, or encoded image bytes.
+
+        Raises InputError (counted in the window; the agent keeps serving), NoModelError, InferenceError.
+        """
+        t0 = time.perf_counter_ns()
+        m = self._model
+        if m is None:
+            raise NoModelError("no model installed on this device; install one with `device-agent install`")
+        try:
+            if isinstance(x, bytes | bytearray | memoryview):
+                spec = m.manifest.input.image
+                if spec is None:
+                    raise InputError("this model takes numeric features, not an image", kind="wrong_shape")
+                flat, stats = imaging.preprocess(bytes(x), spec)
+                row = flat[None, ...]
+                feats = stats
+            elif isinstance(x, Mapping):
+                row = m.validator.named(x)
+                feats = row[0]
+            else:
+                row = m.validator.row(x)
+                feats = row[0]
+        except InputError as exc:
+            self._reject(exc.kind, exc.feature)
+            raise
+        try:
+            probs = m.runtime.run(row)[0]
+        except InferenceError:
+            self._reject("inference", None)
+            raise
+        lat = time.perf_counter_ns() - t0
+        ci = int(probs.argmax())
+        conf = float(probs[ci])
+        pid = f"{self._boot}-{next(self._ids)}"
+        with self._lock:
+            w = self._window
+            if w is not None:
+                w.observe(feats, probs, lat)
+                full = w.count >= self.cfg.window_count
+            else:
+                full = False
+            self.counters.predictions += 1
+        if full:
+            self.close_window()
+        if self.log is not None:
+            self.log.record(pid, time.time(), m.name, m.version, ci, conf)
+        return Prediction(pid, m.name, m.version, m.classes[ci], ci, conf, probs, lat / 1e6)
+
+    def predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
+        """Predict many inputs in one runtime call; a bad input yields its InputError in place, not a failure."""
+        m = self._model
+        if m is None:
+            raise NoModelError("no model installed on this device; install one with `device-agent install`")
+        if isinstance(xs, np.ndarray) and m.manifest.input.image is None:
+            t0 = time.perf_counter_ns()
+            good, errors = m.validator.rows(xs)
+            for e in errors:
+                if e is not None:
+                    self._reject(e.kind, e.feature)
+            probs = m.runtime.run(good) if len(good) else np.zeros((0, len(m.classes)), np.float32)
+            lat = (time.perf_counter_ns() - t0) / max(1, len(good))
+            out: list[Prediction | InputError] = []
+            it = iter(range(len(good)))
+            preds = probs.argmax(axis=1) if len(good) else np.zeros(0, np.int64)
+            with self._lock:
+                if self._window is not None and len(good):
+                    self._window.observe_many(good, probs, np.full(len(good), lat))
+                self.counters.predictions += len(good)
+            now = time.time()
+            for e in errors:
+                if e is not None:
+                    out.append(e)
+                    continue
+                i = next(it)
+                ci = int(preds[i])
+                pid = f"{self._boot}-{next(self._ids)}"
+                if self.log is not None:
+                    self.log.record(pid, now, m.name, m.version, ci, float(probs[i, ci]))
+                out.append(Prediction(pid, m.name, m.version, m.classes[ci], ci, float(probs[i, ci]), probs[i],
+                                      lat / 1e6))
+            self._maybe_close_by_count()
+            return out
+        results: list[Prediction | InputError] = []
+        for x in xs:
+            try:
+                results.append(self.predict(x))
+            except InputError as exc:
+                results.append(exc)
+        return results
+
+    def _reject(self, kind: str, feature: str | None) -> None:
+        with self._lock:
+            if self._window is not None:
+                self._window.reject(kind, feature)
+            self.counters.rejected[kind] = self.counters.rejected.get(kind, 0) + 1
+
+    # ---- feedback --------------------------------------------------------------------------------------
+    def feedback(self, prediction_id: str, label: int | str) -> None:
+        """Record ground truth for a logged prediction. Raises FeedbackError for unknown ids or classes."""
+        m = self._model
+        if m is None or self.log is None:
+            raise FeedbackError("feedback needs an installed model and the prediction log")
+        found = self.log.lookup(prediction_id)
+        if found is None:
+            self.counters.feedback_unmatched += 1
+            raise FeedbackError(f"unknown prediction id {prediction_id!r} (never made, or rotated out of the log)")
+        model, version, predicted = found
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            if label not in m.classes:
+                raise FeedbackError(f"unknown class {label!r}; classes: {list(m.classes)}")
+            true = m.classes.index(label)
+        else:
+            true = int(label)
+            if not 0 <= true < len(m.classes):
+                raise FeedbackError(f"class index {true} is outside 0..{len(m.classes) - 1}")
+        self.log.set_label(prediction_id, true)
+        with self._lock:
+            self.counters.feedback += 1
+            if (model, version) == (m.name, m.version) and self._window is not None:
+                self._window.label(true, predicted)
+            else:
+                self.counters.feedback_unmatched += 1
+
+    # ---- windows ---------------------------------------------------------------------------------------
+    def _close_locked(self) -> Closed | None:
+        if self._model is None or self._window is None:
+            return None
+        now = utcnow()
+        closed = Closed(self._window, self._model.name, self._model.version, fmt(self._window_start), fmt(now))
+        self._window = Window(self._model.profile, self._model.calibration, self._model.validator.lows,
+                              self._model.validator.highs)
+        self._window_start = now
+        self._window_t0 = time.monotonic()
+        self.counters.windows_closed += 1
+        return closed
+
+    def close_window(self, wait: bool = False) -> None:
+        with self._lock:
+            closed = self._close_locked()
+        if closed is not None:
+            if wait:
+                closed.done = threading.Event()
+            self.summarizer.submit(closed)
+            if closed.done is not None:
+                closed.done.wait(30)
+
+    def _maybe_close_by_count(self) -> None:
+        with self._lock:
+            full = self._window is not None and self._window.count >= self.cfg.window_count
+        if full:
+            self.close_window()
+
+    def tick(self) -> None:
+        """Close the window by time and pick up a new active slot; called every second by the ticker thread."""
+        if time.monotonic() - self._window_t0 >= self.cfg.window_seconds:
+            self.close_window()
+        try:
+            self.reload()
+        except AgentError:  # keep serving the loaded model; the updater reports the broken slot
+            self.reload_failures += 1
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.tick()
+
+    # ---- status and shutdown ---------------------------------------------------------------------------
+    def sign(self, doc: dict[str, Any]) -> dict[str, Any]:
+        if self.device_key is None:
+            raise AgentError("this agent has no device key to sign with")
+        return sign_envelope(doc, self.device_key)
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    def status(self) -> dict[str, Any]:
+        m = self._model
+        return {
+            "device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "target": self.target.name,
+            "model": {"name": m.name, "version": m.version} if m else None,
+            "predictions": self.counters.predictions, "rejected": dict(self.counters.rejected),
+            "feedback": self.counters.feedback, "feedback_unmatched": self.counters.feedback_unmatched,
+            "windows_closed": self.counters.windows_closed, "summaries_emitted": self.summarizer.emitted,
+            "windows_held_for_k": self.summarizer.held, "k": self.cfg.min_window_samples,
+            "dp_epsilon": self.cfg.dp_epsilon,
+        }
+
+    def close(self) -> None:
+        """Close the current window (held back if below k), flush the log, stop the threads."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+        self.close_window(wait=True)
+        self.summarizer.stop()
+        if self.log is not None:
+            self.log.close()

@@ -1,0 +1,154 @@
+"""Device configuration (``config.toml``) and the device folder layout, built once and passed in.
+
+A device folder, written by ``device-agent provision``::
+
+    config.toml          DeviceConfig below (no secrets)
+    target.toml          copy of the hardware target profile (the device never needs the repository)
+    keys/device.key      the device's Ed25519 private key (0600): signs summaries and reports
+    keys/device.pub      its public key (enrol it on the fleet server)
+    keys/root.pub        pinned root public key: the only trust anchor for packages
+    keys/fleet.pub       pinned fleet public key: verifies desired-state commands
+    trust.json           highest keyset version accepted, latest time seen (clock high-water mark)
+    slots/a, slots/b     A/B model slots (verified, extracted packages)
+    active.json          pointer to the active slot (atomic replace)
+    update.json          updater state machine, persisted on entry to each state
+    outbox.sqlite        durable queue of signed summaries and reports (WAL)
+    predictions.sqlite   bounded, rotating prediction log
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from edgefleet_contracts.atomic import atomic_write_text
+from edgefleet_contracts.topics import check_id
+
+from .errors import AgentError
+
+
+class ConfigError(AgentError):
+    """config.toml is missing, unreadable or has an invalid value (the message names the key)."""
+
+    reason = "config"
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    target: str
+    fleet: str = "default"
+    broker: str = ""  # mqtt://host:port or mqtts://host:port; empty = no link (offline device)
+    server: str = ""  # http://host:port of the fleet server (package downloads, HTTP summaries)
+    mqtt_username: str = ""
+    mqtt_password_file: str = ""  # path to a 0600 file; never the password itself
+    mqtt_tls_ca: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    window_seconds: float = 300.0  # a window closes after this long ...
+    window_count: int = 1000  # ... or after this many predictions, whichever comes first
+    min_window_samples: int = 20  # k: smaller windows are merged forward, never sent alone
+    dp_epsilon: float = 0.0  # > 0 adds Laplace noise to counts with this epsilon per window
+    outbox_max_rows: int = 10_000
+    prediction_log_max_rows: int = 100_000
+    http_host: str = "127.0.0.1"
+    http_port: int = 8470
+    heartbeat_seconds: float = 60.0
+    probation_seconds: float = 600.0
+    probation_predictions: int = 200
+
+    def __post_init__(self) -> None:
+        try:
+            check_id(self.device_id, "device_id")
+            check_id(self.fleet, "fleet")
+        except Exception as exc:
+            raise ConfigError(str(exc)) from None
+        if self.broker:
+            u = urlparse(self.broker)
+            if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+                raise ConfigError(f"broker {self.broker!r} must look like mqtt://host:port or mqtts://host:port")
+        if self.server and urlparse(self.server).scheme not in ("http", "https"):
+            raise ConfigError(f"server {self.server!r} must look like http://host:port")
+        for name in ("window_seconds", "heartbeat_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("window_count", "outbox_max_rows", "prediction_log_max_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.min_window_samples < 1:
+            raise ConfigError("min_window_samples must be at least 1")
+        if self.dp_epsilon < 0:
+            raise ConfigError("dp_epsilon must be 0 (off) or positive")
+        if not 0 < self.http_port < 65536:
+            raise ConfigError("http_port must be 1..65535")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> DeviceConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_toml(self) -> str:
+        lines = []
+        tags = {}
+        for k, v in asdict(self).items():
+            if k == "tags":
+                tags = v
+                continue
+            if isinstance(v, str):
+                lines.append(f"{k} = {_toml_str(v)}")
+            elif isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            else:
+                lines.append(f"{k} = {v}")
+        lines.append("")
+        lines.append("[tags]")
+        lines.extend(f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(tags.items()))
+        return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class DeviceDir:
+    path: Path
+
+    config_file = property(lambda self: self.path / "config.toml")
+    target_file = property(lambda self: self.path / "target.toml")
+    keys = property(lambda self: self.path / "keys")
+    device_key = property(lambda self: self.path / "keys" / "device.key")
+    device_pub = property(lambda self: self.path / "keys" / "device.pub")
+    root_pub = property(lambda self: self.path / "keys" / "root.pub")
+    fleet_pub = property(lambda self: self.path / "keys" / "fleet.pub")
+    trust_file = property(lambda self: self.path / "trust.json")
+    slots = property(lambda self: self.path / "slots")
+    active_file = property(lambda self: self.path / "active.json")
+    update_file = property(lambda self: self.path / "update.json")
+    outbox = property(lambda self: self.path / "outbox.sqlite")
+    prediction_log = property(lambda self: self.path / "predictions.sqlite")
+
+    def slot(self, name: str) -> Path:
+        return self.path / "slots" / name
+
+    def load_config(self) -> DeviceConfig:
+        """Raises ConfigError when the folder is not a provisioned device or config.toml is invalid."""
+        if not self.config_file.exists():
+            raise ConfigError(f"{self.path} is not a provisioned device folder (no config.toml); "
+                              "run `device-agent provision`")
+        try:
+            data = tomllib.loads(self.config_file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{self.config_file}: {exc}") from None
+        return DeviceConfig.from_dict(data, str(self.config_file))
+
+    def save_config(self, cfg: DeviceConfig) -> None:
+        atomic_write_text(self.config_file, cfg.to_toml())

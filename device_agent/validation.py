@@ -1,0 +1,104 @@
+"""Checking requests against the package's input schema. Fast when the input is good; precise when it is not.
+
+An array row is checked for shape, finiteness and per-feature range in one vectorised comparison; only when it
+fails do we look for the first offending feature to name it. Named inputs (the HTTP API) are also checked for
+missing and unexpected fields — both at once usually means an upstream rename, and the error says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgefleet_contracts.manifest import InputSpec
+
+from .errors import InputError
+
+
+class Validator:
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self.names = spec.feature_names
+        self.width = len(self.names)
+        self.lows = np.array([f.min for f in spec.features], dtype=np.float32)
+        self.highs = np.array([f.max for f in spec.features], dtype=np.float32)
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def row(self, x: Any) -> np.ndarray:
+        """One input as a float32 ``[1, F]`` array. Raises InputError naming the feature and the kind."""
+        try:
+            a = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"input is not numeric: expected {self.width} numbers", kind="wrong_shape") from None
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.shape != (1, self.width):
+            raise InputError(f"input has shape {list(np.shape(x))}, expected [{self.width}] "
+                             f"({', '.join(self.names[:3])}, …)", kind="wrong_shape")
+        ok = (a >= self.lows) & (a <= self.highs)  # NaN compares False: caught here too
+        if not ok.all():
+            self._explain(a[0])
+        return a
+
+    def rows(self, x: Any) -> tuple[np.ndarray, list[InputError | None]]:
+        """A batch ``[N, F]``: the valid rows and, per input row, None or its error (errors do not stop others)."""
+        try:
+            a = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError("batch is not a numeric [N, F] array", kind="wrong_shape") from None
+        if a.ndim != 2 or a.shape[1] != self.width:
+            raise InputError(f"batch has shape {list(a.shape)}, expected [N, {self.width}]", kind="wrong_shape")
+        ok = ((a >= self.lows) & (a <= self.highs)).all(axis=1)
+        errors: list[InputError | None] = [None] * len(a)
+        for i in np.flatnonzero(~ok):
+            try:
+                self._explain(a[i])
+            except InputError as exc:
+                errors[int(i)] = exc
+        return a[ok], errors
+
+    def _explain(self, r: np.ndarray) -> None:
+        nan = np.flatnonzero(np.isnan(r))
+        if nan.size:
+            name = self.names[int(nan[0])]
+            raise InputError(f"feature {name!r} is NaN", kind="nan", feature=name)
+        bad = np.flatnonzero((r < self.lows) | (r > self.highs))
+        if bad.size:
+            j = int(bad[0])
+            raise InputError(
+                f"feature {self.names[j]!r} = {float(r[j]):.6g} is outside its valid range "
+                f"[{float(self.lows[j]):.6g}, {float(self.highs[j]):.6g}]",
+                kind="out_of_range", feature=self.names[j],
+            )
+        inf = np.flatnonzero(~np.isfinite(r))
+        if inf.size:
+            name = self.names[int(inf[0])]
+            raise InputError(f"feature {name!r} is infinite", kind="out_of_range", feature=name)
+
+    def named(self, fields: Mapping[str, Any]) -> np.ndarray:
+        """A name -> value mapping as a float32 ``[1, F]`` row. Raises InputError (missing, unexpected, type)."""
+        if not isinstance(fields, Mapping):
+            raise InputError("named input must be an object of feature name -> number", kind="wrong_shape")
+        missing = [n for n in self.names if n not in fields]
+        unexpected = sorted(k for k in fields if k not in self._index)
+        if missing and unexpected:
+            raise InputError(
+                f"input schema changed upstream: missing {missing[:5]} and unexpected {unexpected[:5]} "
+                "(renamed fields?)", kind="missing_field", feature=missing[0])
+        if missing:
+            raise InputError(f"missing feature(s) {missing[:5]}", kind="missing_field", feature=missing[0])
+        if unexpected:
+            raise InputError(f"unexpected field(s) {unexpected[:5]}; the model takes {self.width} named features",
+                             kind="unexpected_field")
+        values = []
+        for n in self.names:
+            v = fields[n]
+            if v is None:
+                raise InputError(f"missing value for feature {n!r}", kind="missing_field", feature=n)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise InputError(f"feature {n!r} must be a number, got {type(v).__name__}", kind="invalid_input",
+                                 feature=n)
+            values.append(v)
+        return self.row(values)
