@@ -31,6 +31,8 @@ from .predlog import PredictionLog
 from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
+_BYTES = (bytes, bytearray, memoryview)
+
 
 class NoModelError(AgentError):
     """The device has no installed model yet (install one with `device-agent install`)."""
@@ -91,10 +93,17 @@ class Agent:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._boot = f"{cfg.device_id}-{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+        self._boot = f"{cfg.device_id}.{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
+        if self.log is not None:
+            self.log.set_boot(self._boot)
         self._model_loader = model_loader
         self.summarizer = Summarizer(cfg.device_id, self.sink, cfg.min_window_samples, cfg.dp_epsilon)
         self._model: LoadedModel | None = None
+        self._window_count = cfg.window_count
+        self._images = 0
+        self._stats_every = cfg.image_stats_every
+        self._nan_stats = np.full(1, np.nan)
+        self._close_pending = False
         self._window: Window | None = None
         self._window_start = utcnow()
         self._window_t0 = time.monotonic()
@@ -129,11 +138,13 @@ class Agent:
             return load_model(active[0], target) if active else None
 
         outbox = Outbox(d.outbox, cfg.outbox_max_rows)
-        return cls(cfg, target, loader(), sink=outbox, prediction_log=PredictionLog(d.prediction_log,
+        return cls(cfg, target, loader(), sink=outbox, prediction_log=PredictionLog(d.path / "predictions",
                    cfg.prediction_log_max_rows), device_key=load_private_key(d.device_key), model_loader=loader,
                    background=background)
 
     def _install_model(self, model: LoadedModel) -> None:
+        self._log_model = self.log.model_index(model.name, model.version) if self.log is not None else 0
+        self._nan_stats = np.full(len(model.profile.features), np.nan)
         window = Window(model.profile, model.calibration, model.validator.lows, model.validator.highs)
         with self._lock:
             old = self._close_locked()
@@ -164,43 +175,46 @@ class Agent:
         if m is None:
             raise NoModelError("no model installed on this device; install one with `device-agent install`")
         try:
-            if isinstance(x, bytes | bytearray | memoryview):
+            if type(x) is np.ndarray:
+                row = feats = m.validator.row(x)
+            elif isinstance(x, _BYTES):
                 spec = m.manifest.input.image
                 if spec is None:
                     raise InputError("this model takes numeric features, not an image", kind="wrong_shape")
-                flat, stats = imaging.preprocess(bytes(x), spec)
+                self._images += 1
+                sample = (self._images - 1) % self._stats_every == 0  # derived statistics on 1 image in N
+                flat, stats = imaging.preprocess(bytes(x), spec, sample)
+                feats = stats if stats is not None else self._nan_stats
                 row = flat[None, ...]
-                feats = stats
             elif isinstance(x, Mapping):
-                row = m.validator.named(x)
-                feats = row[0]
+                row = feats = m.validator.named(x)
             else:
-                row = m.validator.row(x)
-                feats = row[0]
+                row = feats = m.validator.row(x)
         except InputError as exc:
             self._reject(exc.kind, exc.feature)
             raise
         try:
-            probs = m.runtime.run(row)[0]
+            probs = m.runtime.run_checked(row)[0]
         except InferenceError:
             self._reject("inference", None)
             raise
         lat = time.perf_counter_ns() - t0
         ci = int(probs.argmax())
         conf = float(probs[ci])
-        pid = f"{self._boot}-{next(self._ids)}"
+        n = next(self._ids)
+        pid = f"{self._boot}-{n}"
         with self._lock:
             w = self._window
             if w is not None:
                 w.observe(feats, probs, lat)
-                full = w.count >= self.cfg.window_count
-            else:
-                full = False
+                if w.count >= self._window_count:
+                    self._close_pending = True
             self.counters.predictions += 1
-        if full:
+        if self._close_pending:
+            self._close_pending = False
             self.close_window()
         if self.log is not None:
-            self.log.record(pid, time.time(), m.name, m.version, ci, conf)
+            self.log.record(n, time.time(), self._log_model, ci, conf)
         return Prediction(pid, m.name, m.version, m.classes[ci], ci, conf, probs, lat / 1e6)
 
     def predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
@@ -230,9 +244,10 @@ class Agent:
                     continue
                 i = next(it)
                 ci = int(preds[i])
-                pid = f"{self._boot}-{next(self._ids)}"
+                n = next(self._ids)
+                pid = f"{self._boot}-{n}"
                 if self.log is not None:
-                    self.log.record(pid, now, m.name, m.version, ci, float(probs[i, ci]))
+                    self.log.record(n, now, self._log_model, ci, float(probs[i, ci]))
                 out.append(Prediction(pid, m.name, m.version, m.classes[ci], ci, float(probs[i, ci]), probs[i],
                                       lat / 1e6))
             self._maybe_close_by_count()

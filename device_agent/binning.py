@@ -31,6 +31,38 @@ class Binner:
             self.padded[i, : len(e)] = e
             self.last[i] = e[-1]
             self.last_index[i] = len(e) - 1
+        self._global_search()
+
+    def _global_search(self) -> None:
+        """One ``searchsorted`` for all features: feature j's values and edges are shifted by an offset that
+        puts every feature in its own disjoint stretch of the real line. Values are assumed finite and within
+        ``[lo_j, hi_j]`` (validated rows); ``set_domain`` widens the stretches to the validated ranges. The
+        last edge is nudged up by one ulp so a value equal to it lands in the last inner bin."""
+        self._lo = np.array([e[0] for e in self._edges], dtype=np.float64)
+        self._hi = np.array([e[-1] for e in self._edges], dtype=np.float64)
+        self._rebuild_offsets()
+
+    def set_domain(self, lows: np.ndarray, highs: np.ndarray) -> None:
+        self._lo = np.minimum(self._lo, np.asarray(lows, dtype=np.float64))
+        self._hi = np.maximum(self._hi, np.asarray(highs, dtype=np.float64))
+        self._rebuild_offsets()
+
+    def _rebuild_offsets(self) -> None:
+        span = (self._hi - self._lo) + 1.0
+        start = np.concatenate([[0.0], np.cumsum(span)[:-1] + np.arange(1, self.n_features) * 1.0])
+        self._shift = start - self._lo  # value + shift lands in [start, start + span)
+        flat, begin = [], []
+        for j, e in enumerate(self._edges):
+            begin.append(sum(len(x) for x in self._edges[:j]))
+            sh = e + self._shift[j]
+            sh[-1] = np.nextafter(sh[-1], np.inf)
+            flat.append(sh)
+        self._flat = np.concatenate(flat) if flat else np.zeros(0)
+        self._begin = np.asarray(begin, dtype=np.int64)
+
+    def indices_fast(self, x: np.ndarray) -> np.ndarray:
+        """Like :meth:`indices` for finite values inside the domain (validated rows), in one search."""
+        return np.searchsorted(self._flat, x + self._shift, side="right") - self._begin
 
     def indices(self, x: np.ndarray) -> np.ndarray:
         """Bin index per value, ``[N, F]`` int64 (NaN maps to 0; mask it out with ``np.isnan``)."""

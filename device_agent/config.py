@@ -13,7 +13,7 @@ A device folder, written by ``device-agent provision``::
     active.json          pointer to the active slot (atomic replace)
     update.json          updater state machine, persisted on entry to each state
     outbox.sqlite        durable queue of signed summaries and reports (WAL)
-    predictions.sqlite   bounded, rotating prediction log
+    predictions/         bounded, rotating prediction log (binary segments; see predlog.py)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class DeviceConfig:
     window_count: int = 1000  # ... or after this many predictions, whichever comes first
     min_window_samples: int = 20  # k: smaller windows are merged forward, never sent alone
     dp_epsilon: float = 0.0  # > 0 adds Laplace noise to counts with this epsilon per window
+    image_stats_every: int = 4  # derived image statistics on 1 image in N (they cost ~5 µs each)
     outbox_max_rows: int = 10_000
     prediction_log_max_rows: int = 100_000
     http_host: str = "127.0.0.1"
@@ -74,7 +75,7 @@ class DeviceConfig:
         for name in ("window_seconds", "heartbeat_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        for name in ("window_count", "outbox_max_rows", "prediction_log_max_rows"):
+        for name in ("window_count", "outbox_max_rows", "prediction_log_max_rows", "image_stats_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.min_window_samples < 1:
@@ -134,7 +135,7 @@ class DeviceDir:
     active_file = property(lambda self: self.path / "active.json")
     update_file = property(lambda self: self.path / "update.json")
     outbox = property(lambda self: self.path / "outbox.sqlite")
-    prediction_log = property(lambda self: self.path / "predictions.sqlite")
+    prediction_log = property(lambda self: self.path / "predictions")
 
     def slot(self, name: str) -> Path:
         return self.path / "slots" / name

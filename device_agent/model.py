@@ -41,8 +41,10 @@ class LoadedModel:
         return self.manifest.output.classes
 
 
-def load_model(slot: Path, target: Target) -> LoadedModel:
-    """Load a slot written by the updater. Raises ModelLoadError naming the file that is wrong."""
+def load_model(slot: Path, target: Target, threads: int | None = None) -> LoadedModel:
+    """Load a slot written by the updater (``threads`` overrides the target's intra-op threads).
+
+    Raises ModelLoadError naming the file that is wrong."""
     try:
         env = parse_json((slot / MANIFEST_NAME).read_bytes(), what=f"{slot}/{MANIFEST_NAME}")
         manifest = Manifest.from_signed(env["signed"])
@@ -51,7 +53,7 @@ def load_model(slot: Path, target: Target) -> LoadedModel:
     except (OSError, KeyError, TypeError, ValueError, ContractError) as exc:
         raise ModelLoadError(f"slot {slot} is not a complete model: {exc}") from exc
     runtime = open_runtime(manifest.runtime, slot / manifest.model_file, manifest.output.probabilities,
-                           threads=target.threads, graph_optimization=target.graph_optimization)
+                           threads=threads or target.threads, graph_optimization=target.graph_optimization)
     try:
         with np.load(slot / "golden.npz", allow_pickle=False) as g:
             warm = np.asarray(g["x"][:1], dtype=np.float32)

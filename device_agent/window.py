@@ -15,7 +15,7 @@ from edgefleet_contracts.summary import LATENCY_EDGES_MS, FeatureWindow, Summary
 
 from .binning import Binner
 
-BATCH = 64
+BATCH = 128
 _LAT_EDGES_NS = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) * 1e6
 
 
@@ -25,12 +25,13 @@ class Window:
         self.n_features = len(self.names)
         self.n_classes = len(profile.classes)
         self.binner = Binner([f.edges for f in profile.features])
+        if len(lows) == self.n_features:
+            self.binner.set_domain(lows, highs)
         ref = np.concatenate([np.asarray(f.counts) for f in profile.features])
         self._empty_ref = ref == 0  # bins with no reference data: estimates there are not trustworthy
         self._conf_edges = np.asarray(profile.confidence_edges, dtype=np.float64)
         self._cal_edges = np.asarray(calibration.edges, dtype=np.float64)
         self._cal_acc = np.asarray(calibration.accuracy, dtype=np.float64)
-        self._lows, self._highs = lows, highs
         self.counts = np.zeros(self.binner.total, dtype=np.int64)
         self.missing = np.zeros(self.n_features, dtype=np.int64)
         self.nan = np.zeros(self.n_features, dtype=np.int64)
@@ -46,8 +47,8 @@ class Window:
         self.confusion: np.ndarray | None = None
         self.empty_bins = 0
         self.count = 0
-        self._fbuf = np.empty((BATCH, self.n_features), dtype=np.float64)
-        self._pbuf = np.empty((BATCH, self.n_classes), dtype=np.float64)
+        self._fbuf = np.empty((BATCH, self.n_features), dtype=np.float32)
+        self._pbuf = np.empty((BATCH, self.n_classes), dtype=np.float32)
         self._lbuf = np.empty(BATCH, dtype=np.float64)
         self._k = 0
 
@@ -72,14 +73,18 @@ class Window:
     def flush(self) -> None:
         k = self._k
         if k:
-            self._bin(self._fbuf[:k], self._pbuf[:k], self._lbuf[:k])
+            self._bin(self._fbuf[:k].astype(np.float64), self._pbuf[:k].astype(np.float64), self._lbuf[:k])
             self._k = 0
 
     def _bin(self, f: np.ndarray, p: np.ndarray, lat: np.ndarray) -> None:
         if f.size:
-            idx = self.binner.indices(f) + self.binner.offsets[None, :]
-            ok = ~np.isnan(f)
-            flat = idx[ok]
+            ok = np.isfinite(f) & (f >= self.binner._lo) & (f <= self.binner._hi)
+            if ok.all():
+                idx = self.binner.indices_fast(f)
+            else:
+                idx = self.binner.indices(f)
+                ok = ~np.isnan(f)
+            flat = (idx + self.binner.offsets[None, :])[ok]
             self.counts += np.bincount(flat, minlength=self.binner.total)
             self.empty_bins += int(self._empty_ref[flat].sum())
             fz = np.where(ok, f, 0.0)

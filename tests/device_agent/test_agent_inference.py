@@ -33,7 +33,7 @@ def holdout(built):
 
 def _agent(model, tmp_path, **cfg) -> Agent:
     c = DeviceConfig(device_id="dev-1", target=TARGET.name, **{"min_window_samples": 5, **cfg})
-    return Agent(c, TARGET, model, prediction_log=PredictionLog(tmp_path / "p.sqlite"), background=False)
+    return Agent(c, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
 
 
 def test_predict_returns_the_models_output_with_version_id_and_latency(clinical, holdout, tmp_path):
@@ -176,4 +176,6 @@ def test_image_package_decodes_with_opencv_and_summarises_image_statistics(visio
     s = agent.sink.summaries[0]  # type: ignore[attr-defined]
     assert [f.name for f in s.features] == ["brightness_gray", "contrast_gray", "sharpness"]
     assert s.count == 40 and s.errors == {"bad_image": 1}
+    assert all(f.n == 10 for f in s.features)  # statistics on 1 image in 4 (image_stats_every)
+    assert 0 < s.features[0].sum / 10 < 255  # mean brightness on the 0..255 scale
     agent.close()
