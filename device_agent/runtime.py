@@ -52,7 +52,7 @@ class OnnxRuntime:
     def run_checked(self, x: np.ndarray) -> np.ndarray:
         """Hot path for inputs already validated as C-contiguous float32 (the agent's validator output)."""
         try:
-            return self._run(self._outs, {self.input_name: x})[0]  # type: ignore[no-any-return]
+            return self._run(self._outs, {self.input_name: x})[0]
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
 
