@@ -1,0 +1,173 @@
+"""The local HTTP API for apps on the device (loopback by default), and the batch key-value lookup.
+
+    POST /v1/predict   {"features": {name: value, ...}} | {"inputs": [numbers]} | {"image_b64": "..."}
+                       | {"instances": [one of the above, ...]}             -> prediction(s) with model version
+    POST /v1/feedback  {"prediction_id": "...", "label": <class name or index>}
+    GET  /v1/status    agent status
+    GET  /v1/precomputed/{key}   a prediction precomputed by `device-agent batch` (when a store is configured)
+    GET  /metrics      Prometheus text format
+
+Bad input is a 422 whose body names the problem (``error`` kind, ``detail``, ``feature``); it is counted in
+the window and never stops the service. Bodies over ``max_body_bytes`` are refused with 413 before parsing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .agent import Agent, FeedbackError, NoModelError
+from .batch import KVStore
+from .errors import AgentError, InferenceError, InputError
+
+MAX_BODY_BYTES = 25 * 1024 * 1024
+MAX_INSTANCES = 1024
+
+
+def _error(status: int, kind: str, detail: str, feature: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail, "feature": feature}, status_code=status)
+
+
+def _one(agent: Agent, inst: Any) -> Any:
+    if not isinstance(inst, dict):
+        raise InputError("each instance must be an object with 'features', 'inputs' or 'image_b64'",
+                         kind="invalid_input")
+    keys = {"features", "inputs", "image_b64"} & set(inst)
+    if len(keys) != 1:
+        raise InputError("give exactly one of 'features', 'inputs' or 'image_b64'", kind="invalid_input")
+    if "features" in inst:
+        return agent.predict(inst["features"])
+    if "inputs" in inst:
+        v = inst["inputs"]
+        if not isinstance(v, list) or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in v):
+            raise InputError("'inputs' must be a list of numbers", kind="wrong_shape")
+        return agent.predict(v)
+    try:
+        data = base64.b64decode(inst["image_b64"], validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InputError("'image_b64' is not valid base64", kind="bad_image") from None
+    return agent.predict(data)
+
+
+def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="edgefleet device agent", version="1", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return _error(413, "too_large", f"request body over {max_body_bytes} bytes")
+        response: Response = await call_next(request)
+        return response
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            return _error(413, "too_large", f"request body over {max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            agent._reject("invalid_input", None)
+            return _error(400, "invalid_json", "request body is not JSON")
+        try:
+            if isinstance(body, dict) and "instances" in body:
+                items = body["instances"]
+                if not isinstance(items, list) or len(items) > MAX_INSTANCES:
+                    raise InputError(f"'instances' must be a list of at most {MAX_INSTANCES}", kind="invalid_input")
+                out = []
+                for inst in items:
+                    try:
+                        out.append(_one(agent, inst).to_dict())
+                    except InputError as exc:
+                        out.append({"error": exc.kind, "detail": str(exc), "feature": exc.feature})
+                return JSONResponse({"predictions": out})
+            return JSONResponse(_one(agent, body).to_dict())
+        except InputError as exc:
+            return _error(422, exc.kind, str(exc), exc.feature)
+        except NoModelError as exc:
+            return _error(503, exc.reason, str(exc))
+        except InferenceError as exc:
+            return _error(500, exc.reason, str(exc))
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+            pid, label = body["prediction_id"], body["label"]
+            if not isinstance(pid, str) or not isinstance(label, int | str) or isinstance(label, bool):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return _error(400, "invalid_feedback", "body must be {\"prediction_id\": str, \"label\": class or index}")
+        try:
+            agent.feedback(pid, label)
+        except FeedbackError as exc:
+            return _error(404 if "unknown prediction" in str(exc) else 422, exc.reason, str(exc))
+        return JSONResponse({"ok": True})
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        return JSONResponse(agent.status())
+
+    @app.get("/v1/precomputed/{key}")
+    async def precomputed(key: str) -> Response:
+        if kv is None:
+            return _error(404, "no_store", "no batch store configured (device-agent serve --store KV.sqlite)")
+        row = kv.get(key)
+        if row is None:
+            return _error(404, "unknown_key", f"no precomputed prediction for key {key!r}")
+        return JSONResponse(row)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(prometheus_text(agent), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def prometheus_text(agent: Agent) -> str:
+    st = agent.status()
+    m = st["model"] or {"name": "", "version": ""}
+    lab = f'model="{m["name"]}",version="{m["version"]}"'
+    lines = [
+        "# HELP edgefleet_agent_predictions_total Predictions served.",
+        "# TYPE edgefleet_agent_predictions_total counter",
+        f"edgefleet_agent_predictions_total{{{lab}}} {st['predictions']}",
+        "# HELP edgefleet_agent_rejected_total Requests rejected, by reason.",
+        "# TYPE edgefleet_agent_rejected_total counter",
+    ]
+    lines += [f'edgefleet_agent_rejected_total{{reason="{k}"}} {v}' for k, v in sorted(st["rejected"].items())]
+    lines += [
+        "# HELP edgefleet_agent_feedback_total Labels fed back.",
+        "# TYPE edgefleet_agent_feedback_total counter",
+        f"edgefleet_agent_feedback_total {st['feedback']}",
+        "# HELP edgefleet_agent_windows_closed_total Summary windows closed.",
+        "# TYPE edgefleet_agent_windows_closed_total counter",
+        f"edgefleet_agent_windows_closed_total {st['windows_closed']}",
+        "# HELP edgefleet_agent_summaries_total Summaries queued for sending.",
+        "# TYPE edgefleet_agent_summaries_total counter",
+        f"edgefleet_agent_summaries_total {st['summaries_emitted']}",
+        "# HELP edgefleet_agent_windows_held_total Windows held back below k and merged forward.",
+        "# TYPE edgefleet_agent_windows_held_total counter",
+        f"edgefleet_agent_windows_held_total {st['windows_held_for_k']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for multi-worker serving: EDGEFLEET_DEVICE_DIR (and optional EDGEFLEET_KV_STORE)."""
+    d = os.environ.get("EDGEFLEET_DEVICE_DIR")
+    if not d:
+        raise AgentError("EDGEFLEET_DEVICE_DIR is not set")
+    store = os.environ.get("EDGEFLEET_KV_STORE")
+    agent = Agent.open(Path(d))
+    app = create_app(agent, KVStore(Path(store)) if store else None)
+    app.router.on_shutdown.append(agent.close)
+    return app

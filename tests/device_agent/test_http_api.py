@@ -1,0 +1,117 @@
+"""The local HTTP API and the batch key-value pattern, against a real agent and a real package."""
+
+from __future__ import annotations
+
+import base64
+import csv
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from device_agent.agent import Agent
+from device_agent.batch import BatchError, KVStore, run_batch
+from device_agent.config import DeviceConfig
+from device_agent.http_api import create_app
+from device_agent.model import load_model
+from device_agent.predlog import PredictionLog
+from edgefleet_contracts.targets import get_target
+from tests.conftest import extract
+
+TARGET = get_target("x86_64-avx2")
+
+
+@pytest.fixture()
+def agent(built, tmp_path):
+    model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), TARGET)
+    cfg = DeviceConfig(device_id="dev-http", target=TARGET.name, min_window_samples=1)
+    a = Agent(cfg, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
+    yield a
+    a.close()
+
+
+@pytest.fixture()
+def rows(built):
+    with np.load(built.holdout) as z:
+        return z["x"], z["y"]
+
+
+def test_predict_by_named_features_then_feedback(agent, rows):
+    client = TestClient(create_app(agent))
+    x, y = rows
+    names = agent.model.validator.names
+    r = client.post("/v1/predict", json={"features": dict(zip(names, map(float, x[0]), strict=True))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "clinical" and body["version"] == "1.0.0" and len(body["probabilities"]) == 2
+    ok = client.post("/v1/feedback", json={"prediction_id": body["prediction_id"], "label": int(y[0])})
+    assert ok.status_code == 200 and agent.counters.feedback == 1
+    assert client.post("/v1/feedback", json={"prediction_id": "nope", "label": 1}).status_code == 404
+
+
+def test_bad_requests_get_clear_errors_and_counters(agent, rows):
+    client = TestClient(create_app(agent, max_body_bytes=10_000))
+    x, _ = rows
+    names = agent.model.validator.names
+    fields = dict(zip(names, map(float, x[0]), strict=True))
+    del fields[names[4]]
+    r = client.post("/v1/predict", json={"features": fields})
+    assert r.status_code == 422 and r.json()["error"] == "missing_field" and r.json()["feature"] == names[4]
+    r = client.post("/v1/predict", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+    r = client.post("/v1/predict", json={"inputs": [1.0] * 3})
+    assert r.status_code == 422 and r.json()["error"] == "wrong_shape"
+    r = client.post("/v1/predict", json={"inputs": [0.0] * 30, "image_b64": "AA=="})
+    assert r.status_code == 422 and "exactly one" in r.json()["detail"]
+    r = client.post("/v1/predict", content=b"[" + b"1," * 20_000 + b"1]")
+    assert r.status_code == 413
+    metrics = client.get("/metrics").text
+    assert 'edgefleet_agent_rejected_total{reason="missing_field"} 1' in metrics
+    assert 'edgefleet_agent_rejected_total{reason="invalid_json"}' not in metrics  # counted as invalid_input
+    assert client.post("/v1/predict", json={"inputs": [float(v) for v in x[1]]}).status_code == 200
+
+
+def test_instances_batch_keeps_good_results_beside_errors(agent, rows):
+    client = TestClient(create_app(agent))
+    x, _ = rows
+    insts = [{"inputs": [float(v) for v in x[i]]} for i in range(3)] + [{"inputs": [float("nan")] * 30}]
+    r = client.post("/v1/predict", content=str({"instances": insts}).replace("'", '"').replace("nan", "NaN"))
+    preds = r.json()["predictions"]
+    assert [("error" in p) for p in preds] == [False, False, False, True]
+    assert preds[3]["error"] == "nan"
+
+
+def test_batch_precomputes_into_the_store_and_the_api_serves_by_key(agent, rows, tmp_path):
+    x, _ = rows
+    names = agent.model.validator.names
+    path = tmp_path / "batch.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", *names])
+        for i in range(25):
+            w.writerow([f"patient-{i}", *map(float, x[i])])
+        w.writerow(["broken", *(["x"] + [0.0] * 29)])
+    store = KVStore(tmp_path / "kv.sqlite")
+    counts = run_batch(agent, path, store)
+    assert counts == {"stored": 25, "rejected": 1} and store.count() == 26
+    client = TestClient(create_app(agent, store))
+    r = client.get("/v1/precomputed/patient-3").json()
+    assert r["version"] == "1.0.0" and r["outputs"]["label"] in agent.model.classes
+    direct = agent.predict(x[3])
+    assert r["outputs"]["class_index"] == direct.class_index
+    assert client.get("/v1/precomputed/nobody").status_code == 404
+    with pytest.raises(BatchError, match="needs a 'key' column"):
+        (tmp_path / "nokey.csv").write_text("a,b\n1,2\n")
+        run_batch(agent, tmp_path / "nokey.csv", store)
+
+
+def test_image_over_http(vision_built, tmp_path):
+    model = load_model(extract(vision_built.package, tmp_path / "slot", vision_built.keys / "root.pub"), TARGET)
+    a = Agent(DeviceConfig(device_id="cam-1", target=TARGET.name), TARGET, model, background=False)
+    client = TestClient(create_app(a))
+    png = next(iter(sorted(vision_built.holdout.glob("7/*.png"))))
+    r = client.post("/v1/predict", json={"image_b64": base64.b64encode(png.read_bytes()).decode()})
+    assert r.status_code == 200 and r.json()["label"] == "7"
+    r = client.post("/v1/predict", json={"image_b64": base64.b64encode(b"not an image").decode()})
+    assert r.status_code == 422 and r.json()["error"] == "bad_image"
+    a.close()
