@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key, sign_envelope
-from edgefleet_contracts.targets import Target, load_target_file
+from edgefleet_contracts.targets import Target
 from edgefleet_contracts.timeutil import fmt, utcnow
 
 from . import imaging
@@ -125,11 +125,11 @@ class Agent:
         NoModelError on predict.
         """
         from .outbox import Outbox
-        from .updater import Updater
+        from .updater import Updater, load_device_target
 
         d = DeviceDir(Path(device_dir))
         cfg = d.load_config()
-        target = load_target_file(d.target_file)
+        target = load_device_target(d.target_file)
         updater = Updater(d)
         updater.recover()
 

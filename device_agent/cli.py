@@ -1,13 +1,252 @@
-"""`device-agent` command line. The agent commands arrive with issue 3; until then the command says so."""
+"""`device-agent` command line.
+
+Each subcommand is registered by a small ``_add_<name>(sub)`` function listed in ``REGISTRARS``; a new command
+(``run``, ``predict``, ``batch``, ``serve``) is one more function and one more entry. Exit codes: 0 ok,
+1 rejected / failed / error (the reason token and message on stderr), 2 usage.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sqlite3
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefleet_contracts.errors import ContractError
+
+from .config import DeviceDir
+from .errors import AgentError
+
+if TYPE_CHECKING:
+    from .updater import InstallResult
+
+LINK_FILE = "link.json"
+
+
+# ---- provision ----------------------------------------------------------------------------------------
+def _tag(text: str) -> tuple[str, str]:
+    from .provision import ProvisionError, parse_tag
+
+    try:
+        return parse_tag(text)
+    except ProvisionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_provision(sub: Any) -> None:
+    p = sub.add_parser("provision", help="create a device folder: config, target profile, keys, trust store",
+                       description="Create a device folder. With --package the first model is installed, so the "
+                                   "device serves from first boot with no network.")
+    p.add_argument("--dir", required=True, type=Path, help="device folder to create")
+    p.add_argument("--device-id", required=True, help="device id (letters, digits, '_', '.', '-')")
+    p.add_argument("--target", required=True, help="hardware target profile name (see hardware/targets)")
+    p.add_argument("--root-key", required=True, type=Path, help="root public key to pin (keys/root.pub)")
+    p.add_argument("--fleet-key", required=True, type=Path, help="fleet public key to pin (desired-state commands)")
+    p.add_argument("--fleet", default="default", help="fleet name (default: default)")
+    p.add_argument("--broker", default="", help="mqtt://HOST:PORT or mqtts://HOST:PORT (empty: offline device)")
+    p.add_argument("--server", default="", help="http://HOST:PORT of the fleet server")
+    p.add_argument("--tag", dest="tags", type=_tag, nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="cohort tags, e.g. --tag site=ward-3 ring=canary")
+    p.add_argument("--package", type=Path, help="first model package to install")
+    p.add_argument("--force", action="store_true", help="replace an existing device folder (new device key)")
+    p.set_defaults(func=_provision)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from .provision import ProvisionRequest, provision
+
+    res = provision(ProvisionRequest(
+        directory=args.dir, device_id=args.device_id, target=args.target, root_key=args.root_key,
+        fleet_key=args.fleet_key, fleet=args.fleet, broker=args.broker, server=args.server, tags=dict(args.tags),
+        package=args.package, force=args.force,
+    ))
+    c = res.config
+    print(f"provisioned device {c.device_id} (fleet {c.fleet}, target {c.target}) in {res.device.path}")
+    print(f"device key {res.device_key_id[:16]}: enrol {res.device.device_pub} on the fleet server")
+    if res.install is not None:
+        print(f"first model: {res.install.message}")
+    else:
+        print("no model yet: install one with `device-agent install PKG --dir ...` or a rollout")
+    return 0
+
+
+# ---- install / rollback -------------------------------------------------------------------------------
+def _add_install(sub: Any) -> None:
+    p = sub.add_parser("install", help="verify, smoke-test and activate a package file (no network)")
+    p.add_argument("package", type=Path, help="package file (.efpkg)")
+    p.add_argument("--dir", required=True, type=Path, help="device folder")
+    p.set_defaults(func=_install)
+
+
+def _add_rollback(sub: Any) -> None:
+    p = sub.add_parser("rollback", help="switch back to the model in the standby slot (no download)")
+    p.add_argument("--dir", required=True, type=Path, help="device folder")
+    p.add_argument("--reason", default="operator_request", help="short token recorded with the rollback")
+    p.set_defaults(func=_rollback)
+
+
+def _report(result: InstallResult) -> int:
+    if result.ok:
+        print(f"{result.status}: {result.message}")
+        return 0
+    print(f"device-agent: {result.status} ({result.reason}): {result.message}", file=sys.stderr)
+    return 1
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .updater import Updater
+
+    return _report(Updater(DeviceDir(args.dir)).install(args.package))
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .updater import Updater
+
+    return _report(Updater(DeviceDir(args.dir)).rollback(args.reason))
+
+
+# ---- status -------------------------------------------------------------------------------------------
+def _add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="what the device runs, its update state, outbox and link")
+    p.add_argument("--dir", required=True, type=Path, help="device folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+
+
+def outbox_depth(path: Path) -> int | None:
+    """Rows queued in the outbox (read-only; 0 when there is no outbox yet; None when it cannot be read)."""
+    if not path.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.OperationalError as exc:
+        return 0 if "no such table" in str(exc) else None
+    except sqlite3.Error:
+        return None
+
+
+def link_state(device: DeviceDir, broker: str) -> dict[str, Any]:
+    """``link.json`` as the agent wrote it; without one, offline (no broker) or unknown (never connected)."""
+    path = device.path / LINK_FILE
+    try:
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict):
+            return {"state": str(doc.get("state", "unknown")), "since": doc.get("since"),
+                    "last_error": doc.get("last_error")}
+        return {"state": "unknown", "since": None, "last_error": f"{path} is not a JSON object"}
+    except FileNotFoundError:
+        if not broker:
+            return {"state": "offline", "since": None, "last_error": None, "detail": "no broker configured"}
+        return {"state": "unknown", "since": None, "last_error": None, "detail": "the agent has not reported"}
+    except (OSError, ValueError) as exc:
+        return {"state": "unknown", "since": None, "last_error": f"{path} unreadable: {exc}"}
+
+
+def status_doc(device: DeviceDir) -> dict[str, Any]:
+    """Everything ``status`` shows; runs start-up recovery first. Raises AgentError / ContractError."""
+    from .updater import Updater
+
+    up = Updater(device)
+    recovered = up.recover()
+    rec = up.record()
+    active, standby = up.slots.active(), up.slots.standby()
+    pointer = up.slots.pointer() if active else None
+    cfg = up.config
+    return {
+        "device_id": cfg.device_id,
+        "fleet": cfg.fleet,
+        "target": cfg.target,
+        "active": None if active is None else {
+            "name": active[1].name, "version": active[1].version, "slot": active[0].name,
+            "activated": pointer.activated if pointer else None},
+        "standby": None if standby is None else {
+            "name": standby[1].name, "version": standby[1].version, "slot": standby[0].name},
+        "update": {"state": str(rec.state), "entered": rec.entered, "reason": rec.reason},
+        "last_result": rec.last_result,
+        "outbox_depth": outbox_depth(device.outbox),
+        "link": link_state(device, cfg.broker),
+        "recovered": recovered,
+    }
+
+
+def _model(d: dict[str, Any] | None) -> str:
+    return "none" if d is None else f"{d['name']} {d['version']} (slot {d['slot']})"
+
+
+def _what(result: dict[str, Any]) -> str:
+    if result.get("name"):
+        return f"{result['name']} {result.get('version')}"
+    return Path(result["package"]).name if result.get("package") else "-"
+
+
+def _status(args: argparse.Namespace) -> int:
+    doc = status_doc(DeviceDir(args.dir))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    last = doc["last_result"]
+    link = doc["link"]
+    link_text = link["state"] + (f" ({link['detail']})" if link.get("detail") else "")
+    if link.get("since"):
+        link_text += f" since {link['since']}"
+    if link.get("last_error"):
+        link_text += f"; last error: {link['last_error']}"
+    depth = doc["outbox_depth"]
+    lines = [
+        f"device    {doc['device_id']}  fleet {doc['fleet']}  target {doc['target']}",
+        f"active    {_model(doc['active'])}",
+        f"standby   {_model(doc['standby'])}",
+        f"update    {doc['update']['state']}",
+        "last      " + ("none" if last is None else f"{last['status']} ({last['reason']}) {_what(last)} at "
+                        f"{last['at']}: {last['message']}"),
+        f"outbox    {'unreadable' if depth is None else depth} queued",
+        f"link      {link_text}",
+    ]
+    lines += [f"recovered {a}" for a in doc["recovered"]]
+    print("\n".join(lines))
+    return 0
+
+
+# ---- entry point --------------------------------------------------------------------------------------
+REGISTRARS: tuple[Callable[[Any], None], ...] = (_add_provision, _add_install, _add_rollback, _add_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="device-agent", description="edgefleet on-device agent")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every update transition")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("device-agent: not implemented yet (tracked in issue 3)", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "func", None) is None:
+        parser.print_usage(sys.stderr)
+        print("device-agent: error: choose a command", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="device-agent: %(message)s")
+    try:
+        return int(args.func(args))
+    except (AgentError, ContractError) as exc:
+        print(f"device-agent: error ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"device-agent: error (io_error): {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
