@@ -136,6 +136,7 @@ class DeviceDir:
     update_file = property(lambda self: self.path / "update.json")
     outbox = property(lambda self: self.path / "outbox.sqlite")
     prediction_log = property(lambda self: self.path / "predictions")
+    link_file = property(lambda self: self.path / "link.json")
 
     def slot(self, name: str) -> Path:
         return self.path / "slots" / name

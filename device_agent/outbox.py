@@ -1,0 +1,314 @@
+"""The durable outbox: summaries and the latest report, queued in SQLite until the broker acknowledges them.
+
+One file (``outbox.sqlite``), WAL, ``synchronous=FULL``. Every write is a ``BEGIN IMMEDIATE`` transaction
+(a deferred ``BEGIN`` fails at once with ``database is locked`` when another connection writes; an immediate
+one waits for the busy timeout, and we retry a few times on top of that).
+
+Rules:
+
+- **Atomic with the caller's state.** ``with outbox.transaction() as tx:`` puts rows and meta values in one
+  transaction, so the agent closes a window, bumps its sequence counter and enqueues the summary together.
+- **Bounded by merging, never by dropping.** While there are more than ``max_rows`` summary rows, the two
+  oldest never-sent rows of one model version are merged (counts add, ``windows`` add, the later ``seq`` and
+  the later row position are kept). Rows that were ever handed to the link (``attempts > 0``) are never
+  merged: the server may already hold them, and merging would count them twice. When nothing can be merged,
+  the table grows past the bound and ``overflow_unmergeable`` counts it.
+- **Only the latest report matters**: putting a report deletes every older queued report.
+- Bodies are unsigned JSON; the link signs at send time.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.summary import Summary, merge
+
+from .errors import AgentError
+
+__all__ = ["Outbox", "OutboxError", "OutboxRow", "OutboxTransaction", "SUMMARY", "REPORT"]
+
+SUMMARY = "summary"
+REPORT = "report"
+BUSY_TIMEOUT_MS = 5000
+LOCK_RETRIES = 5
+COUNTER_KEYS = ("merged_total", "overflow_unmergeable")
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        seq INTEGER,
+        model TEXT,
+        version TEXT,
+        body TEXT NOT NULL,
+        created REAL NOT NULL,
+        windows INTEGER NOT NULL DEFAULT 1,
+        attempts INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX outbox_kind_model ON outbox (kind, model, version, id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+T = TypeVar("T")
+
+
+class OutboxError(AgentError):
+    """The outbox file cannot be opened, is from a newer agent, or stayed locked by another writer."""
+
+    reason = "outbox"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    kind: str  # SUMMARY | REPORT
+    seq: int | None
+    body: str  # unsigned JSON document
+
+    def document(self) -> dict[str, Any]:
+        doc = json.loads(self.body)
+        if not isinstance(doc, dict):
+            raise OutboxError(f"outbox row {self.id} does not hold a JSON object")
+        return doc
+
+
+class OutboxTransaction:
+    """Operations inside one ``BEGIN IMMEDIATE`` transaction (see :meth:`Outbox.transaction`)."""
+
+    def __init__(self, conn: sqlite3.Connection, max_rows: int) -> None:
+        self._conn = conn
+        self._max_rows = max_rows
+
+    def put_summary(self, summary: Summary) -> int:
+        """Queue a summary; merge old rows if the bound is passed. Returns the new row id."""
+        body = json.dumps(summary.to_dict(), separators=(",", ":"))
+        cur = self._conn.execute(
+            "INSERT INTO outbox (kind, seq, model, version, body, created, windows) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (SUMMARY, summary.seq, summary.model, summary.version, body, time.time(), summary.windows),
+        )
+        row_id = int(cur.lastrowid or 0)
+        self._enforce_bound()
+        return row_id
+
+    def put_report(self, report: dict[str, Any]) -> int:
+        """Queue ``report``, replacing any older queued report (only the latest state matters)."""
+        body = json.dumps(report, separators=(",", ":"), sort_keys=True)
+        seq = report.get("seq")
+        self._conn.execute("DELETE FROM outbox WHERE kind = ?", (REPORT,))
+        cur = self._conn.execute(
+            "INSERT INTO outbox (kind, seq, body, created) VALUES (?, ?, ?, ?)",
+            (REPORT, seq if isinstance(seq, int) and not isinstance(seq, bool) else None, body, time.time()),
+        )
+        return int(cur.lastrowid or 0)
+
+    def set_meta(self, key: str, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"meta value for {key!r} must be a str, got {type(value).__name__}")
+        self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _bump(self, key: str, by: int = 1) -> None:
+        self._conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?", (key, str(by), by))
+
+    def _enforce_bound(self) -> None:
+        while self._summary_rows() > self._max_rows:
+            if not self._merge_oldest_pair():
+                self._bump("overflow_unmergeable")
+                return
+
+    def _summary_rows(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM outbox WHERE kind = ?", (SUMMARY,)).fetchone()[0])
+
+    def _merge_oldest_pair(self) -> bool:
+        """Merge the two oldest never-sent rows of the model version whose oldest such row comes first."""
+        groups = self._conn.execute(
+            "SELECT model, version FROM outbox WHERE kind = ? AND attempts = 0 GROUP BY model, version "
+            "HAVING COUNT(*) >= 2 ORDER BY MIN(id)", (SUMMARY,)).fetchall()
+        for model, version in groups:
+            rows = self._conn.execute(
+                "SELECT id, body FROM outbox WHERE kind = ? AND attempts = 0 AND model = ? AND version = ? "
+                "ORDER BY id LIMIT 2", (SUMMARY, model, version)).fetchall()
+            (old_id, old_body), (new_id, new_body) = rows
+            try:
+                merged = merge(Summary.from_dict(json.loads(old_body)), Summary.from_dict(json.loads(new_body)))
+            except (SchemaError, ValueError):
+                continue  # e.g. other bins under the same version: not mergeable, try the next group
+            self._conn.execute("UPDATE outbox SET seq = ?, body = ?, windows = ? WHERE id = ?",
+                               (merged.seq, json.dumps(merged.to_dict(), separators=(",", ":")),
+                                merged.windows, new_id))
+            self._conn.execute("DELETE FROM outbox WHERE id = ?", (old_id,))
+            self._bump("merged_total")
+            return True
+        return False
+
+
+class Outbox:
+    """The device's durable queue. Thread-safe (one connection, one lock); other processes may open the file.
+
+    Raises OutboxError when the file cannot be opened or was written by a newer schema.
+    """
+
+    def __init__(self, path: Path, max_rows: int) -> None:
+        if max_rows < 1:
+            raise OutboxError(f"outbox max_rows must be at least 1, got {max_rows}")
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                         timeout=BUSY_TIMEOUT_MS / 1000)
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise OutboxError(f"{self.path}: cannot switch the outbox to WAL mode (got {mode!r})")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+
+    # ---- schema ------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        def step(conn: sqlite3.Connection) -> bool:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = int(row[0] or 0)
+            if current > len(MIGRATIONS):
+                raise OutboxError(f"{self.path} has outbox schema version {current}, newer than this agent "
+                                  f"supports ({len(MIGRATIONS)}); upgrade the agent or move the file away")
+            if current == len(MIGRATIONS):
+                return False
+            for statement in MIGRATIONS[current].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (current + 1,))
+            return True
+
+        while self._write(step):
+            pass
+
+    @property
+    def schema_version(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+
+    # ---- transactions ------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        delay = 0.05
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise OutboxError(f"cannot begin a transaction on the outbox {self.path}: {exc}") from exc
+                if attempt == LOCK_RETRIES:
+                    raise OutboxError(f"{self.path} stayed locked by another writer for "
+                                      f"{(LOCK_RETRIES + 1) * BUSY_TIMEOUT_MS / 1000:.0f} s: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @contextmanager
+    def transaction(self) -> Iterator[OutboxTransaction]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back if it raises.
+
+        Raises OutboxError when another writer keeps the file locked past the retries.
+        """
+        with self._lock:
+            self._begin()
+            try:
+                yield OutboxTransaction(self._conn, self.max_rows)
+            except sqlite3.Error as exc:
+                self._conn.execute("ROLLBACK")
+                raise OutboxError(f"outbox {self.path}: {exc}") from exc
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn.execute("ROLLBACK")
+                raise OutboxError(f"cannot commit to the outbox {self.path}: {exc}") from exc
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self.transaction():
+            return fn(self._conn)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot read the outbox {self.path}: {exc}") from exc
+
+    # ---- the link's side ---------------------------------------------------------------------------
+    def peek(self, limit: int, after_id: int = 0) -> list[OutboxRow]:
+        """Up to ``limit`` rows with ``id > after_id``, in id order (the order they must be sent in)."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT id, kind, seq, body FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                      (after_id, limit)).fetchall()
+        return [OutboxRow(int(i), str(k), None if s is None else int(s), str(b)) for i, k, s, b in rows]
+
+    def mark_sent(self, ids: Iterable[int]) -> None:
+        """Record that these rows are being handed to the broker: from now on they are never merged."""
+        id_list = list(ids)
+        if id_list:
+            self._write(lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?",
+                                                [(i,) for i in id_list]))
+
+    def ack(self, ids: Iterable[int]) -> int:
+        """Delete acknowledged rows; returns how many existed (a replaced report may already be gone)."""
+        id_list = list(ids)
+        if not id_list:
+            return 0
+        cur = self._write(lambda c: c.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in id_list]))
+        return int(cur.rowcount)
+
+    def depth(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def get_meta(self, key: str) -> str | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def counters(self) -> dict[str, int]:
+        """depth, summary_rows, report_rows, merged_total, overflow_unmergeable."""
+        with self._reading() as conn:
+            kinds = dict(conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
+            meta = dict(conn.execute(
+                f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(COUNTER_KEYS))})",
+                COUNTER_KEYS).fetchall())
+        out = {"depth": sum(int(v) for v in kinds.values()), "summary_rows": int(kinds.get(SUMMARY, 0)),
+               "report_rows": int(kinds.get(REPORT, 0))}
+        out.update({k: int(meta.get(k, 0)) for k in COUNTER_KEYS})
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
