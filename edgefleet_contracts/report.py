@@ -1,0 +1,57 @@
+"""The device's reported state (what it actually runs): published retained on ``…/report``, signed.
+
+The device is the authority on what it runs; the server stores the latest report per device (by ``at``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import _fields as f
+from .errors import SchemaError
+from .timeutil import parse
+from .topics import check_id
+
+REPORT_TYPE = "edgefleet.report"
+REPORT_SPEC = 1
+
+
+@dataclass
+class Report:
+    device_id: str
+    at: str
+    active: dict[str, str] | None  # {"name", "version"}
+    standby: dict[str, str] | None
+    update_state: str
+    last_result: dict[str, Any] | None  # {"status", "reason", "version", "at", ...}
+    agent_version: str = ""
+    desired_seq: int = 0  # the last desired-state sequence number the device accepted (issue 5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": REPORT_TYPE, "spec": REPORT_SPEC, "device_id": self.device_id, "at": self.at,
+                "active": self.active, "standby": self.standby, "update_state": self.update_state,
+                "last_result": self.last_result, "agent_version": self.agent_version,
+                "desired_seq": self.desired_seq}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Report:
+        """Raises SchemaError naming the bad field."""
+        d = f.obj(d, "report")
+        f.const(d, "type", REPORT_TYPE, "report")
+        f.const(d, "spec", REPORT_SPEC, "report")
+        at = f.string(d, "at", "report")
+        parse(at, "report.at")
+        slots = []
+        for k in ("active", "standby"):
+            v = d.get(k)
+            if v is not None:
+                v = f.obj(v, f"report.{k}")
+                f.string(v, "name", f"report.{k}")
+                f.string(v, "version", f"report.{k}")
+            slots.append(v)
+        lr = d.get("last_result")
+        if lr is not None and not isinstance(lr, dict):
+            raise SchemaError("report.last_result must be an object or null")
+        return cls(check_id(f.string(d, "device_id", "report"), "report.device_id"), at, slots[0], slots[1],
+                   f.string(d, "update_state", "report"), lr, str(d.get("agent_version", "")),
+                   f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0)

@@ -1,0 +1,163 @@
+"""The FastAPI app, built by a factory from settings (nothing at import time). Errors map to status codes here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from edgefleet_contracts.errors import ContractError
+
+from . import devices, registry
+from .auth import authenticate, require
+from .errors import FleetError, RequestError
+from .settings import ServerSettings
+from .store import Store
+
+MAX_BODY = 16 * 1024 * 1024
+
+
+class Context:
+    """What routes need: settings, store, and the pluggable parts (ingest, drift, alerts) once they are attached."""
+
+    def __init__(self, settings: ServerSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.extensions: dict[str, Any] = {}
+        self.metrics: list[Callable[[], str]] = []
+
+
+def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
+    store = store or Store(settings.db_path)
+    ctx = Context(settings, store)
+    app = FastAPI(title="edgefleet fleet server", version="1")
+    app.state.ctx = ctx
+
+    @app.exception_handler(FleetError)
+    async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
+        return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ContractError)
+    async def _contract_error(_: Request, exc: ContractError) -> JSONResponse:
+        return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=422)
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse({"error": "too_large", "detail": f"body over {MAX_BODY} bytes"}, status_code=413)
+        response: Response = await call_next(request)
+        return response
+
+    def principal(authorization: Annotated[str | None, Header()] = None) -> tuple[str, str]:
+        return authenticate(store, authorization)
+
+    def role(needed: str) -> Callable[..., tuple[str, str]]:
+        def dep(p: Annotated[tuple[str, str], Depends(principal)]) -> tuple[str, str]:
+            require(p[1], needed)
+            return p
+
+        return dep
+
+    Viewer = Annotated[tuple[str, str], Depends(role("viewer"))]
+    Operator = Annotated[tuple[str, str], Depends(role("operator"))]
+    Admin = Annotated[tuple[str, str], Depends(role("admin"))]
+    app.state.roles = {"viewer": Viewer, "operator": Operator, "admin": Admin}
+
+    async def _json(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError("request body is not JSON") from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ---- devices -----------------------------------------------------------------------------------------
+    @app.get("/api/v1/devices")
+    async def list_devices(_: Viewer, tag: str | None = None) -> Any:
+        t = tuple(tag.split("=", 1)) if tag and "=" in tag else None
+        return devices.list_devices(store, t)  # type: ignore[arg-type]
+
+    @app.get("/api/v1/devices/{device_id}")
+    async def get_device(device_id: str, _: Viewer) -> Any:
+        return devices.get(store, device_id)
+
+    @app.post("/api/v1/devices")
+    async def enroll_device(request: Request, _: Operator) -> Any:
+        b = await _json(request)
+        if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("device_id", "public_key")):
+            raise RequestError("body must be {device_id, public_key (base64), tags?}")
+        return devices.enroll(store, settings.fleet, b["device_id"], b["public_key"], b.get("tags") or {},
+                              replace=bool(b.get("replace")))
+
+    @app.post("/api/v1/enrollment-tokens")
+    async def enrollment_token(request: Request, _: Operator) -> Any:
+        b = await _json(request)
+        return {"token": devices.create_enrollment_token(store, (b or {}).get("tags") or {},
+                                                         float((b or {}).get("ttl_seconds", 86400)))}
+
+    @app.post("/api/v1/enroll")
+    async def self_enroll(request: Request) -> Any:
+        b = await _json(request)
+        if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("token", "device_id", "public_key")):
+            raise RequestError("body must be {token, device_id, public_key}")
+        return devices.self_enroll(store, settings.fleet, b["token"], b["device_id"], b["public_key"])
+
+    @app.put("/api/v1/devices/{device_id}/tags")
+    async def put_tags(device_id: str, request: Request, _: Operator) -> Any:
+        b = await _json(request)
+        if not isinstance(b, dict):
+            raise RequestError("body must be an object of tag -> value")
+        return devices.set_tags(store, device_id, b)
+
+    # ---- models ------------------------------------------------------------------------------------------
+    @app.get("/api/v1/models")
+    async def list_models(_: Viewer) -> Any:
+        return [registry.show(store, r["name"]) for r in store.query("SELECT name FROM models ORDER BY name")]
+
+    @app.get("/api/v1/models/{name}")
+    async def show_model(name: str, _: Viewer) -> Any:
+        return registry.show(store, name)
+
+    @app.get("/packages/{name}/{version}")
+    async def download(name: str, version: str, range: Annotated[str | None, Header()] = None) -> Response:
+        """Package download for devices (packages are signed: integrity does not depend on this channel).
+        Supports a single Range for resumable downloads over poor links."""
+        row = registry.version_row(store, name, version)
+        path, length = Path(row["path"]), int(row["length"])
+        try:
+            span = registry.parse_range(range, length)
+        except RequestError as exc:
+            return JSONResponse({"error": "range", "detail": str(exc)}, status_code=416,
+                                headers={"Content-Range": f"bytes */{length}"})
+        start, end = span if span else (0, length - 1)
+
+        def body() -> Any:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                left = end - start + 1
+                while left:
+                    chunk = fh.read(min(65536, left))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+                    yield chunk
+
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start + 1), "ETag": f'"{row["sha256"]}"'}
+        if span:
+            headers["Content-Range"] = f"bytes {start}-{end}/{length}"
+        return StreamingResponse(body(), status_code=206 if span else 200, headers=headers,
+                                 media_type="application/octet-stream")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        parts = [m() for m in ctx.metrics]
+        return Response("".join(parts), media_type="text/plain; version=0.0.4")
+
+    return app

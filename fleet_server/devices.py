@@ -1,0 +1,94 @@
+"""Device enrollment (operator-side or with one-time enrollment tokens), listing, tags, reported state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from typing import Any
+
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.signing import public_from_b64
+from edgefleet_contracts.topics import check_id
+
+from .errors import AuthError, ConflictError, NotFoundError, RequestError
+from .store import Store
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    for k, v in tags.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 64 or len(v) > 128:
+            raise RequestError("tags must be short string key=value pairs")
+    return tags
+
+
+def enroll(store: Store, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str] | None = None,
+           *, replace: bool = False) -> dict[str, Any]:
+    """Enroll a device by its Ed25519 public key (base64 raw). Raises RequestError or ConflictError."""
+    try:
+        check_id(device_id, "device id")
+        public_from_b64(public_key_b64)
+    except SchemaError as exc:
+        raise RequestError(str(exc)) from None
+    tags = _check_tags(tags or {})
+    existing = store.one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+    if existing is not None and existing["public_key"] != public_key_b64 and not replace:
+        raise ConflictError(f"device {device_id} is already enrolled with another key; re-enroll with --replace")
+    with store.write() as c:
+        c.execute(
+            "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags",
+            (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time()))
+    return get(store, device_id)
+
+
+def create_enrollment_token(store: Store, tags: dict[str, str] | None = None, ttl_seconds: float = 86400) -> str:
+    token = "efe_" + secrets.token_urlsafe(24)
+    with store.write() as c:
+        c.execute("INSERT INTO enrollment_tokens VALUES (?, ?, ?, ?, NULL)",
+                  (hashlib.sha256(token.encode()).hexdigest(), json.dumps(_check_tags(tags or {})), time.time(),
+                   time.time() + ttl_seconds))
+    return token
+
+
+def self_enroll(store: Store, fleet: str, token: str, device_id: str, public_key_b64: str) -> dict[str, Any]:
+    """A device enrolls itself with a one-time token. Raises AuthError when the token is unknown/used/expired."""
+    h = hashlib.sha256(token.encode()).hexdigest()
+    row = store.one("SELECT tags, expires, used_by FROM enrollment_tokens WHERE hash = ?", (h,))
+    if row is None:
+        raise AuthError("unknown enrollment token")
+    if row["used_by"] is not None:
+        raise AuthError(f"enrollment token already used by {row['used_by']}")
+    if row["expires"] < time.time():
+        raise AuthError("enrollment token expired")
+    with store.write() as c:
+        c.execute("UPDATE enrollment_tokens SET used_by = ? WHERE hash = ? AND used_by IS NULL", (device_id, h))
+    return enroll(store, fleet, device_id, public_key_b64, json.loads(row["tags"]))
+
+
+def _doc(r: Any) -> dict[str, Any]:
+    return {"device_id": r["device_id"], "fleet": r["fleet"], "tags": json.loads(r["tags"]),
+            "public_key": r["public_key"], "enrolled": r["enrolled"], "last_seen": r["last_seen"],
+            "reported": json.loads(r["reported"]) if r["reported"] else None}
+
+
+def get(store: Store, device_id: str) -> dict[str, Any]:
+    r = store.one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+    if r is None:
+        raise NotFoundError(f"device {device_id!r} is not enrolled")
+    return _doc(r)
+
+
+def list_devices(store: Store, tag: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    docs = [_doc(r) for r in store.query("SELECT * FROM devices ORDER BY device_id")]
+    if tag is not None:
+        docs = [d for d in docs if d["tags"].get(tag[0]) == tag[1]]
+    return docs
+
+
+def set_tags(store: Store, device_id: str, tags: dict[str, str]) -> dict[str, Any]:
+    get(store, device_id)
+    with store.write() as c:
+        c.execute("UPDATE devices SET tags = ? WHERE device_id = ?", (json.dumps(_check_tags(tags)), device_id))
+    return get(store, device_id)

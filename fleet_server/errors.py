@@ -1,0 +1,53 @@
+"""Fleet server errors: one root, names ending in Error; the HTTP layer maps them to status codes in one place."""
+
+
+class FleetError(Exception):
+    """Root of every error the fleet server raises on purpose."""
+
+    status = 400
+    reason = "fleet"
+
+
+class ConfigError(FleetError):
+    reason = "config"
+
+
+class AuthError(FleetError):
+    """Missing, unknown, expired or revoked bearer token."""
+
+    status = 401
+    reason = "unauthenticated"
+
+
+class ForbiddenError(FleetError):
+    """The token's role may not do this."""
+
+    status = 403
+    reason = "forbidden"
+
+
+class NotFoundError(FleetError):
+    status = 404
+    reason = "not_found"
+
+
+class ConflictError(FleetError):
+    status = 409
+    reason = "conflict"
+
+
+class RequestError(FleetError):
+    """A request body or parameter is invalid (the message names it)."""
+
+    status = 422
+    reason = "invalid_request"
+
+
+class RejectedError(FleetError):
+    """A device message was rejected (quarantined with this reason)."""
+
+    status = 422
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

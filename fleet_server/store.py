@@ -1,0 +1,116 @@
+"""The server store: one SQLite file (WAL) behind one module, so a PostgreSQL backend can follow.
+
+Writes use ``BEGIN IMMEDIATE`` with a busy timeout and retry (a deferred BEGIN fails at once with two writers:
+see FIELD-NOTES). The schema is versioned by an ordered list of migrations applied once each.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    # 1: the base schema
+    """
+    CREATE TABLE tokens (id TEXT PRIMARY KEY, name TEXT NOT NULL, role TEXT NOT NULL, hash TEXT UNIQUE NOT NULL,
+        created REAL NOT NULL, expires REAL, revoked INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE devices (device_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fleet TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '{}', enrolled REAL NOT NULL, last_seen REAL, reported TEXT);
+    CREATE TABLE enrollment_tokens (hash TEXT PRIMARY KEY, tags TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL,
+        expires REAL NOT NULL, used_by TEXT);
+    CREATE TABLE models (name TEXT PRIMARY KEY, owner TEXT NOT NULL, oncall TEXT NOT NULL,
+        retrain_every_s REAL, last_retrained REAL, retrain_hook TEXT, retrain_on_drift INTEGER NOT NULL DEFAULT 0,
+        alert_rules TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+    CREATE TABLE model_versions (name TEXT NOT NULL, version TEXT NOT NULL, target TEXT NOT NULL,
+        sha256 TEXT NOT NULL, length INTEGER NOT NULL, path TEXT NOT NULL, manifest TEXT NOT NULL,
+        profile TEXT NOT NULL, calibration TEXT NOT NULL, published REAL NOT NULL, PRIMARY KEY (name, version));
+    CREATE TABLE summaries (device_id TEXT NOT NULL, seq INTEGER NOT NULL, model TEXT NOT NULL,
+        version TEXT NOT NULL, window_start TEXT NOT NULL, window_end TEXT NOT NULL, count INTEGER NOT NULL,
+        body TEXT NOT NULL, received REAL NOT NULL, PRIMARY KEY (device_id, seq));
+    CREATE INDEX summaries_model ON summaries (model, version, received);
+    CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, received REAL NOT NULL, source TEXT NOT NULL,
+        device_id TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB);
+    CREATE INDEX quarantine_reason ON quarantine (reason);
+    CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT, kind TEXT NOT NULL,
+        dedup_key TEXT NOT NULL, state TEXT NOT NULL, severity TEXT NOT NULL, summary TEXT NOT NULL,
+        evidence TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, acknowledged_by TEXT,
+        delivery_state TEXT NOT NULL DEFAULT 'pending', delivery_attempts INTEGER NOT NULL DEFAULT 0,
+        delivery_error TEXT, next_attempt REAL);
+    CREATE INDEX alerts_open ON alerts (dedup_key, state);
+    CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL,
+        subject TEXT NOT NULL, detail TEXT NOT NULL);
+    """,
+]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self.migrate()
+
+    def conn(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections are not shared across threads here)."""
+        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=NORMAL")
+            c.execute("PRAGMA busy_timeout=30000")
+            c.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = c
+        return c
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE, retried while another writer holds the lock)."""
+        c = self.conn()
+        for attempt in range(100):
+            try:
+                c.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.5, 0.01 * (attempt + 1)))
+        else:
+            raise sqlite3.OperationalError(f"{self.path} stayed locked")
+        try:
+            yield c
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return list(self.conn().execute(sql, args))
+
+    def one(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Row | None:
+        rows = self.conn().execute(sql, args).fetchone()
+        return rows
+
+    def migrate(self) -> int:
+        c = self.conn()
+        c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        for i, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self.write() as w:
+                for stmt in (s.strip() for s in sql.split(";")):
+                    if stmt:
+                        w.execute(stmt)
+                w.execute("INSERT INTO schema_version VALUES (?)", (i,))
+        return len(MIGRATIONS)
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
