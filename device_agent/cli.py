@@ -216,7 +216,108 @@ def _status(args: argparse.Namespace) -> int:
 
 
 # ---- entry point --------------------------------------------------------------------------------------
-REGISTRARS: tuple[Callable[[Any], None], ...] = (_add_provision, _add_install, _add_rollback, _add_status)
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the agent: local HTTP API, summaries, MQTT link (systemd runs this)")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--http-port", type=int, help="override config http_port (0 picks a free port)")
+    p.add_argument("--no-http", action="store_true", help="no local HTTP API (summaries and link only)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import DeviceRunner
+
+    return DeviceRunner(args.dir, http=not args.no_http, http_port=args.http_port).run()
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser("predict", help="predict one input from a file (.json features/list, .npy, or an image)")
+    p.add_argument("input", type=Path)
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .agent import Agent
+
+    path: Path = args.input
+    if not path.exists():
+        raise AgentError(f"input {path} does not exist")
+    item: Any
+    if path.suffix == ".json":
+        try:
+            item = json.loads(path.read_text())
+        except ValueError as exc:
+            raise AgentError(f"{path} is not JSON: {exc}") from None
+    elif path.suffix == ".npy":
+        item = np.load(path, allow_pickle=False)
+    else:
+        item = path.read_bytes()
+    agent = Agent.open(args.dir, background=False)
+    try:
+        p = agent.predict(item)
+    finally:
+        agent.close()
+    if args.json:
+        print(json.dumps(p.to_dict()))
+    else:
+        print(f"{p.label} (confidence {p.confidence:.3f}) by {p.model} {p.version} in {p.latency_ms:.3f} ms "
+              f"[{p.prediction_id}]")
+    return 0
+
+
+def _add_batch(sub: Any) -> None:
+    p = sub.add_parser("batch", help="precompute predictions into a key-value store the local API serves by key")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--input", required=True, type=Path, help=".csv with a key column, .npz, or an image folder")
+    p.add_argument("--store", required=True, type=Path, help="SQLite key-value file")
+    p.set_defaults(func=_batch)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .agent import Agent
+    from .batch import KVStore, run_batch
+
+    agent = Agent.open(args.dir, background=False)
+    try:
+        counts = run_batch(agent, args.input, KVStore(args.store))
+    finally:
+        agent.close()
+    print(f"stored {counts['stored']} predictions in {args.store} ({counts['rejected']} rejected inputs recorded)")
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="real-time prediction service with several uvicorn workers (server pattern)")
+    p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--store", type=Path, help="batch key-value store to serve under /v1/precomputed/KEY")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    DeviceDir(args.dir).load_config()  # fail early with a clear error
+    os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
+    if args.store:
+        os.environ["EDGEFLEET_KV_STORE"] = str(args.store.resolve())
+    uvicorn.run("device_agent.http_api:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=max(1, args.workers), log_level="warning", access_log=False)
+    return 0
+
+
+REGISTRARS: tuple[Callable[[Any], None], ...] = (_add_provision, _add_install, _add_rollback, _add_status, _add_run,
+                                                 _add_predict, _add_batch, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

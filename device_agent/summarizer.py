@@ -40,6 +40,7 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.summaries: list[Summary] = []
+        self.reports: list[dict[str, Any]] = []
         self.meta: dict[str, str] = {}
 
     @contextmanager
@@ -48,6 +49,9 @@ class MemorySink:
 
     def put_summary(self, summary: Summary) -> None:
         self.summaries.append(summary)
+
+    def put_report(self, report: dict[str, Any]) -> None:
+        self.reports = [report]
 
     def set_meta(self, key: str, value: str) -> None:
         self.meta[key] = value
