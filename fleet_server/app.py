@@ -21,6 +21,25 @@ from .store import Store
 MAX_BODY = 16 * 1024 * 1024
 
 
+def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> tuple[str, str]:
+    """(token name, role) of the caller. Raises AuthError."""
+    return authenticate(request.app.state.ctx.store, authorization)
+
+
+def _role(needed: str) -> Callable[..., tuple[str, str]]:
+    def dep(p: Annotated[tuple[str, str], Depends(principal)]) -> tuple[str, str]:
+        require(p[1], needed)
+        return p
+
+    return dep
+
+
+# Route dependencies: annotate a parameter with one of these to require that role (or higher).
+Viewer = Annotated[tuple[str, str], Depends(_role("viewer"))]
+Operator = Annotated[tuple[str, str], Depends(_role("operator"))]
+Admin = Annotated[tuple[str, str], Depends(_role("admin"))]
+
+
 class Context:
     """What routes need: settings, store, and the pluggable parts (ingest, drift, alerts) once they are attached."""
 
@@ -53,19 +72,6 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         response: Response = await call_next(request)
         return response
 
-    def principal(authorization: Annotated[str | None, Header()] = None) -> tuple[str, str]:
-        return authenticate(store, authorization)
-
-    def role(needed: str) -> Callable[..., tuple[str, str]]:
-        def dep(p: Annotated[tuple[str, str], Depends(principal)]) -> tuple[str, str]:
-            require(p[1], needed)
-            return p
-
-        return dep
-
-    Viewer = Annotated[tuple[str, str], Depends(role("viewer"))]
-    Operator = Annotated[tuple[str, str], Depends(role("operator"))]
-    Admin = Annotated[tuple[str, str], Depends(role("admin"))]
     app.state.roles = {"viewer": Viewer, "operator": Operator, "admin": Admin}
 
     async def _json(request: Request) -> Any:

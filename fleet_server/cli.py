@@ -1,13 +1,263 @@
-"""`fleet-server` command line. The server is not built yet (issue 4); the command says so honestly."""
+"""`fleet-server` command line: init, serve, tokens, devices, models, drift, alerts.
+
+Every command takes ``--data DIR`` (the server's data folder: ``fleet.sqlite``, ``packages/``, ``keys/``,
+``server.toml``). Commands other than ``serve`` work directly on the data folder, so they also work while the
+server is down.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgefleet_contracts.atomic import atomic_write_text
+from edgefleet_contracts.errors import ContractError
+from edgefleet_contracts.signing import generate_key, load_public_key, public_b64, save_private_key, save_public_key
+from edgefleet_contracts.timeutil import parse_duration
+
+from . import devices, registry
+from .auth import create_token
+from .errors import ConfigError, FleetError
+from .settings import ServerSettings
+from .store import Store
+
+
+def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
+    data = Path(args.data)
+    conf = data / "server.toml"
+    if not conf.exists():
+        raise ConfigError(f"{data} is not a fleet-server data folder; run `fleet-server init --data {data} "
+                          "--root-key ROOT_PUB` first")
+    base = tomllib.loads(conf.read_text())
+    return ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **over)
+
+
+def _tags(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ConfigError(f"--tag {p!r} must be key=value")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _print(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
+    print(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
+
+
+# ---- init / serve ----------------------------------------------------------------------------------------
+def _init(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if (data / "server.toml").exists():
+        raise ConfigError(f"{data} is already initialised; refusing to overwrite its keys")
+    root = load_public_key(Path(args.root_key))  # validates the file
+    settings = ServerSettings(data_dir=data, fleet=args.fleet)
+    (data / "keys").mkdir(parents=True, exist_ok=True)
+    (data / "keys").chmod(0o700)
+    save_public_key(root, settings.root_pub)
+    fleet_key = generate_key()
+    save_private_key(fleet_key, settings.fleet_key)
+    save_public_key(fleet_key.public_key(), settings.fleet_pub)
+    Store(settings.db_path).close()
+    atomic_write_text(data / "server.toml", f'fleet = "{args.fleet}"\n')
+    print(f"initialised {data}: fleet {args.fleet}; provision devices with --root-key {args.root_key} "
+          f"--fleet-key {settings.fleet_pub}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    host, _, port = (args.http or "127.0.0.1:8480").rpartition(":")
+    settings = _settings(args, http_host=host or "127.0.0.1", http_port=int(port), broker=args.broker,
+                         embedded_mqtt_port=args.mqtt_port, public_url=args.public_url or "",
+                         drift_interval_seconds=args.drift_interval)
+    return serve(settings)
+
+
+# ---- tokens ------------------------------------------------------------------------------------------------
+def _tokens_create(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    ttl = parse_duration(args.ttl).total_seconds() if args.ttl else None
+    token = create_token(Store(s.db_path), args.role, args.name or "", ttl)
+    print(token)
+    print(f"(a {args.role} token; shown once — store it as a secret)", file=sys.stderr)
+    return 0
+
+
+# ---- devices -----------------------------------------------------------------------------------------------
+def _devices(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    store = Store(s.db_path)
+    if args.devices_cmd == "enroll":
+        pub = load_public_key(Path(args.public_key))
+        doc = devices.enroll(store, s.fleet, args.device_id, public_b64(pub), _tags(args.tag), replace=args.replace)
+        print(f"enrolled {doc['device_id']} (tags {doc['tags']})")
+    elif args.devices_cmd == "list":
+        docs = devices.list_devices(store)
+        _print(docs, args.json, lambda ds: "\n".join(
+            f"{d['device_id']:<24} {_active(d):<24} last seen {_ago(d['last_seen'])}  "
+            + " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())) for d in ds) or "no devices enrolled")
+    elif args.devices_cmd == "show":
+        _print(devices.get(store, args.device_id), True, str)
+    elif args.devices_cmd == "enrollment-token":
+        ttl = parse_duration(args.ttl).total_seconds()
+        print(devices.create_enrollment_token(store, _tags(args.tag), ttl))
+    return 0
+
+
+def _active(d: dict[str, Any]) -> str:
+    rep = d.get("reported") or {}
+    a = rep.get("active")
+    return f"{a['name']} {a['version']}" if a else "-"
+
+
+def _ago(t: float | None) -> str:
+    return "never" if not t else f"{int(time.time() - t)}s ago"
+
+
+# ---- models ------------------------------------------------------------------------------------------------
+def _models(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    store = Store(s.db_path)
+    if args.models_cmd == "publish":
+        doc = registry.publish(store, s.packages_dir, s.root_pub, Path(args.package), owner=args.owner,
+                               oncall=args.oncall, retrain_every=args.retrain_every, retrain_hook=args.retrain_hook,
+                               retrain_on_drift=args.retrain_on_drift)
+        print(f"published {doc['name']} {doc['version']} for {doc['target']} ({doc['length']} bytes, "
+              f"sha256 {doc['sha256'][:16]}…); owner {doc['owner']}, paging {doc['oncall']}")
+    elif args.models_cmd == "show":
+        doc = registry.show(store, args.name)
+        _print(doc, args.json, _model_text)
+    elif args.models_cmd == "list":
+        names = [r["name"] for r in store.query("SELECT name FROM models ORDER BY name")]
+        print("\n".join(names) or "no models published")
+    return 0
+
+
+def _model_text(d: dict[str, Any]) -> str:
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "-"
+
+    every = f"every {d['retrain_every_s'] / 86400:g} days" if d["retrain_every_s"] else "no cadence set"
+    lines = [
+        f"model {d['name']}",
+        f"  owner: {d['owner']}   paged at: {d['oncall']}",
+        f"  retraining: {every}; last retrained {when(d['last_retrained'])}; due {when(d['retrain_due'])}"
+        + ("  (OVERDUE)" if d["retrain_overdue"] else ""),
+        "  versions:",
+    ]
+    for v in d["versions"]:
+        lines.append(f"    {v['version']:<10} {v['target']:<22} published {when(v['published'])}  "
+                     f"data {str(v['lineage'].get('calibration_sha256', ''))[:12]}")
+    return "\n".join(lines)
+
+
+# ---- parser ------------------------------------------------------------------------------------------------
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="the server's data folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet-server", description="edgefleet fleet server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a data folder: pinned root key, fleet signing key, database")
+    _data(p)
+    p.add_argument("--root-key", required=True, help="the packager's root public key (root.pub)")
+    p.add_argument("--fleet", default="default")
+    p.set_defaults(func=_init)
+
+    p = sub.add_parser("serve", help="run the server (HTTP API, MQTT ingest, drift and alerts)")
+    _data(p)
+    p.add_argument("--broker", default="embedded", help="embedded | mqtt://HOST:PORT | none")
+    p.add_argument("--http", default="127.0.0.1:8480", help="HOST:PORT to bind (loopback by default)")
+    p.add_argument("--mqtt-port", type=int, default=1884, help="embedded broker port (0 picks a free port)")
+    p.add_argument("--public-url", help="how devices reach this server over HTTP (package downloads)")
+    p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift evaluations")
+    p.set_defaults(func=_serve)
+
+    t = sub.add_parser("tokens", help="operator API tokens")
+    tsub = t.add_subparsers(dest="tokens_cmd", required=True)
+    p = tsub.add_parser("create")
+    _data(p)
+    p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    p.add_argument("--name")
+    p.add_argument("--ttl", help="lifetime such as 90d (default: no expiry)")
+    p.set_defaults(func=_tokens_create)
+
+    d = sub.add_parser("devices", help="enroll and list devices")
+    dsub = d.add_subparsers(dest="devices_cmd", required=True)
+    p = dsub.add_parser("enroll")
+    _data(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--public-key", required=True, help="the device's keys/device.pub")
+    p.add_argument("--tag", action="append", help="key=value (repeatable)")
+    p.add_argument("--replace", action="store_true", help="replace the key of an enrolled device")
+    p.set_defaults(func=_devices)
+    for name in ("list", "show"):
+        p = dsub.add_parser(name)
+        _data(p)
+        if name == "show":
+            p.add_argument("device_id")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_devices)
+    p = dsub.add_parser("enrollment-token", help="a one-time token for a device that enrolls itself")
+    _data(p)
+    p.add_argument("--tag", action="append")
+    p.add_argument("--ttl", default="1d")
+    p.set_defaults(func=_devices)
+
+    m = sub.add_parser("models", help="the model registry")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    p = msub.add_parser("publish", help="verify and publish a package")
+    p.add_argument("package")
+    _data(p)
+    p.add_argument("--owner", required=True)
+    p.add_argument("--oncall", required=True, help="the owner's on-call webhook URL")
+    p.add_argument("--retrain-every", help="retraining cadence such as 30d")
+    p.add_argument("--retrain-hook", help="command to run when retraining is due")
+    p.add_argument("--retrain-on-drift", action="store_true", help="also raise retraining when drift alerts fire")
+    p.set_defaults(func=_models)
+    p = msub.add_parser("show")
+    p.add_argument("name")
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models)
+    p = msub.add_parser("list")
+    _data(p)
+    p.set_defaults(func=_models)
+
+    for module, fn in (("cli_drift", "add_drift_commands"), ("cli_drift", "add_alert_commands")):
+        try:
+            mod = __import__(f"fleet_server.{module}", fromlist=[fn])
+        except ImportError:
+            continue
+        getattr(mod, fn)(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("fleet-server: not implemented yet (tracked in issue 4)", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args))
+    except ContractError as exc:
+        print(f"fleet-server: REJECTED ({exc.reason}): {exc}", file=sys.stderr)
+        return 1
+    except (FleetError, OSError) as exc:
+        print(f"fleet-server: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

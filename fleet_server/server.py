@@ -1,0 +1,67 @@
+"""Running the server: store, app, embedded broker (unless external), ingest and drift services, uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from .app import create_app
+from .broker import EmbeddedBroker
+from .settings import ServerSettings
+from .store import Store
+
+log = logging.getLogger("edgefleet.server")
+
+
+def build(settings: ServerSettings) -> tuple[Any, Any]:
+    """The app with ingest and drift attached (their start/stop hooks registered), and its context."""
+    from .routes_drift import attach_drift
+    from .routes_ingest import attach_ingest
+
+    app = create_app(settings, Store(settings.db_path))
+    ctx = app.state.ctx
+    attach_ingest(app, ctx)
+    attach_drift(app, ctx)
+    return app, ctx
+
+
+def serve(settings: ServerSettings) -> int:
+    import uvicorn
+
+    broker = None
+    if settings.broker == "embedded":
+        broker = EmbeddedBroker(settings.embedded_mqtt_host, settings.embedded_mqtt_port).start()
+        settings = replace(settings, embedded_mqtt_port=broker.port)
+    app, _ = build(settings)
+    print(f"fleet-server: HTTP on http://{settings.http_host}:{settings.http_port}  MQTT {settings.broker_url()}"
+          f"  data {settings.data_dir}", flush=True)
+    server = _graceful_server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                                             log_level="warning", access_log=False))
+    try:
+        server.run()
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def _graceful_server(config: Any) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """SIGTERM asks for a graceful exit (lifespan shutdown flushes ingest) without uvicorn re-raising it."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
