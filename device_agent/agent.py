@@ -354,8 +354,14 @@ class Agent:
             "feedback": self.counters.feedback, "feedback_unmatched": self.counters.feedback_unmatched,
             "windows_closed": self.counters.windows_closed, "summaries_emitted": self.summarizer.emitted,
             "windows_held_for_k": self.summarizer.held, "k": self.cfg.min_window_samples,
-            "dp_epsilon": self.cfg.dp_epsilon,
+            "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
+
+    def _epsilon_spent(self) -> float:
+        try:
+            return float(self.sink.get_meta("epsilon_spent") or 0.0)
+        except Exception:  # noqa: BLE001 - status must answer even if the outbox is busy
+            return -1.0
 
     def close(self) -> None:
         """Close the current window (held back if below k), flush the log, stop the threads."""

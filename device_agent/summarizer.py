@@ -33,6 +33,7 @@ class SummaryTx(Protocol):
 
 class SummarySink(Protocol):
     def transaction(self) -> Any: ...
+    def get_meta(self, key: str) -> str | None: ...
 
 
 class MemorySink:

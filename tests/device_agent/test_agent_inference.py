@@ -126,6 +126,7 @@ def test_laplace_noise_is_applied_and_the_budget_reported(clinical, holdout, tmp
     assert s.epsilon == 0.5 and s.epsilon_spent == 0.5
     assert any(sum(f.counts) != 40 for f in s.features)  # noisy counts
     assert agent.sink.meta["epsilon_spent"] == "0.5"  # type: ignore[attr-defined]
+    assert agent.status()["dp_epsilon_spent"] == 0.5
     agent.close()
 
 
