@@ -160,6 +160,64 @@ def _model_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- rollouts ----------------------------------------------------------------------------------------------
+def _rollout(args: argparse.Namespace) -> int:
+    from .rollouts import service
+    from .rollouts.plan import parse_stages
+
+    s = _settings(args)
+    store = Store(s.db_path)
+    service.configure_signing(s)
+    if args.rollout_cmd == "start":
+        try:
+            stages = parse_stages(args.stages)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        thresholds = {}
+        for g in args.gate or []:
+            k, _, v = g.partition("=")
+            thresholds[k] = float(v)
+        rid = service.start(store, model=args.name, version=args.version, cohort=_tags(args.cohort), stages=stages,
+                            bake_seconds=parse_duration(args.bake).total_seconds(), max_per_minute=args.max_per_minute,
+                            window=args.window or "", thresholds=thresholds,
+                            approve_stages=[int(x) for x in (args.approve or "").split(",") if x], actor="cli")
+        print(rid)
+        return 0
+    if args.rollout_cmd == "list":
+        _print(service.list_rollouts(store), args.json, lambda rs: "\n".join(
+            f"{r['id']:<12} {r['kind']:<8} {r['model']} {r['version']:<8} {r['state']:<18} stage {r['stage']}"
+            for r in rs) or "no rollouts")
+        return 0
+    if args.rollout_cmd == "status":
+        _print(service.status(store, args.id), args.json, _rollout_text)
+        return 0
+    st = service.set_state(store, args.id, args.rollout_cmd, "cli")
+    print(f"{st['id']}: {st['state']}")
+    return 0
+
+
+def _rollout_text(st: dict[str, Any]) -> str:
+    lines = [f"rollout {st['id']} ({st['kind']}): {st['model']} {st['version']} (previous {st['previous']})",
+             f"  state {st['state']}, stage {st['stage']} of {len(st['stages'])} {st['stages']}, cohort "
+             f"{st['cohort'] or 'all'}",
+             f"  devices: {st['devices'] or 'none asked yet'}", "  decisions:"]
+    for d in st["decisions"]:
+        lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(d['at']))} {d['actor']:<8} {d['kind']:<15} "
+                     f"{d['detail']}")
+    return "\n".join(lines)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .rollouts import service
+
+    s = _settings(args)
+    store = Store(s.db_path)
+    service.configure_signing(s)
+    rid = service.rollback(store, args.name, args.to, _tags(args.cohort), "cli")
+    print(f"{rid}: {args.name} rolled back to {args.to}")
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 def _data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the server's data folder")
@@ -234,6 +292,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("list")
     _data(p)
     p.set_defaults(func=_models)
+
+    r = sub.add_parser("rollout", help="staged rollouts with health gates")
+    rsub = r.add_subparsers(dest="rollout_cmd", required=True)
+    p = rsub.add_parser("start")
+    p.add_argument("name")
+    p.add_argument("version")
+    _data(p)
+    p.add_argument("--cohort", action="append", help="key=value tag filter (repeatable)")
+    p.add_argument("--stages", default="1,10,50,100", help="cumulative percentages")
+    p.add_argument("--bake", default="10m", help="time each stage bakes before its gates are judged")
+    p.add_argument("--max-per-minute", type=int, default=0, help="devices moved per minute (0 = no limit)")
+    p.add_argument("--window", help="maintenance window HH:MM-HH:MM (UTC)")
+    p.add_argument("--gate", action="append", help="threshold override, e.g. max_p95_latency_ratio=1.3")
+    p.add_argument("--approve", help="stages (1-based) that need an operator's approval, e.g. 3,4")
+    p.set_defaults(func=_rollout)
+    p = rsub.add_parser("list")
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_rollout)
+    for name in ("status", "pause", "resume", "abort", "approve"):
+        p = rsub.add_parser(name)
+        p.add_argument("id")
+        _data(p)
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_rollout)
+    p = sub.add_parser("rollback", help="send a cohort back to a version (no gates)")
+    p.add_argument("name")
+    p.add_argument("--to", required=True)
+    _data(p)
+    p.add_argument("--cohort", action="append")
+    p.set_defaults(func=_rollback)
 
     for module, fn in (("cli_drift", "add_drift_commands"), ("cli_drift", "add_alert_commands")):
         try:

@@ -19,6 +19,7 @@ log = logging.getLogger("edgefleet.server")
 
 def build(settings: ServerSettings) -> tuple[Any, Any]:
     """The app with ingest and drift attached (their start/stop hooks registered), and its context."""
+    from .rollouts.routes import attach_rollouts
     from .routes_drift import attach_drift
     from .routes_ingest import attach_ingest
 
@@ -26,6 +27,7 @@ def build(settings: ServerSettings) -> tuple[Any, Any]:
     ctx = app.state.ctx
     attach_ingest(app, ctx)
     attach_drift(app, ctx)
+    attach_rollouts(app, ctx, tick_seconds=settings.rollout_tick_seconds)
     return app, ctx
 
 

@@ -26,6 +26,7 @@ class ServerSettings:
     ingest_flush_seconds: float = 0.05
     device_rate_per_minute: int = 600  # summaries per device per minute before rate limiting
     drift_interval_seconds: float = 30.0
+    rollout_tick_seconds: float = 2.0
     webhook_timeout_seconds: float = 5.0
     webhook_retries: int = 5
 

@@ -45,6 +45,21 @@ MIGRATIONS: list[str] = [
     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, kind TEXT NOT NULL,
         subject TEXT NOT NULL, detail TEXT NOT NULL);
     """,
+    # 2: rollouts and desired state
+    """
+    CREATE TABLE rollouts (id TEXT PRIMARY KEY, kind TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        previous TEXT, cohort TEXT NOT NULL, stages TEXT NOT NULL, bake_seconds REAL NOT NULL,
+        max_per_minute INTEGER NOT NULL, maint_window TEXT NOT NULL, thresholds TEXT NOT NULL,
+        approve_stages TEXT NOT NULL,
+        state TEXT NOT NULL, stage INTEGER NOT NULL, stage_started REAL NOT NULL, approved TEXT NOT NULL,
+        targeted TEXT NOT NULL, created REAL NOT NULL, created_by TEXT NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE rollout_decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL, at REAL NOT NULL,
+        actor TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL, evidence TEXT NOT NULL);
+    CREATE INDEX rollout_decisions_rollout ON rollout_decisions (rollout, id);
+    CREATE TABLE desired (device_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, model TEXT NOT NULL,
+        version TEXT NOT NULL, rollout TEXT NOT NULL, envelope TEXT NOT NULL, updated REAL NOT NULL,
+        published INTEGER NOT NULL DEFAULT 0);
+    """,
 ]
 
 

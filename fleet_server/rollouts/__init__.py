@@ -1,0 +1,1 @@
+"""Staged rollouts: plan (who is in which stage), gates (may a stage advance?), engine (decide), service (act)."""

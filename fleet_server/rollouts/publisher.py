@@ -1,0 +1,42 @@
+"""Publishing desired states: retained, QoS 1, and only counted as published once the broker acknowledged."""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+class MqttPublisher:
+    def __init__(self, broker_url: str, client_id: str = "edgefleet-rollouts", timeout: float = 5.0) -> None:
+        u = urlparse(broker_url)
+        self.timeout = timeout
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                                  protocol=mqtt.MQTTv311)
+        if u.scheme == "mqtts":
+            self.client.tls_set()
+        self.client.reconnect_delay_set(1, 30)
+        self._connected = threading.Event()
+        self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_disconnect = lambda *a: self._connected.clear()
+        self.client.connect_async(u.hostname or "127.0.0.1", u.port or 1883, keepalive=30)
+        self.client.loop_start()
+
+    def __call__(self, topic: str, payload: str) -> bool:
+        """True once the broker acknowledged the retained message; False (retry later) otherwise."""
+        if not self._connected.wait(self.timeout):
+            return False
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(self.timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

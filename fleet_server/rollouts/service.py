@@ -1,0 +1,348 @@
+"""Rollouts in the store, their health snapshots, desired state per device, and the loop that runs them.
+
+Desired states are signed with the fleet key (per-device sequence numbers, expiry) and published retained on
+each device's ``desired`` topic; a desired state that could not be published (broker down) stays marked and is
+re-published on the next tick. Rollout state is persisted after every step, so a server restart resumes each
+rollout where it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from edgefleet_contracts.desired import Desired, sign_desired
+from edgefleet_contracts.signing import load_private_key
+from edgefleet_contracts.summary import LATENCY_EDGES_MS
+from edgefleet_contracts.topics import topic
+
+from ..errors import ConflictError, NotFoundError, RequestError
+from ..registry import version_row
+from ..settings import ServerSettings
+from ..store import Store
+from .engine import TERMINAL, Decision, Rollout, step
+from .gates import DEFAULT_THRESHOLDS, GroupStats, Snapshot
+from .plan import in_cohort, stage_devices
+
+log = logging.getLogger("edgefleet.rollouts")
+DESIRED_LIFETIME = timedelta(days=7)
+
+
+# ---- persistence --------------------------------------------------------------------------------------------
+def _load(row: Any) -> Rollout:
+    return Rollout(
+        id=row["id"], model=row["model"], version=row["version"], previous=row["previous"],
+        cohort=json.loads(row["cohort"]), stages=json.loads(row["stages"]), bake_seconds=row["bake_seconds"],
+        max_per_minute=row["max_per_minute"], window=row["maint_window"], thresholds=json.loads(row["thresholds"]),
+        approve_stages=json.loads(row["approve_stages"]), state=row["state"], stage=row["stage"],
+        stage_started=row["stage_started"], approved=json.loads(row["approved"]),
+        targeted=json.loads(row["targeted"]), kind=row["kind"],
+    )
+
+
+def _save(c: Any, r: Rollout, now: float) -> None:
+    c.execute(
+        "UPDATE rollouts SET state=?, stage=?, stage_started=?, approved=?, targeted=?, updated=? WHERE id=?",
+        (r.state, r.stage, r.stage_started, json.dumps(r.approved), json.dumps(r.targeted), now, r.id))
+
+
+def _decide(c: Any, rollout_id: str, d: Decision, now: float) -> None:
+    c.execute("INSERT INTO rollout_decisions (rollout, at, actor, kind, detail, evidence) VALUES (?, ?, ?, ?, ?, ?)",
+              (rollout_id, now, d.actor, d.kind, d.detail, json.dumps(d.evidence, default=str)))
+
+
+def get(store: Store, rollout_id: str) -> Rollout:
+    row = store.one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
+    if row is None:
+        raise NotFoundError(f"unknown rollout {rollout_id!r}")
+    return _load(row)
+
+
+def status(store: Store, rollout_id: str) -> dict[str, Any]:
+    r = get(store, rollout_id)
+    decisions = [
+        {"at": d["at"], "actor": d["actor"], "kind": d["kind"], "detail": d["detail"],
+         "evidence": json.loads(d["evidence"])}
+        for d in store.query("SELECT * FROM rollout_decisions WHERE rollout = ? ORDER BY id", (rollout_id,))
+    ]
+    reported = _reported(store)
+    states: Counter[str] = Counter()
+    for dev in r.targeted:
+        rep = reported.get(dev) or {}
+        active = (rep.get("active") or {}).get("version")
+        lr = rep.get("last_result") or {}
+        if active == r.version:
+            states["on_new_version"] += 1
+        elif lr.get("status") in ("rejected", "failed", "rolled_back", "rollback_failed"):
+            states[str(lr.get("status"))] += 1
+        else:
+            states["pending"] += 1
+    return {
+        "id": r.id, "kind": r.kind, "model": r.model, "version": r.version, "previous": r.previous,
+        "cohort": r.cohort, "stages": r.stages, "stage": r.stage + 1, "state": r.state,
+        "bake_seconds": r.bake_seconds, "thresholds": {**DEFAULT_THRESHOLDS, **r.thresholds},
+        "approve_stages": [s + 1 for s in r.approve_stages], "targeted": len(r.targeted),
+        "devices": dict(states), "decisions": decisions,
+    }
+
+
+def list_rollouts(store: Store) -> list[dict[str, Any]]:
+    return [{"id": r["id"], "kind": r["kind"], "model": r["model"], "version": r["version"], "state": r["state"],
+             "stage": r["stage"] + 1, "stages": json.loads(r["stages"]), "created": r["created"]}
+            for r in store.query("SELECT * FROM rollouts ORDER BY created DESC")]
+
+
+def _reported(store: Store) -> dict[str, dict[str, Any]]:
+    return {r["device_id"]: json.loads(r["reported"]) if r["reported"] else {}
+            for r in store.query("SELECT device_id, reported FROM devices")}
+
+
+def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
+    return [(r["device_id"], json.loads(r["tags"])) for r in store.query("SELECT device_id, tags FROM devices")]
+
+
+# ---- operator actions -----------------------------------------------------------------------------------------
+def start(store: Store, *, model: str, version: str, cohort: dict[str, str], stages: list[float],
+          bake_seconds: float, max_per_minute: int = 0, window: str = "", thresholds: dict[str, float] | None = None,
+          approve_stages: list[int] | None = None, actor: str = "operator", previous: str | None = None,
+          now: float | None = None) -> str:
+    """Create and start a rollout. Raises NotFoundError (version not published), ConflictError (another rollout
+    of this model is active), RequestError (bad thresholds/window)."""
+    now = now or time.time()
+    version_row(store, model, version)
+    unknown = set(thresholds or {}) - set(DEFAULT_THRESHOLDS)
+    if unknown:
+        raise RequestError(f"unknown gate thresholds {sorted(unknown)}; known: {sorted(DEFAULT_THRESHOLDS)}")
+    if window:
+        from .engine import in_window
+
+        try:
+            in_window(window, now)
+        except ValueError:
+            raise RequestError(f"--window {window!r} must be HH:MM-HH:MM (UTC)") from None
+    active = store.one("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
+                       "'awaiting_approval')", (model,))
+    if active is not None:
+        raise ConflictError(f"rollout {active['id']} of {model} is still active; pause, abort or wait for it")
+    if previous is None:
+        reported = _reported(store)
+        versions = Counter(
+            (reported.get(d) or {}).get("active", {}).get("version") for d, tags in _devices(store)
+            if in_cohort(tags, cohort) and ((reported.get(d) or {}).get("active") or {}).get("name") == model)
+        versions.pop(version, None)
+        versions.pop(None, None)
+        previous = versions.most_common(1)[0][0] if versions else None
+    rid = "r-" + secrets.token_hex(4)
+    with store.write() as c:
+        c.execute("INSERT INTO rollouts VALUES (?, 'rollout', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 0, ?, '[]', "
+                  "'{}', ?, ?, ?)",
+                  (rid, model, version, previous, json.dumps(cohort, sort_keys=True), json.dumps(stages),
+                   bake_seconds, max_per_minute, window, json.dumps(thresholds or {}),
+                   json.dumps([s - 1 for s in (approve_stages or [])]), now, now, actor, now))
+        _decide(c, rid, Decision("start", f"rollout of {model} {version} (previous {previous or 'none'}) to cohort "
+                                 f"{cohort or 'all devices'} in stages {stages}", actor=actor), now)
+    return rid
+
+
+def set_state(store: Store, rollout_id: str, action: str, actor: str, now: float | None = None) -> dict[str, Any]:
+    """pause | resume | abort | approve. Abort sends every moved device back to the previous version."""
+    now = now or time.time()
+    r = get(store, rollout_id)
+    if r.state in TERMINAL:
+        raise ConflictError(f"rollout {rollout_id} is {r.state}; nothing to {action}")
+    revert: list[str] = []
+    if action == "pause":
+        r.state = "paused"
+    elif action == "resume":
+        if r.state != "paused":
+            raise ConflictError(f"rollout {rollout_id} is {r.state}, not paused")
+        needs_approval = r.stage in r.approve_stages and r.stage not in r.approved
+        r.state = "awaiting_approval" if needs_approval else "running"
+    elif action == "approve":
+        if r.state != "awaiting_approval":
+            raise ConflictError(f"rollout {rollout_id} is {r.state}; nothing awaits approval")
+        r.approved.append(r.stage)
+    elif action == "abort":
+        r.state = "aborted"
+        revert = sorted(r.targeted)
+    else:
+        raise RequestError(f"unknown action {action!r}; pause, resume, abort or approve")
+    with store.write() as c:
+        _save(c, r, now)
+        detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
+        _decide(c, r.id, Decision(action, detail, actor=actor), now)
+    if revert and r.previous:
+        set_desired(store, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
+    return status(store, rollout_id)
+
+
+def rollback(store: Store, model: str, to_version: str, cohort: dict[str, str], actor: str,
+             now: float | None = None) -> str:
+    """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision)."""
+    now = now or time.time()
+    version_row(store, model, to_version)
+    rid = "rb-" + secrets.token_hex(4)
+    devices = [d for d, tags in _devices(store) if in_cohort(tags, cohort)]
+    with store.write() as c:
+        c.execute("INSERT INTO rollouts VALUES (?, 'rollback', ?, ?, NULL, ?, '[100]', 0, 0, '', '{}', '[]', "
+                  "'completed', 0, ?, '[]', ?, ?, ?, ?)",
+                  (rid, model, to_version, json.dumps(cohort, sort_keys=True), now,
+                   json.dumps({d: now for d in devices}), now, actor, now))
+        _decide(c, rid, Decision("rollback", f"{actor} rolled {model} back to {to_version} on {len(devices)} "
+                                 "device(s)", actor=actor, evidence={"devices": devices}), now)
+    # Devices on another model are left alone; aborting active rollouts of this model keeps them from undoing it.
+    for row in store.query("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
+                           "'awaiting_approval')", (model,)):
+        r = get(store, row["id"])
+        r.state = "aborted"
+        with store.write() as c:
+            _save(c, r, now)
+            _decide(c, r.id, Decision("abort", f"superseded by rollback {rid}", actor=actor), now)
+    set_desired(store, devices, model, to_version, rid, f"rollback by {actor}", now)
+    return rid
+
+
+# ---- desired state -----------------------------------------------------------------------------------------
+_signing: dict[str, Any] = {}
+
+
+def configure_signing(settings: ServerSettings) -> None:
+    _signing["key"] = load_private_key(settings.fleet_key)
+    _signing["base_url"] = settings.base_url()
+
+
+def set_desired(store: Store, devices: list[str], model: str, version: str, rollout_id: str, reason: str,
+                now: float) -> None:
+    if not devices:
+        return
+    row = version_row(store, model, version)
+    key, base = _signing["key"], _signing["base_url"]
+    issued = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
+    with store.write() as c:
+        for dev in devices:
+            prev = c.execute("SELECT seq FROM desired WHERE device_id = ?", (dev,)).fetchone()
+            seq = (prev["seq"] if prev else 0) + 1
+            d = Desired(device_id=dev, seq=seq, name=model, version=version,
+                        url=f"{base}/packages/{model}/{version}", sha256=row["sha256"], length=row["length"],
+                        issued=issued, expires=issued + DESIRED_LIFETIME, rollout=rollout_id, reason=reason)
+            c.execute("INSERT INTO desired VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(device_id) DO UPDATE SET "
+                      "seq=excluded.seq, model=excluded.model, version=excluded.version, rollout=excluded.rollout, "
+                      "envelope=excluded.envelope, updated=excluded.updated, published=0",
+                      (dev, seq, model, version, rollout_id, json.dumps(sign_desired(d, key)), now))
+
+
+# ---- snapshots ------------------------------------------------------------------------------------------------
+def _p95(latency_counts: np.ndarray) -> float | None:
+    total = latency_counts.sum()
+    if total == 0:
+        return None
+    i = int(np.searchsorted(np.cumsum(latency_counts), 0.95 * total))
+    edges = LATENCY_EDGES_MS
+    return float(edges[i]) if i < len(edges) else float(edges[-1]) * 2
+
+
+def _group(store: Store, model: str, version: str, devices: list[str], since: float) -> GroupStats:
+    g = GroupStats()
+    if not devices:
+        return g
+    lat = np.zeros(len(LATENCY_EDGES_MS) + 1, dtype=np.int64)
+    cal = 0.0
+    seen = set()
+    marks = ",".join("?" * len(devices))
+    for row in store.query(f"SELECT device_id, body FROM summaries WHERE model = ? AND version = ? AND received >= ?"
+                           f" AND device_id IN ({marks})", (model, version, since, *devices)):
+        b = json.loads(row["body"])
+        seen.add(row["device_id"])
+        n = int(b["window"]["count"])
+        g.predictions += n
+        g.errors += int(b["ops"]["errors"].get("inference", 0))
+        lat += np.asarray(b["ops"]["latency_counts"], dtype=np.int64)
+        cal += float(sum(b["output"]["calibrated_sum"]))
+    g.devices = len(seen)
+    g.p95_ms = _p95(lat)
+    g.est_accuracy = cal / g.predictions if g.predictions else None
+    return g
+
+
+def snapshot(store: Store, r: Rollout, stage_members: list[str]) -> Snapshot:
+    reported = _reported(store)
+    moved = [d for d in stage_members if d in r.targeted]
+    on_new = [d for d in moved if ((reported.get(d) or {}).get("active") or {}).get("version") == r.version]
+    failures = sum(1 for d in moved if ((reported.get(d) or {}).get("last_result") or {}).get("version") == r.version
+                   and (reported.get(d) or {}).get("last_result", {}).get("status")
+                   in ("rejected", "failed", "rolled_back", "rollback_failed"))
+    control = [d for d, tags in _devices(store) if in_cohort(tags, r.cohort) and d not in r.targeted
+               and ((reported.get(d) or {}).get("active") or {}).get("version") == r.previous]
+    since = r.stage_started
+    return Snapshot(targeted=len(moved), reporting_new=len(on_new), install_failures=failures,
+                    new=_group(store, r.model, r.version, on_new, since),
+                    control=_group(store, r.model, r.previous or "", control, since))
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+class RolloutService:
+    def __init__(self, settings: ServerSettings, store: Store, *, tick_seconds: float = 1.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.tick_seconds = tick_seconds
+        self.publisher: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+        configure_signing(settings)
+
+    def tick(self, now: float | None = None) -> None:
+        now = now or time.time()
+        for row in self.store.query("SELECT id FROM rollouts WHERE state IN ('running', 'awaiting_approval')"):
+            r = get(self.store, row["id"])
+            members = stage_devices(r.model, _devices(self.store), r.cohort, r.stages[r.stage])
+            snap = snapshot(self.store, r, members)
+            res = step(r, members, snap, now)
+            with self.store.write() as c:
+                _save(c, r, now)
+                for d in res.decisions:
+                    _decide(c, r.id, d, now)
+            if res.to_target:
+                set_desired(self.store, res.to_target, r.model, r.version, r.id, f"rollout {r.id} stage {r.stage + 1}",
+                            now)
+            if res.to_revert and r.previous:
+                set_desired(self.store, res.to_revert, r.model, r.previous, r.id, f"automatic rollback of {r.id}",
+                            now)
+        self.publish_pending()
+
+    def publish_pending(self) -> int:
+        if self.publisher is None:
+            return 0
+        sent = 0
+        for row in self.store.query("SELECT device_id, envelope, seq FROM desired WHERE published = 0"):
+            if self.publisher(topic(self.settings.fleet, row["device_id"], "desired"), row["envelope"]):
+                with self.store.write() as c:
+                    c.execute("UPDATE desired SET published = 1 WHERE device_id = ? AND seq = ?",
+                              (row["device_id"], row["seq"]))
+                sent += 1
+        return sent
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_seconds):
+            try:
+                self.tick()
+            except Exception:  # a bad tick is logged and counted; the next one retries
+                self.errors += 1
+                log.exception("rollout tick failed")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,208 @@
+"""Staged rollouts over a fleet at the data level: stage selection, gates, automatic rollback, approvals,
+pause/resume/abort and resuming after a restart. (The end-to-end run with real agents is test_rollout_e2e.)"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from edgefleet_contracts.desired import accept_desired
+from edgefleet_contracts.signing import generate_key, load_public_key, public_b64
+from edgefleet_contracts.summary import LATENCY_EDGES_MS
+from edgefleet_contracts.timeutil import utcnow
+from fleet_server import devices as devmod
+from fleet_server.cli import main as fleet_cli
+from fleet_server.errors import ConflictError
+from fleet_server.registry import publish
+from fleet_server.rollouts import service
+from fleet_server.rollouts.plan import position, stage_devices
+from fleet_server.settings import ServerSettings
+from fleet_server.store import Store
+
+
+@pytest.fixture(scope="module")
+def v110(built, tmp_path_factory):
+    from model_packager.build import BuildRequest, build_package
+
+    out = tmp_path_factory.mktemp("v110") / "clinical-1.1.0.efpkg"
+    build_package(BuildRequest(model=built.model, name="clinical", version="1.1.0", target="x86_64-avx2",
+                               calibration=built.calibration, keys=built.keys, out=out, quantize="none",
+                               latency_runs=20))
+    return out
+
+
+@pytest.fixture()
+def fleet(built, v110, tmp_path):
+    data = tmp_path / "server"
+    assert fleet_cli(["init", "--data", str(data), "--root-key", str(built.keys / "root.pub")]) == 0
+    settings = ServerSettings(data_dir=data, broker="none")
+    store = Store(settings.db_path)
+    for pkg in (built.package, v110):
+        publish(store, settings.packages_dir, settings.root_pub, pkg, owner="ml", oncall="http://127.0.0.1:9/x")
+    for i in range(20):
+        site = "a" if i < 12 else "b"
+        devmod.enroll(store, "default", f"dev-{i:02d}", public_b64(generate_key().public_key()), {"site": site})
+        _report(store, f"dev-{i:02d}", "1.0.0")
+    svc = service.RolloutService(settings, store)
+    return settings, store, svc
+
+
+def _report(store: Store, dev: str, version: str, status: str = "installed") -> None:
+    rep = {"active": {"name": "clinical", "version": version}, "standby": None, "update_state": "idle",
+           "last_result": {"status": status, "version": version}}
+    with store.write() as c:
+        c.execute("UPDATE devices SET reported = ?, last_seen = ? WHERE device_id = ?",
+                  (json.dumps(rep), time.time(), dev))
+
+
+_seq: dict[str, int] = {}
+
+
+def _summary(store: Store, dev: str, version: str, *, count: int = 40, latency_ms: float = 0.05,
+             errors: int = 0, acc: float = 0.95) -> None:
+    lat = [0] * (len(LATENCY_EDGES_MS) + 1)
+    lat[int(np.searchsorted(LATENCY_EDGES_MS, latency_ms, side="right"))] = count
+    body = {"window": {"count": count}, "ops": {"latency_counts": lat, "errors": {"inference": errors}},
+            "output": {"calibrated_sum": [acc * count / 2, acc * count / 2]}}
+    _seq[dev] = _seq.get(dev, 0) + 1
+    with store.write() as c:
+        c.execute("INSERT INTO summaries VALUES (?, ?, 'clinical', ?, '', '', ?, ?, ?)",
+                  (dev, _seq[dev], version, count, json.dumps(body), time.time()))
+
+
+def _desired(store: Store) -> dict[str, str]:
+    return {r["device_id"]: r["version"] for r in store.query("SELECT device_id, version FROM desired")}
+
+
+def _devices_follow(store: Store, latency_ms: float = 0.05, errors: int = 0) -> None:
+    """Simulated devices: those asked to move report the new version and send summaries; others stay."""
+    want = _desired(store)
+    for r in store.query("SELECT device_id FROM devices"):
+        dev = r["device_id"]
+        v = want.get(dev, "1.0.0")
+        _report(store, dev, v)
+        if v == "1.1.0":
+            _summary(store, dev, v, latency_ms=latency_ms, errors=errors)
+        else:
+            _summary(store, dev, v)
+
+
+def test_stage_selection_is_stable_grows_and_places_newcomers_by_the_same_rule():
+    devs = [(f"d{i}", {"site": "a"}) for i in range(200)]
+    s1 = stage_devices("m", devs, {"site": "a"}, 10)
+    s2 = stage_devices("m", devs, {"site": "a"}, 50)
+    assert set(s1) <= set(s2) and 5 <= len(s1) <= 40 and 70 <= len(s2) <= 130
+    assert stage_devices("m", list(reversed(devs)), {"site": "a"}, 10) == s1
+    newcomer = ("late", {"site": "a"})
+    assert ("late" in stage_devices("m", [*devs, newcomer], {"site": "a"}, 10)) == (position("m", "late") < 10)
+    assert stage_devices("m", devs[:3], {"site": "a"}, 1)  # never an empty first stage
+    assert stage_devices("m", devs, {"site": "zz"}, 100) == []
+
+
+def test_good_version_rolls_out_through_every_stage_to_the_cohort_only(fleet):
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={"site": "a"}, stages=[10, 50, 100],
+                        bake_seconds=0, thresholds={"min_predictions": 10})
+    assert service.get(store, rid).previous == "1.0.0"
+    for _ in range(12):
+        svc.tick()
+        _devices_follow(store)
+    st = service.status(store, rid)
+    assert st["state"] == "completed", st["decisions"]
+    want = _desired(store)
+    assert {d for d, v in want.items() if v == "1.1.0"} == {f"dev-{i:02d}" for i in range(12)}
+    assert not any(d >= "dev-12" for d in want)  # site b never saw it
+    kinds = [d["kind"] for d in st["decisions"]]
+    assert kinds.count("advance") == 2 and kinds[-1] == "complete"
+    gates = st["decisions"][-1]["evidence"]["gates"]
+    assert {g["name"] for g in gates} >= {"error_rate", "p95_latency_ratio", "install_failure_rate"}
+    # The desired states are signed by the fleet key, addressed per device, with growing sequence numbers.
+    row = store.one("SELECT envelope FROM desired WHERE device_id = 'dev-00'")
+    d = accept_desired(json.loads(row["envelope"]), load_public_key(settings.fleet_pub), device_id="dev-00",
+                       last_seq=0, now=utcnow())
+    assert d.version == "1.1.0" and d.url.endswith("/packages/clinical/1.1.0")
+
+
+def test_slow_version_trips_the_first_stage_gate_and_is_rolled_back_on_exactly_those_devices(fleet):
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[10, 50, 100], bake_seconds=0,
+                        thresholds={"min_predictions": 10})
+    first = None
+    for _ in range(6):
+        svc.tick()
+        if first is None and _desired(store):
+            first = set(_desired(store))
+        _devices_follow(store, latency_ms=5.0)  # 100x slower than the control group
+    st = service.status(store, rid)
+    assert st["state"] == "rolled_back", st["decisions"]
+    assert first and set(_desired(store)) == first and len(first) < 20  # only the first stage ever moved
+    assert all(v == "1.0.0" for v in _desired(store).values())  # and they were sent back
+    rb = next(d for d in st["decisions"] if d["kind"] == "rollback")
+    assert "p95_latency_ratio" in rb["detail"]
+
+
+def test_erroring_version_is_rolled_back(fleet):
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[50, 100], bake_seconds=0,
+                        thresholds={"min_predictions": 10})
+    for _ in range(6):
+        svc.tick()
+        _devices_follow(store, errors=20)
+    assert service.status(store, rid)["state"] == "rolled_back"
+
+
+def test_approval_pause_resume_abort_and_restart(fleet):
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[10, 100], bake_seconds=0,
+                        thresholds={"min_predictions": 10}, approve_stages=[2])
+    with pytest.raises(ConflictError, match="still active"):
+        service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[100], bake_seconds=0)
+    for _ in range(4):
+        svc.tick()
+        _devices_follow(store)
+    assert service.status(store, rid)["state"] == "awaiting_approval"
+    moved = set(_desired(store))
+    service.set_state(store, rid, "pause", "alice")
+    with pytest.raises(ConflictError):
+        service.set_state(store, rid, "approve", "alice")
+    service.set_state(store, rid, "resume", "alice")
+    svc2 = service.RolloutService(settings, store)  # a server restart: state comes from the store
+    svc2.tick()
+    assert set(_desired(store)) == moved  # still waiting for the human
+    service.set_state(store, rid, "approve", "alice")
+    svc2.tick()
+    assert len(_desired(store)) == 20
+    service.set_state(store, rid, "abort", "bob")
+    st = service.status(store, rid)
+    assert st["state"] == "aborted" and all(v == "1.0.0" for v in _desired(store).values())
+    actors = {(d["kind"], d["actor"]) for d in st["decisions"]}
+    assert {("approve", "alice"), ("abort", "bob"), ("pause", "alice")} <= actors
+
+
+def test_operator_rollback_targets_the_cohort(fleet):
+    settings, store, svc = fleet
+    rid = service.rollback(store, "clinical", "1.0.0", {"site": "b"}, "carol")
+    assert set(_desired(store)) == {f"dev-{i:02d}" for i in range(12, 20)}
+    assert service.status(store, rid)["kind"] == "rollback"
+
+
+def test_rollout_cli(fleet, capsys):
+    settings, store, svc = fleet
+    d = str(settings.data_dir)
+    assert fleet_cli(["rollout", "start", "clinical", "1.1.0", "--data", d, "--cohort", "site=a", "--stages", "50,100",
+                      "--bake", "0s", "--gate", "min_predictions=10"]) == 0
+    rid = capsys.readouterr().out.strip()
+    svc.tick()
+    assert fleet_cli(["rollout", "status", rid, "--data", d]) == 0
+    out = capsys.readouterr().out
+    assert f"rollout {rid}" in out and "stage 1 of 2" in out and "asked to move to 1.1.0" in out
+    assert fleet_cli(["rollout", "pause", rid, "--data", d]) == 0
+    assert fleet_cli(["rollout", "approve", rid, "--data", d]) == 1  # nothing awaits approval
+    assert "nothing awaits approval" in capsys.readouterr().err
+    assert fleet_cli(["rollout", "start", "clinical", "1.1.0", "--data", d, "--stages", "50,10"]) == 1
+    assert fleet_cli(["rollout", "abort", rid, "--data", d]) == 0
+    assert fleet_cli(["rollback", "clinical", "--to", "1.0.0", "--data", d, "--cohort", "site=b"]) == 0
+    assert fleet_cli(["rollout", "list", "--data", d]) == 0
