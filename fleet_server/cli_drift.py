@@ -1,0 +1,219 @@
+"""`fleet-server drift` and `fleet-server alerts`: work directly on the data folder's SQLite (server up or down).
+
+    fleet-server drift NAME [--version V] [--by TAG] [--since 24h] [--until T] [--devices compact|full|none]
+                            --data DIR [--json]
+    fleet-server alerts list [--state open|acknowledged|resolved|active] [--model M] --data DIR [--json]
+    fleet-server alerts ack ID [--by NAME] --data DIR
+    fleet-server alerts resolve ID [--by NAME] --data DIR
+    fleet-server alerts rules NAME [--set JSON | --reset] --data DIR
+    fleet-server alerts evaluate --data DIR [--no-deliver] [--no-hooks] [--json]   (one pass now, e.g. from cron)
+    fleet-server alerts events [--kind K] [--model M] [--limit N] --data DIR [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+from pathlib import Path
+from typing import Any
+
+from . import alerts, health, retraining
+from .errors import ConfigError, RequestError
+from .settings import ServerSettings
+from .store import Store
+
+__all__ = ["add_alert_commands", "add_drift_commands", "run_alerts", "run_drift"]
+
+
+def _store(args: argparse.Namespace) -> Store:
+    db = ServerSettings(data_dir=Path(args.data)).db_path
+    if not db.exists():
+        raise ConfigError(f"{args.data} holds no fleet database ({db.name} is missing); pass the server's --data "
+                          "folder (see `fleet-server init`)")
+    return Store(db)
+
+
+def _fmt_p(p: float | None) -> str:
+    return "-" if p is None else (f"{p:.2g}" if p < 0.01 else f"{p:.3f}")
+
+
+def _scope_text(title: str, h: dict[str, Any], top: int = 5) -> list[str]:
+    idr, od, ops, acc, dq = h["input_drift"], h["output_drift"], h["operations"], h["accuracy"], h["data_quality"]
+    win = h.get("window") or {}
+    lines = [f"{title}: {h['devices']} device(s), {h['summaries']} summaries, {h['count']} predictions"
+             f" [{win.get('start', '-')} .. {win.get('end', '-')}]"]
+    verdict = f"DRIFT on {', '.join(idr['drifted_features'])}" if idr["drifted"] else "no drift"
+    lines.append(f"  input drift   {verdict} ({idr['statistic']}, {idr['correction']}, alpha {idr['alpha']})")
+    for f in idr["features"][:top]:
+        lines.append(f"    {f['feature']:<28} {f['verdict']:<12} stat {f['statistic']:.3f}  "
+                     f"p_adj {_fmt_p(f['p_adjusted'])}  psi {f['psi']:.3f}  n {f['n']}")
+    cm = od["class_mix"]
+    lines.append(f"  output drift  {'DRIFT' if od['drifted'] else 'no drift'} (class mix w {cm['cohens_w']}, "
+                 f"p_adj {_fmt_p(cm['p_adjusted'])}; confidence ks {od['confidence']['ks']}, "
+                 f"p_adj {_fmt_p(od['confidence']['p_adjusted'])})")
+    lat = ops["latency_ms"]
+    lines.append(f"  operations    p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms  "
+                 f"error rate {ops['error_rate']:.2%}")
+    meas = acc["measured"]
+    trust = "trustworthy" if acc["trustworthy"] else "NOT trustworthy"
+    lines.append(f"  accuracy      estimated {acc['estimated']} ({trust}, {acc['empty_bin_share']:.1%} in "
+                 "reference-empty bins)"
+                 + (f"  measured {meas['accuracy']} on {meas['labels']} labels" if meas else "")
+                 + f"  reference {acc['reference']}")
+    if dq["flagged"]:
+        lines.append("  data quality  " + "; ".join(f"{i['signal']} {i['rate']:.2%} on {i['feature'] or 'requests'}"
+                                                    for i in dq["issues"][:5]))
+    else:
+        lines.append("  data quality  ok")
+    return lines
+
+
+def _report_text(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']} {r['version']}  {r['since']} .. {r['until']}  (reference: {r['reference_rows']} rows)"]
+    lines += _scope_text("fleet", r["fleet"])
+    for value, h in (r.get("cohorts") or {}).items():
+        lines += _scope_text(f"{r['by']}={value}", h, top=3)
+    devs = r.get("devices") or []
+    if devs:
+        lines.append(f"devices (worst first, {len(devs)}):")
+        for d in devs[:20]:
+            idr = d["input_drift"]
+            lines.append(f"  {d['device_id']:<24} {d['count']:>8} pred  drift: "
+                         f"{', '.join(idr['drifted_features']) or '-'}  p95 "
+                         f"{(d.get('operations') or {}).get('p95_ms', '-')}")
+    return "\n".join(lines)
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    """`fleet-server drift NAME ...`: print the health report. Returns 0, or 3 when anything drifted."""
+    store = _store(args)
+    try:
+        rules = alerts.rules_for(store, args.name)
+        r = health.report(store, args.name, args.version, since=args.since, until=args.until, by=args.by,
+                          policy=rules.health, devices=args.devices)
+    finally:
+        store.close()
+    print(json.dumps(r, indent=2) if args.json else _report_text(r))
+    scopes = [r["fleet"], *(r.get("cohorts") or {}).values()]
+    return 3 if any(s["input_drift"]["drifted"] or s["output_drift"]["drifted"] for s in scopes) else 0
+
+
+def _alert_line(a: dict[str, Any]) -> str:
+    d = a["delivery"]
+    return (f"{a['id']:>5}  {a['state']:<12} {a['severity']:<8} {a['kind']:<15} {a['updated']}  "
+            f"delivery {d['state']} ({d['attempts']})  {a['summary']}")
+
+
+def run_alerts(args: argparse.Namespace) -> int:
+    """`fleet-server alerts ...`. Returns 0; errors raise FleetError (the caller prints them)."""
+    store = _store(args)
+    try:
+        cmd = args.alerts_cmd
+        if cmd == "list":
+            rows = alerts.list_alerts(store, args.state, args.model, args.limit)
+            print(json.dumps(rows, indent=2) if args.json else "\n".join(map(_alert_line, rows)) or "no alerts")
+        elif cmd in ("ack", "resolve"):
+            fn = alerts.acknowledge if cmd == "ack" else alerts.resolve
+            print(_alert_line(fn(store, args.id, args.by or getpass.getuser())))
+        elif cmd == "rules":
+            if args.set is not None and args.reset:
+                raise RequestError("use --set JSON or --reset, not both")
+            if args.set is not None or args.reset:
+                try:
+                    doc = {} if args.reset else json.loads(args.set)
+                except ValueError as exc:
+                    raise RequestError(f"--set is not JSON: {exc}") from None
+                if not isinstance(doc, dict):
+                    raise RequestError("--set must be a JSON object, e.g. '{\"latency_p95\": {\"max_p95_ms\": 50}}'")
+                print(json.dumps(alerts.set_rules(store, args.name, doc), indent=2))
+            else:
+                print(json.dumps(alerts.rules_for(store, args.name).to_dict(), indent=2))
+        elif cmd == "evaluate":
+            return _evaluate(store, args)
+        elif cmd == "events":
+            ev = retraining.events(store, args.kind, args.model, args.limit)
+            print(json.dumps(ev, indent=2) if args.json else "\n".join(
+                f"{e['id']:>6}  {e['at']}  {e['kind']:<22} {e['subject']:<20} {json.dumps(e['detail'])[:120]}"
+                for e in ev) or "no events")
+    finally:
+        store.close()
+    return 0
+
+
+def _evaluate(store: Store, args: argparse.Namespace) -> int:
+    from .routes_drift import DriftService
+
+    settings = ServerSettings(data_dir=Path(args.data))
+    svc = DriftService(settings, store)
+    res = svc.run_once()
+    out: dict[str, Any] = {"opened": res.opened, "updated": res.updated, "resolved": res.resolved,
+                           "versions": res.versions, "scopes": res.scopes, "errors": res.errors,
+                           "seconds": round(res.seconds, 3)}
+    if not args.no_hooks:
+        out["hooks_run"] = svc.run_pending_hooks()
+    if not args.no_deliver:
+        out["delivery"] = svc.deliver_once()
+    print(json.dumps(out, indent=2) if args.json else
+          f"evaluated {res.versions} version(s), {res.scopes} scope(s) in {res.seconds:.2f} s: "
+          f"{len(res.opened)} opened, {len(res.updated)} still open, {len(res.resolved)} resolved"
+          + (f"; delivery {out['delivery']}" if "delivery" in out else "")
+          + ("".join(f"\n  error: {e}" for e in res.errors)))
+    return 0
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="the server's data folder")
+
+
+def add_drift_commands(sub: Any) -> None:
+    """Add `drift` to the `fleet-server` subcommands (dispatch through ``args.func``)."""
+    p = sub.add_parser("drift", help="drift and health of a model version: fleet, cohorts, devices",
+                       epilog="exit status: 0 healthy, 3 input or output drift in the fleet or a cohort, 1 error")
+    p.add_argument("name", help="model name")
+    p.add_argument("--version", help="model version (default: the newest published)")
+    p.add_argument("--by", help="also per value of this device tag (cohorts)")
+    p.add_argument("--since", help="ISO time or duration back from now such as 24h, 7d (default 24h)")
+    p.add_argument("--until", help="ISO time or duration back from now (default now)")
+    p.add_argument("--devices", default="compact", choices=["compact", "full", "none"])
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_drift)
+
+
+def add_alert_commands(sub: Any) -> None:
+    """Add `alerts {list,ack,resolve,rules,evaluate,events}` to the `fleet-server` subcommands."""
+    a = sub.add_parser("alerts", help="drift and health alerts, their rules and delivery")
+    asub = a.add_subparsers(dest="alerts_cmd", required=True)
+    p = asub.add_parser("list", help="alerts, newest first")
+    p.add_argument("--state", choices=[*alerts.STATES, "active"])
+    p.add_argument("--model")
+    p.add_argument("--limit", type=int, default=200)
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_alerts)
+    for name, text in (("ack", "acknowledge an alert"), ("resolve", "resolve an alert by hand")):
+        p = asub.add_parser(name, help=text)
+        p.add_argument("id", type=int)
+        p.add_argument("--by", help="who (default: the OS user)")
+        _data(p)
+        p.set_defaults(func=run_alerts)
+    p = asub.add_parser("rules", help="show or set a model's alert rules (overrides of the defaults)")
+    p.add_argument("name")
+    p.add_argument("--set", help="JSON overrides, replacing earlier ones, e.g. '{\"input_drift\": {\"alpha\": 0.001}}'")
+    p.add_argument("--reset", action="store_true", help="back to the defaults")
+    _data(p)
+    p.set_defaults(func=run_alerts)
+    p = asub.add_parser("evaluate", help="one evaluation, retraining check and delivery pass now")
+    _data(p)
+    p.add_argument("--no-deliver", action="store_true")
+    p.add_argument("--no-hooks", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_alerts)
+    p = asub.add_parser("events", help="retraining, hook and alert events, newest first")
+    p.add_argument("--kind")
+    p.add_argument("--model")
+    p.add_argument("--limit", type=int, default=50)
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_alerts)
