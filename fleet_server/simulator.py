@@ -1,0 +1,235 @@
+"""A fleet simulator built from the real agent code: N devices, each with its own folder, keys, slots, outbox and
+MQTT link, running in one process (threads), driven with data the caller supplies.
+
+Used by `make demo`, by end-to-end tests and by ``fleet-server simulate`` for load tests. Nothing is mocked:
+each simulated device is a provisioned device folder opened by ``device_agent.runner.DeviceRunner`` (without its
+HTTP API), so packages are verified and smoke-tested, summaries are windowed, signed, queued and published, and
+desired states are accepted or refused exactly as on hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+log = logging.getLogger("edgefleet.simulator")
+
+
+@dataclass
+class SimConfig:
+    root: Path  # where device folders are created
+    server_url: str  # fleet server HTTP (enrollment, package downloads)
+    broker_url: str
+    operator_token: str
+    root_pub: Path
+    fleet_pub: Path
+    devices: int = 30
+    sites: tuple[str, ...] = ("north", "south", "east")
+    hardware: tuple[str, ...] = ("rpi4", "rpi5")
+    target: str = "x86_64-avx2"  # simulated devices run on this host
+    fleet: str = "default"
+    first_package: Path | None = None
+    window_count: int = 50
+    window_seconds: float = 3600.0
+    min_window_samples: int = 10
+    heartbeat_seconds: float = 5.0
+    probation_seconds: float = 5.0
+    probation_predictions: int = 30
+    prefix: str = "dev"
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    tags: dict[str, str]
+    directory: Path
+    runner: Any = None
+    predictions: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Fleet:
+    def __init__(self, cfg: SimConfig) -> None:
+        self.cfg = cfg
+        self.devices: list[SimDevice] = []
+        self._http = httpx.Client(base_url=cfg.server_url, timeout=30,
+                                  headers={"Authorization": f"Bearer {cfg.operator_token}"})
+
+    # ---- setup ----------------------------------------------------------------------------------------
+    def provision(self) -> list[SimDevice]:
+        """Provision and enroll every device (its own folder and keys; the first package if configured)."""
+        from device_agent.config import DeviceDir
+        from device_agent.provision import ProvisionRequest, provision
+        from edgefleet_contracts.signing import load_public_key, public_b64
+
+        c = self.cfg
+        for i in range(c.devices):
+            dev_id = f"{c.prefix}-{i:04d}"
+            tags = {"site": c.sites[i % len(c.sites)], "hw": c.hardware[(i // len(c.sites)) % len(c.hardware)]}
+            folder = c.root / dev_id
+            provision(ProvisionRequest(directory=folder, device_id=dev_id, target=c.target, root_key=c.root_pub,
+                                       fleet_key=c.fleet_pub, fleet=c.fleet, broker=c.broker_url,
+                                       server=c.server_url, tags=tags, package=c.first_package, force=True))
+            dd = DeviceDir(folder)
+            dd.save_config(replace(dd.load_config(), window_count=c.window_count, window_seconds=c.window_seconds,
+                                   min_window_samples=c.min_window_samples, heartbeat_seconds=c.heartbeat_seconds,
+                                   probation_seconds=c.probation_seconds,
+                                   probation_predictions=c.probation_predictions))
+            pub = public_b64(load_public_key(dd.device_pub))
+            r = self._http.post("/api/v1/devices", json={"device_id": dev_id, "public_key": pub, "tags": tags,
+                                                         "replace": True})
+            r.raise_for_status()
+            self.devices.append(SimDevice(dev_id, tags, folder))
+        return self.devices
+
+    def start(self) -> None:
+        from device_agent.runner import DeviceRunner
+
+        for d in self.devices:
+            d.runner = DeviceRunner(d.directory, http=False, backoff_initial=0.2, backoff_max=2.0)
+            _start_runner(d.runner)
+
+    def stop(self) -> None:
+        for d in self.devices:
+            if d.runner is not None:
+                try:
+                    d.runner.stop()
+                except Exception:  # noqa: BLE001 - stopping the others matters more
+                    log.exception("stopping %s failed", d.device_id)
+        self._http.close()
+
+    # ---- traffic -------------------------------------------------------------------------------------
+    def stream(self, rows_for: Callable[[SimDevice, int], np.ndarray], n: int, *,
+               labels_for: Callable[[SimDevice, int], np.ndarray] | None = None, workers: int = 4) -> int:
+        """Feed ``n`` rows to every device (``rows_for(device, n)`` gives them); returns predictions made.
+        Devices without a model yet are skipped (counted as rejected)."""
+        from device_agent.errors import AgentError
+
+        def run(d: SimDevice) -> int:
+            rows = rows_for(d, n)
+            labels = labels_for(d, n) if labels_for else None
+            agent = d.runner.agent
+            made = 0
+            for i, row in enumerate(rows):
+                try:
+                    p = agent.predict(row)
+                    made += 1
+                    if labels is not None and labels[i] >= 0:
+                        agent.feedback(p.prediction_id, int(labels[i]))
+                except AgentError as exc:
+                    d.rejected += 1
+                    if len(d.errors) < 5:
+                        d.errors.append(str(exc))
+            d.predictions += made
+            return made
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return sum(pool.map(run, self.devices))
+
+    def flush_windows(self) -> None:
+        """Close every device's current window now (held back if below k)."""
+        for d in self.devices:
+            d.runner.agent.close_window(wait=True)
+
+    # ---- observation ----------------------------------------------------------------------------------
+    def versions(self) -> dict[str, str]:
+        out = {}
+        for d in self.devices:
+            m = d.runner.agent.model if d.runner else None
+            out[d.device_id] = m.version if m else "-"
+        return out
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, poll: float = 0.5) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return True
+            time.sleep(poll)
+        return predicate()
+
+    def outbox_depth(self) -> int:
+        return sum(d.runner.agent.sink.depth() for d in self.devices if d.runner is not None)
+
+
+def _start_runner(runner: Any) -> None:
+    """What ``DeviceRunner.run`` does before it blocks: report, resume the desired state, link, housekeeping."""
+    runner.publish_report_if_changed()
+    runner.handler.start()
+    if runner.link is not None:
+        runner.link.start()
+    threading.Thread(target=runner._housekeeping, name="housekeeping", daemon=True).start()
+
+
+def rows_sampler(x: np.ndarray, seed: int = 0) -> Callable[[SimDevice, int], np.ndarray]:
+    """Rows drawn with replacement from ``x``; each device has its own reproducible random stream."""
+    import zlib
+
+    rngs: dict[str, np.random.Generator] = {}
+
+    def f(d: SimDevice, n: int) -> np.ndarray:
+        rng = rngs.get(d.device_id)
+        if rng is None:
+            rng = rngs[d.device_id] = np.random.default_rng([seed, zlib.crc32(d.device_id.encode())])
+        return np.asarray(x[rng.integers(0, len(x), size=n)], dtype=np.float32)
+
+    return f
+
+
+@dataclass
+class Receiver:
+    """A local HTTP receiver standing in for the owner's on-call route (prints and keeps what it gets)."""
+
+    received: list[dict[str, Any]] = field(default_factory=list)
+    port: int = 0
+    on_message: Callable[[dict[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    doc = json.loads(body)
+                except ValueError:
+                    doc = {"raw": body.decode(errors="replace")}
+                outer.received.append(doc)
+                if outer.on_message:
+                    outer.on_message(doc)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/oncall"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def iter_alerts(received: list[dict[str, Any]], kind: str | None = None) -> Iterator[dict[str, Any]]:
+    for doc in received:
+        if kind is None or doc.get("kind") == kind or doc.get("alert", {}).get("kind") == kind:
+            yield doc
