@@ -319,7 +319,7 @@ def raise_alert(c: Any, model: str, version: str | None, kind: str, scope: str, 
     if last is not None and json.loads(last["evidence"]).get("resolved_by", "auto") != "auto" \
             and now - last["updated"] < cooldown_s:
         return "suppressed", None
-    ev = {**evidence, "scope": scope, "first_seen": now, "last_seen": now, "evaluations": 1}
+    ev = {"scope": scope, **evidence, "first_seen": now, "last_seen": now, "evaluations": 1}
     cur = c.execute(
         "INSERT INTO alerts (model, version, kind, dedup_key, state, severity, summary, evidence, created, updated,"
         " delivery_state, delivery_attempts, next_attempt) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, 'pending', 0, ?)",
@@ -350,6 +350,33 @@ def _clear(c: Any, model: str, raised: set[str], now: float, rules: AlertRules, 
             record_event(c, now, "alert_resolved", model, {"id": r["id"], "by": "auto",
                                                            "clear_for_s": round(now - since, 3)})
             result.resolved.append(int(r["id"]))
+
+
+GROUPED = "grouped"
+
+
+def group_conditions(found: list[tuple[str, Condition]]) -> list[tuple[str, Condition]]:
+    """One page per (version, kind), not one per scope: a shift in one site also shows in the fleet and in every
+    cohort that shares devices with it, and paging for each would teach on-call to ignore the pager.
+
+    The headline is the most specific scope (fewest devices; a tag cohort before the fleet), which is usually
+    where the cause is; every affected scope is listed in the evidence (``scopes``). The dedup key uses the
+    fixed scope ``grouped``, so a change of headline between evaluations refreshes the same alert.
+    """
+    by: dict[tuple[str, str], list[Condition]] = {}
+    for version, cond in found:
+        by.setdefault((version, cond.kind), []).append(cond)
+    out: list[tuple[str, Condition]] = []
+    for (version, kind), conds in by.items():
+        conds.sort(key=lambda c: (c.scope == "fleet", c.evidence.get("device_count", 0) or 0, c.scope))
+        head = conds[0]
+        others = [c.scope for c in conds[1:]]
+        evidence = {**head.evidence, "scope": head.scope,
+                    "scopes": [{"scope": c.scope, "summary": c.summary, "devices": c.evidence.get("device_count")}
+                               for c in conds]}
+        summary = head.summary + (f" (also seen in: {', '.join(others)})" if others else "")
+        out.append((version, Condition(kind, GROUPED, summary, evidence)))
+    return out
 
 
 def evaluate(store: Store, now: float | None = None) -> Evaluation:
@@ -388,6 +415,7 @@ def evaluate(store: Store, now: float | None = None) -> Evaluation:
                            "devices": members[:MAX_EVIDENCE_DEVICES], "summaries": h["summaries"],
                            "count": h["count"], "requests": h["requests"]}
                 found.extend((version, cond) for cond in conditions(model, version, scope, h, rules, context))
+        found = group_conditions(found)
         with store.write() as c:
             raised: set[str] = set()
             for version, cond in found:
