@@ -81,7 +81,7 @@ def status(store: Store, rollout_id: str) -> dict[str, Any]:
         lr = rep.get("last_result") or {}
         if active == r.version:
             states["on_new_version"] += 1
-        elif lr.get("status") in ("rejected", "failed", "rolled_back", "rollback_failed"):
+        elif _install_failed(lr, r.version):
             states[str(lr.get("status"))] += 1
         else:
             states["pending"] += 1
@@ -272,13 +272,19 @@ def _group(store: Store, model: str, version: str, devices: list[str], since: fl
     return g
 
 
+TRANSIENT = ("download_interrupted",)  # the device retries these by itself; not a verdict on the version
+
+
+def _install_failed(last_result: dict[str, Any], version: str) -> bool:
+    return (last_result.get("version") == version and last_result.get("reason") not in TRANSIENT
+            and last_result.get("status") in ("rejected", "failed", "rolled_back", "rollback_failed"))
+
+
 def snapshot(store: Store, r: Rollout, stage_members: list[str]) -> Snapshot:
     reported = _reported(store)
     moved = [d for d in stage_members if d in r.targeted]
     on_new = [d for d in moved if ((reported.get(d) or {}).get("active") or {}).get("version") == r.version]
-    failures = sum(1 for d in moved if ((reported.get(d) or {}).get("last_result") or {}).get("version") == r.version
-                   and (reported.get(d) or {}).get("last_result", {}).get("status")
-                   in ("rejected", "failed", "rolled_back", "rollback_failed"))
+    failures = sum(1 for d in moved if _install_failed((reported.get(d) or {}).get("last_result") or {}, r.version))
     control = [d for d, tags in _devices(store) if in_cohort(tags, r.cohort) and d not in r.targeted
                and ((reported.get(d) or {}).get("active") or {}).get("version") == r.previous]
     since = r.stage_started

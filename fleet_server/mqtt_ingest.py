@@ -1,0 +1,321 @@
+"""The MQTT side of ingest: a durable subscriber that acknowledges a message only after it is committed.
+
+One thread owns one paho client (MQTT 3.1.1, ``clean_session=False``, a fixed client id per fleet,
+``manual_ack=True``) and makes every paho call: connect, loop, subscribe and ``ack()``. Nothing blocks that
+thread on a commit: ``on_message`` hands the payload to the ingest service and returns; the writer's completion
+callback (on the writer thread) only puts ``(connection, mid, ok)`` on a queue, and the network thread sends
+the PUBACKs between ``loop()`` calls. (paho's ``ack()`` queues a packet without a lock and, outside
+``loop_start()``, writes the socket from the calling thread, so calling it from the writer thread would race
+the network thread.)
+
+Delivery rules:
+
+- A QoS 1 message is acknowledged only after the transaction holding its rows (summaries stored, duplicates
+  ignored, or its quarantine row) committed. A message whose transaction failed is not acknowledged; the
+  subscriber reconnects so the broker delivers it again.
+- Acknowledgements are only sent on the connection that received the message: a PUBACK for a packet id of an
+  earlier connection could acknowledge a different message the broker has since sent with that id. The broker
+  re-delivers the unacknowledged message on the new connection; it is then a duplicate and acknowledged.
+- The session is persistent (``clean_session=False``), so what devices publish while the server is down or
+  restarting is queued by the broker and delivered when the subscriber returns. The broker must not drop
+  queued messages: Mosquitto needs ``max_queued_messages`` well above its default of 1000 and
+  ``max_queued_bytes 0`` (see FIELD-NOTES), and a ``max_inflight_messages`` of 100 or more for throughput
+  (messages in flight to the server are at most that many; each waits for its commit).
+- Reconnects back off exponentially with jitter, capped; the backoff resets after a session was up.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.topics import parse_topic, subscription
+
+from .errors import ConfigError
+from .ingest import IngestService, IngestSource, Outcome
+from .settings import ServerSettings
+
+__all__ = ["MqttIngest", "SubmitFn", "mqtt_source"]
+
+log = logging.getLogger(__name__)
+
+KINDS = ("summary", "report", "heartbeat")
+
+
+class SubmitFn(Protocol):
+    def __call__(self, kind: str, payload: bytes, *, topic_device: str | None, source: str,
+                 done: Callable[[Outcome], None] | None = None) -> None: ...
+
+
+def _address(url: str) -> tuple[str, int, bool]:
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(f"broker {url!r} must look like mqtt://host:port or mqtts://host:port")
+    try:
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"broker {url!r} has an invalid port: {exc}") from None
+    return u.hostname, port or (8883 if u.scheme == "mqtts" else 1883), u.scheme == "mqtts"
+
+
+class MqttIngest(IngestSource):
+    """Subscribes to the fleet's summary, report and heartbeat topics and feeds ``submit``.
+
+    Raises ConfigError (constructor) when the broker URL cannot work.
+    """
+
+    def __init__(self, settings: ServerSettings, submit: SubmitFn, *, client_id: str | None = None,
+                 keepalive: int = 30, connect_timeout: float = 5.0, backoff_initial: float = 0.2,
+                 backoff_max: float = 10.0, tick: float = 0.1, ack_poll: float = 0.002,
+                 username: str | None = None, password: str | None = None, tls_ca: str | None = None) -> None:
+        self.url = settings.broker_url()
+        self.host, self.port, self.tls = _address(self.url)
+        self.fleet = settings.fleet
+        self.client_id = client_id or f"edgefleet-server-{settings.fleet}"
+        self._submit = submit
+        self._keepalive = keepalive
+        self._connect_timeout = connect_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._tick = tick
+        self._ack_poll = ack_poll
+        self._username, self._password, self._tls_ca = username, password, tls_ca
+        self._topics = [(subscription(settings.fleet, k), 1) for k in KINDS]
+        self._random = random.Random()
+
+        self._lock = threading.Lock()  # guards counters and state read from other threads
+        self._counters = {"connects": 0, "messages": 0, "acked": 0, "stale_acks": 0, "failed": 0,
+                          "ignored": 0, "paused_dropped": 0}
+        self._last_error: str | None = None
+        self.subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._acks: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
+        # Owned by the network thread:
+        self._connection = 0
+        self._outstanding = 0  # handed to ingest, completion not yet processed
+        self._up = False
+        self._refused: str | None = None
+        self._reconnect = False
+
+    # ---- public -------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counters)
+
+    @property
+    def last_error(self) -> str | None:
+        with self._lock:
+            return self._last_error
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, timeout: float = 10.0) -> bool:
+        """Start the network thread; wait (bounded) until subscribed. Returns whether it subscribed in time
+        (if not, it keeps trying in the background)."""
+        if not self.running:
+            self._stop.clear()
+            self._paused.clear()
+            self._thread = threading.Thread(target=self._run, name="mqtt-ingest", daemon=True)
+            self._thread.start()
+        ok = self.subscribed.wait(timeout)
+        if not ok:
+            log.warning("mqtt ingest: not subscribed to %s within %.1f s (%s); still trying", self.url, timeout,
+                        self.last_error or "no answer")
+        return ok
+
+    def pause(self) -> None:
+        """Stop handing messages to ingest; those that arrive now stay unacknowledged (delivered again)."""
+        self._paused.set()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Send the acknowledgements owed for committed messages, disconnect, join (bounded)."""
+        thread = self._thread
+        if thread is None:
+            return True
+        self._paused.set()
+        self._stop.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("mqtt ingest thread did not stop within %.1f s", timeout)
+            return False
+        self._thread = None
+        return True
+
+    # ---- network thread -----------------------------------------------------------------------------
+    def _count(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            self._counters[name] += by
+
+    def _set_error(self, error: str | None) -> None:
+        with self._lock:
+            self._last_error = error
+        if error:
+            log.info("mqtt ingest: %s", error)
+
+    def _run(self) -> None:
+        delay = self._backoff_initial
+        while not self._stop.is_set():
+            try:
+                was_up = self._session()
+            except Exception as exc:  # never let the subscriber die: record, back off, reconnect
+                log.exception("mqtt ingest session failed")
+                self._set_error(f"session failed: {exc!r}")
+                was_up = False
+            if self._stop.is_set():
+                break
+            if was_up:
+                delay = self._backoff_initial
+            self._stop.wait(self._random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._backoff_max)
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                             protocol=mqtt.MQTTv311, manual_ack=True)
+        client.connect_timeout = self._connect_timeout
+        if self._username:
+            client.username_pw_set(self._username, self._password)
+        if self.tls:
+            try:
+                client.tls_set(ca_certs=self._tls_ca)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"TLS setup for {self.url} failed: {exc}") from exc
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _session(self) -> bool:
+        """One connection, from connect to loss (or stop). Returns whether the session came up."""
+        self._connection += 1
+        self._up, self._refused, self._reconnect = False, None, False
+        self.subscribed.clear()
+        client = self._new_client()
+        try:
+            client.connect(self.host, self.port, keepalive=self._keepalive)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self._set_error(f"cannot connect to {self.url}: {exc}")
+            return False
+        deadline = time.monotonic() + self._connect_timeout
+        was_up = False
+        try:
+            while not self._stop.is_set():
+                self._send_acks(client)
+                if self._reconnect:
+                    self._set_error("a commit failed; reconnecting so the broker delivers its messages again")
+                    break
+                rc = client.loop(timeout=self._ack_poll if self._outstanding else self._tick)
+                if self._refused is not None:
+                    self._set_error(self._refused)
+                    break
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._set_error(f"connection to {self.url} lost: {mqtt.error_string(rc)}")
+                    break
+                if not self._up:
+                    if time.monotonic() > deadline:
+                        self._set_error(f"no CONNACK from {self.url} within {self._connect_timeout:g} s")
+                        break
+                    continue
+                was_up = True
+            else:
+                self._send_acks(client)  # stop(): the service flushed first, so these are all owed
+                end = time.monotonic() + 1.0
+                while client.want_write() and time.monotonic() < end:
+                    if client.loop(timeout=0.01) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        break
+        finally:
+            self._up = False
+            self.subscribed.clear()
+            if client.is_connected():
+                client.disconnect()
+                end = time.monotonic() + 0.5
+                while client.loop(timeout=0.02) == MQTTErrorCode.MQTT_ERR_SUCCESS and time.monotonic() < end:
+                    pass
+        return was_up
+
+    def _send_acks(self, client: mqtt.Client) -> None:
+        while True:
+            try:
+                connection, mid, ok = self._acks.get_nowait()
+            except queue.Empty:
+                return
+            self._outstanding -= 1
+            if connection != self._connection:
+                self._count("stale_acks")  # the broker re-delivers it on this connection; acked then
+            elif not ok:
+                self._count("failed")
+                self._reconnect = True
+            elif client.ack(mid, 1) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._count("acked")
+
+    # ---- callbacks (network thread, inside client.loop) ---------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            self._refused = f"{self.url} refused the connection: {reason_code}"
+            return
+        self._up = True
+        self._count("connects")
+        self._set_error(None)
+        result, _ = client.subscribe(self._topics)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._set_error(f"subscribe failed: {mqtt.error_string(result)}")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
+                      properties: Any) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            self._set_error(f"the broker refused the subscription to {[t for t, _ in self._topics]}: "
+                            f"{', '.join(str(rc) for rc in reason_codes)}")
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._up = False
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._paused.is_set():
+            self._count("paused_dropped")  # not acknowledged: the broker delivers it again next session
+            return
+        self._count("messages")
+        try:
+            t = parse_topic(message.topic)
+            if t.fleet != self.fleet or t.kind not in KINDS:
+                raise SchemaError(f"topic {message.topic!r} is not one this server ingests")
+        except (SchemaError, UnicodeDecodeError) as exc:
+            self._count("ignored")
+            log.warning("mqtt ingest: ignoring a message: %s", exc)
+            if message.qos:
+                client.ack(message.mid, message.qos)
+            return
+        done: Callable[[Outcome], None] | None = None
+        if message.qos:
+            connection, mid, acks = self._connection, message.mid, self._acks
+
+            def done(outcome: Outcome) -> None:  # runs on the writer thread: only queue the ack
+                acks.put((connection, mid, outcome.ok))
+
+            self._outstanding += 1
+        self._submit(t.kind, bytes(message.payload), topic_device=t.device, source="mqtt", done=done)
+
+
+def mqtt_source(settings: ServerSettings, service: IngestService, **kwargs: Any) -> MqttIngest:
+    """An MQTT subscriber feeding ``service``, registered as one of its sources (started and stopped with it)."""
+    source = MqttIngest(settings, service.submit, **kwargs)
+    service.add_source(source)
+    return source

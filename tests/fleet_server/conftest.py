@@ -1,0 +1,127 @@
+"""Fleet-server fixtures: settings and store in tmp_path, enrolled devices with their keys, the published
+``clinical 1.0.0`` package (real, signed), summaries signed by real device keys, a real Mosquitto per test."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet_contracts.signing import Ed25519PrivateKey, generate_key, public_b64, sign_envelope
+from edgefleet_contracts.summary import Summary
+from edgefleet_contracts.timeutil import fmt
+from fleet_server.devices import enroll
+from fleet_server.registry import publish
+from fleet_server.settings import ServerSettings
+from fleet_server.store import Store
+from tests.brokers import Mosquitto
+from tests.device_agent.conftest import summary as _agent_summary
+
+FLEET = "fleet-a"
+# Windows are laid out from a fixed point well in the past (the server refuses windows in the future).
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=10)
+
+
+def make_summary(seq: int, device_id: str, *, model: str = "clinical", version: str = "1.0.0",
+                 start: datetime | None = None, **kw: Any) -> Summary:
+    """A valid summary (the agent tests' factory) whose 60 s window starts at ``T0 + seq`` minutes."""
+    s = _agent_summary(seq, device_id=device_id, model=model, version=version, **kw)
+    begin = start or T0 + timedelta(minutes=seq)
+    return replace(s, start=fmt(begin), end=fmt(begin + timedelta(seconds=60)))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@dataclass
+class Device:
+    device_id: str
+    key: Ed25519PrivateKey
+
+    def envelope(self, seq: int, *, signer: Ed25519PrivateKey | None = None, **kw: Any) -> dict[str, Any]:
+        return sign_envelope(make_summary(seq, self.device_id, **kw).to_dict(), signer or self.key)
+
+    def message(self, seqs: range | list[int], **kw: Any) -> bytes:
+        """One JSON array of signed envelopes, as the agent's link sends it."""
+        return json.dumps([self.envelope(s, **kw) for s in seqs], separators=(",", ":")).encode()
+
+
+@dataclass
+class Fleet:
+    settings: ServerSettings
+    store: Store
+    devices: dict[str, Device] = field(default_factory=dict)
+
+    def __getitem__(self, device_id: str) -> Device:
+        return self.devices[device_id]
+
+    def seqs(self, device_id: str) -> list[int]:
+        rows = self.store.query("SELECT seq FROM summaries WHERE device_id = ? ORDER BY seq", (device_id,))
+        return [int(r[0]) for r in rows]
+
+    def stored(self) -> int:
+        row = self.store.one("SELECT COUNT(*) FROM summaries")
+        return int(row[0]) if row else 0
+
+    def quarantined(self, reason: str | None = None) -> list[Any]:
+        if reason is None:
+            return self.store.query("SELECT * FROM quarantine ORDER BY id")
+        return self.store.query("SELECT * FROM quarantine WHERE reason = ? ORDER BY id", (reason,))
+
+
+FleetFactory = Callable[..., Fleet]
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path, built: Any) -> Iterator[FleetFactory]:
+    """``make_fleet(**settings)``: a server data folder with ``clinical 1.0.0`` published and devices
+    ``dev-1`` and ``dev-2`` enrolled with fresh keys. Broker ``none`` unless given."""
+    stores: list[Store] = []
+
+    def make(**overrides: Any) -> Fleet:
+        overrides.setdefault("broker", "none")
+        overrides.setdefault("fleet", FLEET)
+        overrides.setdefault("device_rate_per_minute", 100_000)
+        settings = ServerSettings(data_dir=tmp_path / f"server{len(stores)}", **overrides)
+        store = Store(settings.db_path)
+        stores.append(store)
+        publish(store, settings.packages_dir, built.keys / "root.pub", built.package, owner="clinical-ml",
+                oncall="http://127.0.0.1:9/x")
+        fleet = Fleet(settings, store)
+        for name in ("dev-1", "dev-2"):
+            key = generate_key()
+            enroll(store, settings.fleet, name, public_b64(key.public_key()))
+            fleet.devices[name] = Device(name, key)
+        return fleet
+
+    yield make
+    for s in stores:
+        s.close()
+
+
+@pytest.fixture
+def fleet(make_fleet: FleetFactory) -> Fleet:
+    return make_fleet()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running Mosquitto on a free loopback port (anonymous, no persistence); stopped after the test."""
+    broker = Mosquitto(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
