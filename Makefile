@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo lint typecheck pytest system-deps clean bench
+.PHONY: test demo demo-packages lint typecheck pytest system-deps clean bench
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "edgefleet needs Python >= 3.11")'
@@ -28,10 +28,16 @@ pytest: $(STAMP) system-deps
 test: lint typecheck pytest
 
 demo: $(STAMP)
-	$(PY) -m model_packager.demo --out demo-out
+	$(PY) -m edgefleet_demo --out demo-out $(DEMO_ARGS)
 
-bench: $(STAMP)
+demo-packages: $(STAMP)
+	$(PY) -m model_packager.demo --out demo-out/packager
+
+bench: $(STAMP) system-deps
 	$(PY) bench/packager.py
+	$(PY) bench/agent_overhead.py
+	$(PY) bench/ingest.py
+	$(PY) bench/drift.py
 
 clean:
 	rm -rf $(VENV) demo-out .mypy_cache .ruff_cache .pytest_cache
