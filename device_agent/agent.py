@@ -4,15 +4,22 @@
 prediction log. Binning happens every few dozen rows; closing a window (sequence number, k-anonymity, noise,
 outbox write) happens on a background thread; the prediction log is written by its own thread. Nothing on the
 hot path touches the disk or the network.
+
+For rollouts (issue 5) the agent also keeps, per model version it served since start, the successful
+predictions, the inference errors (input-validation rejections are not errors of the model) and the most
+recent latencies (``version_stats``): probation compares the new version's p95 with the previous one's. While a
+batch runs (``batch()`` context, ``predict_batch``) ``busy()`` is true and ``reload()`` keeps the loaded model,
+so a model swap never splits a batch between two versions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from .config import DeviceConfig, DeviceDir
 from .errors import AgentError, InferenceError, InputError
 from .model import LoadedModel, load_model
 from .predlog import PredictionLog
+from .probation import StatsSnapshot
 from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
@@ -63,6 +71,39 @@ class Prediction:
                 "probabilities": [float(p) for p in self.probabilities], "latency_ms": self.latency_ms}
 
 
+class VersionStats:
+    """Per-version counters for probation: a ring of the last ``size`` latencies (ns) and two counts.
+
+    Updated under the agent's lock on the hot path (one list store and three integer adds)."""
+
+    __slots__ = ("errors", "lat", "predictions", "seen", "size")
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self.lat = [0] * size
+        self.seen = 0
+        self.predictions = 0
+        self.errors = 0
+
+    def observe(self, latency_ns: int) -> None:
+        self.lat[self.seen % self.size] = latency_ns
+        self.seen += 1
+        self.predictions += 1
+
+    def raw(self) -> tuple[int, int, int, list[int]]:
+        """The counters and a copy of the ring (cheap: taken under the agent's lock)."""
+        return self.predictions, self.errors, self.seen, self.lat[:]
+
+    @staticmethod
+    def snapshot(raw: tuple[int, int, int, list[int]]) -> StatsSnapshot:
+        """Order the ring oldest first, in milliseconds (outside the lock)."""
+        predictions, errors, seen, lat = raw
+        size = len(lat)
+        n = min(seen, size)
+        start = seen - n
+        return StatsSnapshot(predictions, errors, seen, tuple(lat[(start + i) % size] / 1e6 for i in range(n)))
+
+
 @dataclass
 class Counters:
     predictions: int = 0
@@ -84,6 +125,7 @@ class Agent:
         device_key: Ed25519PrivateKey | None = None,
         model_loader: Any = None,
         background: bool = True,
+        active_probe: Any = None,
     ) -> None:
         self.cfg = cfg
         self.target = target
@@ -97,6 +139,7 @@ class Agent:
         if self.log is not None:
             self.log.set_boot(self._boot)
         self._model_loader = model_loader
+        self._active_probe = active_probe  # () -> (slot name, version) the pointer names, without loading it
         self.summarizer = Summarizer(cfg.device_id, self.sink, cfg.min_window_samples, cfg.dp_epsilon)
         self._model: LoadedModel | None = None
         self._window_count = cfg.window_count
@@ -107,6 +150,10 @@ class Agent:
         self._window: Window | None = None
         self._window_start = utcnow()
         self._window_t0 = time.monotonic()
+        self._vstats: dict[tuple[str, str], VersionStats] = {}
+        self._cur_stats = VersionStats(1)
+        self._busy = 0
+        self._reload_lock = threading.Lock()
         if model is not None:
             self._install_model(model)
         self.reload_failures = 0
@@ -137,10 +184,14 @@ class Agent:
             active = updater.slots.active()
             return load_model(active[0], target) if active else None
 
+        def probe() -> tuple[str, str] | None:
+            p = updater.slots.pointer()
+            return None if p is None else (p.slot, p.version)
+
         outbox = Outbox(d.outbox, cfg.outbox_max_rows)
         return cls(cfg, target, loader(), sink=outbox, prediction_log=PredictionLog(d.path / "predictions",
                    cfg.prediction_log_max_rows), device_key=load_private_key(d.device_key), model_loader=loader,
-                   background=background)
+                   background=background, active_probe=probe)
 
     def _install_model(self, model: LoadedModel) -> None:
         self._log_model = self.log.model_index(model.name, model.version) if self.log is not None else 0
@@ -150,19 +201,64 @@ class Agent:
             old = self._close_locked()
             self._model = model
             self._window = window
+            self._cur_stats = self._stats_locked(model)
         if old is not None:
             self.summarizer.submit(old)
 
     def reload(self) -> bool:
-        """Re-read the active slot (after an install or rollback); True when the model changed."""
-        if self._model_loader is None:
+        """Re-read the active slot (after an install or rollback); True when the model changed.
+
+        While a batch runs (``busy()``) the loaded model is kept and False returned: the ticker tries again
+        every second. Raises ModelLoadError when the active slot cannot be loaded (the old model keeps serving).
+        """
+        if self._model_loader is None or self.busy():
             return False
-        new = self._model_loader()
-        cur = self._model
-        if new is None or (cur is not None and new.slot == cur.slot and new.version == cur.version):
-            return False
-        self._install_model(new)
-        return True
+        with self._reload_lock:
+            cur = self._model
+            if cur is not None and self._active_probe is not None:
+                try:
+                    if self._active_probe() == (cur.slot.name, cur.version):
+                        return False  # the pointer still names the loaded model: no need to load it again
+                except AgentError:
+                    pass  # an unreadable pointer: let the loader decide
+            new = self._model_loader()
+            cur = self._model
+            if new is None or (cur is not None and new.slot == cur.slot and new.version == cur.version):
+                return False
+            if self.busy():
+                return False
+            self._install_model(new)
+            return True
+
+    # ---- rollout support: per-version statistics and the busy flag --------------------------------------
+    def _stats_locked(self, m: LoadedModel) -> VersionStats:
+        key = (m.name, m.version)
+        vs = self._vstats.get(key)
+        if vs is None:
+            vs = self._vstats[key] = VersionStats()
+        return vs
+
+    def version_stats(self, name: str, version: str) -> StatsSnapshot:
+        """Predictions, inference errors and recent latencies of one version since this agent started."""
+        with self._lock:
+            vs = self._vstats.get((name, version))
+            raw = vs.raw() if vs is not None else None
+        return VersionStats.snapshot(raw) if raw is not None else StatsSnapshot()
+
+    def busy(self) -> bool:
+        """True while a batch runs: a model swap now would split it between two versions."""
+        return self._busy > 0
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Mark a batch (``with agent.batch(): …``): ``busy()`` is true inside, and ``reload()`` waits."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
 
     # ---- hot path --------------------------------------------------------------------------------------
     def predict(self, x: Any) -> Prediction:
@@ -197,6 +293,8 @@ class Agent:
             probs = m.runtime.run_checked(row)[0]
         except InferenceError:
             self._reject("inference", None)
+            with self._lock:
+                self._stats_locked(m).errors += 1
             raise
         lat = time.perf_counter_ns() - t0
         ci = int(probs.argmax())
@@ -210,6 +308,7 @@ class Agent:
                 if w.count >= self._window_count:
                     self._close_pending = True
             self.counters.predictions += 1
+            (self._cur_stats if self._model is m else self._stats_locked(m)).observe(lat)
         if self._close_pending:
             self._close_pending = False
             self.close_window()
@@ -218,7 +317,13 @@ class Agent:
         return Prediction(pid, m.name, m.version, m.classes[ci], ci, conf, probs, lat / 1e6)
 
     def predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
-        """Predict many inputs in one runtime call; a bad input yields its InputError in place, not a failure."""
+        """Predict many inputs in one runtime call; a bad input yields its InputError in place, not a failure.
+
+        The whole batch is served by one model version (``busy()`` is true meanwhile)."""
+        with self.batch():
+            return self._predict_batch(xs)
+
+    def _predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
         m = self._model
         if m is None:
             raise NoModelError("no model installed on this device; install one with `device-agent install`")
@@ -228,7 +333,12 @@ class Agent:
             for e in errors:
                 if e is not None:
                     self._reject(e.kind, e.feature)
-            probs = m.runtime.run(good) if len(good) else np.zeros((0, len(m.classes)), np.float32)
+            try:
+                probs = m.runtime.run(good) if len(good) else np.zeros((0, len(m.classes)), np.float32)
+            except InferenceError:
+                with self._lock:
+                    self._stats_locked(m).errors += len(good)
+                raise
             lat = (time.perf_counter_ns() - t0) / max(1, len(good))
             out: list[Prediction | InputError] = []
             it = iter(range(len(good)))
@@ -237,6 +347,9 @@ class Agent:
                 if self._window is not None and len(good):
                     self._window.observe_many(good, probs, np.full(len(good), lat))
                 self.counters.predictions += len(good)
+                vs = self._stats_locked(m)
+                for _ in range(len(good)):
+                    vs.observe(int(lat))
             now = time.time()
             for e in errors:
                 if e is not None:

@@ -9,6 +9,7 @@ refreshes it). A bad row is recorded with its error, not fatal.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sqlite3
@@ -90,6 +91,13 @@ def run_batch(agent: Any, input_path: Path, store: KVStore, chunk: int = 500) ->
         raise BatchError(f"batch input {input_path} does not exist")
     stored = rejected = 0
     pending: list[tuple[str, str, str, str, float]] = []
+    guard = agent.batch() if hasattr(agent, "batch") else contextlib.nullcontext()
+    with guard:  # a model swap waits until the batch is done, so one batch is one model version
+        return _run(agent, input_path, store, chunk, stored, rejected, pending)
+
+
+def _run(agent: Any, input_path: Path, store: KVStore, chunk: int, stored: int, rejected: int,
+         pending: list[tuple[str, str, str, str, float]]) -> dict[str, int]:
     for key, item in _items(Path(input_path)):
         try:
             p = agent.predict(item)

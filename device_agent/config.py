@@ -12,6 +12,8 @@ A device folder, written by ``device-agent provision``::
     slots/a, slots/b     A/B model slots (verified, extracted packages)
     active.json          pointer to the active slot (atomic replace)
     update.json          updater state machine, persisted on entry to each state
+    desired.json         last accepted desired-state sequence number, last rejection, outcome per seq
+    downloads/           partial package downloads (resumed with HTTP Range)
     outbox.sqlite        durable queue of signed summaries and reports (WAL)
     predictions/         bounded, rotating prediction log (binary segments; see predlog.py)
 """
@@ -59,6 +61,13 @@ class DeviceConfig:
     heartbeat_seconds: float = 60.0
     probation_seconds: float = 600.0
     probation_predictions: int = 200
+    probation_max_error_rate: float = 0.05
+    probation_latency_ratio: float = 2.0  # p95 of the new version over the previous one's ...
+    probation_latency_floor_ms: float = 0.5  # ... and at least this much slower in absolute terms
+    maintenance_window: str = ""  # "HH:MM-HH:MM" UTC when model swaps may happen; empty = any time
+    download_rate_limit: float = 0.0  # bytes/s, 0 = no cap
+    download_read_timeout: float = 30.0
+    busy_defer_seconds: float = 300.0  # wait this long for a running batch before deferring a swap
 
     def __post_init__(self) -> None:
         try:

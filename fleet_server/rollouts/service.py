@@ -272,12 +272,21 @@ def _group(store: Store, model: str, version: str, devices: list[str], since: fl
     return g
 
 
-TRANSIENT = ("download_interrupted",)  # the device retries these by itself; not a verdict on the version
+# Outcomes the device retries by itself: not a verdict on the version.
+TRANSIENT = ("download_interrupted", "interrupted", "busy", "maintenance_window", "no_space", "in_probation",
+             "io_error")
 
 
 def _install_failed(last_result: dict[str, Any], version: str) -> bool:
-    return (last_result.get("version") == version and last_result.get("reason") not in TRANSIENT
-            and last_result.get("status") in ("rejected", "failed", "rolled_back", "rollback_failed"))
+    """Did this device's last result condemn ``version``? For a rollback the result's ``version`` is the one
+    switched back to and ``details.from`` the one abandoned."""
+    status = last_result.get("status")
+    if last_result.get("reason") in TRANSIENT:
+        return False
+    if status in ("rolled_back", "rollback_failed"):
+        frm = (last_result.get("details") or {}).get("from") or {}
+        return bool(frm.get("version") == version or last_result.get("version") == version)
+    return last_result.get("version") == version and status in ("rejected", "failed")
 
 
 def snapshot(store: Store, r: Rollout, stage_members: list[str]) -> Snapshot:
