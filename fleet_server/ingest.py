@@ -845,7 +845,9 @@ class IngestWriter:
                 current: datetime | None = parse(json.loads(row["reported"]).get("at"), "reported.at")
             except (ValueError, AttributeError, SchemaError):
                 current = None  # unreadable: replace it
-            if current is not None and report.at <= current:
+            # Strictly older only: reports carry second-resolution times, and several state changes often fall in
+            # one second; MQTT keeps one device's messages on one topic in order, so the later arrival is newer.
+            if current is not None and report.at < current:
                 return False
         c.execute("UPDATE devices SET reported = ? WHERE device_id = ?", (report.document, report.device_id))
         return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +14,45 @@ from model_packager.build import BuildRequest, build_package
 
 @pytest.fixture(scope="module")
 def versions(built, tmp_path_factory):
-    """1.1.0: a good new version. 2.0.0: accurate but far slower on a device (a much larger network)."""
-    from skl2onnx import to_onnx
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """1.1.0: a good new version. 2.0.0: the same outputs, but far more compute per prediction on a device."""
     out = tmp_path_factory.mktemp("versions")
     good = out / "clinical-1.1.0.efpkg"
     build_package(BuildRequest(model=built.model, name="clinical", version="1.1.0", target="x86_64-avx2",
                                calibration=built.calibration, keys=built.keys, out=good, quantize="none",
                                latency_runs=20))
-    with np.load(built.calibration) as z:
-        x, y = z["x"], z["y"]
-    pipe = make_pipeline(StandardScaler(), MLPClassifier((512, 512), max_iter=40, random_state=0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe.fit(x, y)
-    onx = to_onnx(pipe, x[:1], options={id(pipe.steps[0][1]): {"div": "div"}, id(pipe.steps[1][1]): {"zipmap": False}},
-                  target_opset={"": 17, "ai.onnx.ml": 3})
-    (out / "slow.onnx").write_bytes(onx.SerializeToString())
+    (out / "slow.onnx").write_bytes(_slow_model(built.model))
     slow = out / "clinical-2.0.0.efpkg"
     build_package(BuildRequest(model=out / "slow.onnx", name="clinical", version="2.0.0", target="x86_64-avx2",
                                calibration=built.calibration, keys=built.keys, out=slow, quantize="none",
                                latency_runs=20, max_accuracy_drop=100))
     return good, slow
+
+
+def _slow_model(model_path: Path) -> bytes:
+    """The clinical model plus 120 layers of Tanh(h @ W), 512 wide, whose result is added to the probabilities
+    times zero: identical outputs (its smoke test passes), orders of magnitude more compute."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    g = model.graph
+    for node in g.node:
+        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
+        node.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in node.input]
+    rng = np.random.default_rng(0)
+    g.initializer.extend([numpy_helper.from_array((rng.standard_normal((30, 512)) * 0.05).astype(np.float32), "w0"),
+                          numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.05).astype(np.float32), "w")])
+    nodes = [helper.make_node("MatMul", [g.input[0].name, "w0"], ["h0"])]
+    for i in range(120):
+        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
+                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
+    nodes += [helper.make_node("ReduceSum", ["h120"], ["s"], keepdims=1),
+              helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+              helper.make_node("Mul", ["s", "zero"], ["nothing"]),
+              helper.make_node("Add", ["probabilities_raw", "nothing"], ["probabilities"])]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 class Traffic:
