@@ -40,6 +40,14 @@ Operator = Annotated[tuple[str, str], Depends(_role("operator"))]
 Admin = Annotated[tuple[str, str], Depends(_role("admin"))]
 
 
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; RequestError (422) when it is not."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError("request body is not JSON") from None
+
+
 class Context:
     """What routes need: settings, store, and the pluggable parts (ingest, drift, alerts) once they are attached."""
 
@@ -74,11 +82,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     app.state.roles = {"viewer": Viewer, "operator": Operator, "admin": Admin}
 
-    async def _json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError("request body is not JSON") from None
+    _json = read_json
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

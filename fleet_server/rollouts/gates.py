@@ -14,7 +14,7 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "min_predictions": 50,  # predictions by the new version in the stage since the stage started
     "max_install_failure_rate": 0.2,
     "max_error_rate": 0.05,  # inference errors / predictions
-    "max_p95_latency_ratio": 1.5,  # new version p95 / control group p95
+    "max_p95_latency_ratio": 2.0,  # new version p95 / control group p95 (histogram bins are 1.33x apart)
     "max_accuracy_drop": 0.05,  # control estimated accuracy minus new estimated accuracy
 }
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 
-from ..app import Operator, Viewer
+from ..app import Operator, Viewer, read_json
 from ..errors import RequestError
 from . import service
 from .plan import parse_stages
@@ -18,11 +17,7 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
     ctx.extensions["rollouts"] = svc
     store = ctx.store
 
-    async def _json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError("request body is not JSON") from None
+    _json = read_json
 
     @app.get("/api/v1/rollouts")
     async def list_rollouts(_: Viewer) -> Any:

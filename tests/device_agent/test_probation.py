@@ -130,33 +130,13 @@ def slow_package(built, tmp_path_factory) -> Path:
     """clinical 3.0.0: the clinical model plus 200 layers of Tanh(h @ W) (512 wide) whose result is added to the
     probabilities times zero. Same outputs (so its smoke test passes), far more compute; re-signed with the real
     signing key."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from tests.conftest import slow_onnx
 
     from . import repack, signing_key
 
-    model = onnx.load(str(built.model))
-    g = model.graph
-    for node in g.node:
-        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
-        node.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in node.input]
-    rng = np.random.default_rng(0)
-    g.initializer.extend([numpy_helper.from_array((rng.standard_normal((30, 512)) * 0.05).astype(np.float32), "w0"),
-                          numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.05).astype(np.float32), "w")])
-    nodes = [helper.make_node("MatMul", [g.input[0].name, "w0"], ["h0"])]
-    for i in range(200):
-        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
-                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
-    nodes += [
-        helper.make_node("ReduceSum", ["h200"], ["s"], keepdims=1),
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
-        helper.make_node("Mul", ["s", "zero"], ["nothing"]),
-        helper.make_node("Add", ["probabilities_raw", "nothing"], ["probabilities"]),
-    ]
-    g.node.extend(nodes)
-    onnx.checker.check_model(model)
+    model = slow_onnx(built.model, layers=200)
     return repack(packages(built).v110, tmp_path_factory.mktemp("slow") / "clinical-3.0.0.efpkg",
-                  signing_key(built.keys), files={"model.onnx": model.SerializeToString()},
+                  signing_key(built.keys), files={"model.onnx": model},
                   mutate=lambda s: s.update(version="3.0.0"))
 
 

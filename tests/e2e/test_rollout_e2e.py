@@ -10,6 +10,7 @@ import pytest
 
 from fleet_server.simulator import Fleet, Receiver, SimConfig, rows_sampler
 from model_packager.build import BuildRequest, build_package
+from tests.conftest import slow_onnx
 
 
 @pytest.fixture(scope="module")
@@ -20,39 +21,12 @@ def versions(built, tmp_path_factory):
     build_package(BuildRequest(model=built.model, name="clinical", version="1.1.0", target="x86_64-avx2",
                                calibration=built.calibration, keys=built.keys, out=good, quantize="none",
                                latency_runs=20))
-    (out / "slow.onnx").write_bytes(_slow_model(built.model))
+    (out / "slow.onnx").write_bytes(slow_onnx(built.model, layers=300))
     slow = out / "clinical-2.0.0.efpkg"
     build_package(BuildRequest(model=out / "slow.onnx", name="clinical", version="2.0.0", target="x86_64-avx2",
                                calibration=built.calibration, keys=built.keys, out=slow, quantize="none",
                                latency_runs=20, max_accuracy_drop=100))
     return good, slow
-
-
-def _slow_model(model_path: Path) -> bytes:
-    """The clinical model plus 120 layers of Tanh(h @ W), 512 wide, whose result is added to the probabilities
-    times zero: identical outputs (its smoke test passes), orders of magnitude more compute."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load(str(model_path))
-    g = model.graph
-    for node in g.node:
-        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
-        node.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in node.input]
-    rng = np.random.default_rng(0)
-    g.initializer.extend([numpy_helper.from_array((rng.standard_normal((30, 512)) * 0.05).astype(np.float32), "w0"),
-                          numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.05).astype(np.float32), "w")])
-    nodes = [helper.make_node("MatMul", [g.input[0].name, "w0"], ["h0"])]
-    for i in range(120):
-        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
-                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
-    nodes += [helper.make_node("ReduceSum", ["h120"], ["s"], keepdims=1),
-              helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
-              helper.make_node("Mul", ["s", "zero"], ["nothing"]),
-              helper.make_node("Add", ["probabilities_raw", "nothing"], ["probabilities"])]
-    g.node.extend(nodes)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 class Traffic:
@@ -100,7 +74,9 @@ def test_good_version_reaches_the_cohort_only_offline_device_converges_and_serve
     try:
         r = api.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.1.0", "cohort": {"site": "north"},
                                                "stages": "30,100", "bake_seconds": 2,
-                                               "thresholds": {"min_predictions": 20}})
+                                               # 20 agents share one interpreter here, so their latencies are
+                                               # noisy: the latency gate is set wide for this identical model.
+                                               "thresholds": {"min_predictions": 20, "max_p95_latency_ratio": 4.0}})
         rid = r.json()["id"]
         def stage1_done() -> bool:
             st = api.get(f"/api/v1/rollouts/{rid}").json()
