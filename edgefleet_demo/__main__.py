@@ -29,29 +29,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _slow_model(examples: Path, out: Path, seed: int) -> Path:
-    """Version 2: the same task with a far larger network — accurate, but much slower on a device."""
-    import csv
+def _slow_model(model: Path, out: Path) -> Path:
+    """Version 2: the same predictions with orders of magnitude more compute per call — fine on a workstation
+    benchmark of one request, far too slow under a device's real traffic."""
+    from model_packager.examples import slowed_model
 
-    from skl2onnx import to_onnx
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    with open(examples / "clinical" / "train.csv") as fh:
-        rows = list(csv.reader(fh))
-    x = np.asarray([[float(v) for v in r[:-1]] for r in rows[1:]], dtype=np.float32)
-    y = np.asarray([int(r[-1]) for r in rows[1:]])
-    pipe = make_pipeline(StandardScaler(), MLPClassifier((768, 768, 768), max_iter=60, random_state=seed))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe.fit(x, y)
-    scaler, clf = pipe.steps[0][1], pipe.steps[1][1]
-    onx = to_onnx(pipe, x[:1], options={id(scaler): {"div": "div"}, id(clf): {"zipmap": False}},
-                  target_opset={"": 17, "ai.onnx.ml": 3})
-    out.write_bytes(onx.SerializeToString())
+    out.write_bytes(slowed_model(model, layers=300))
     return out
 
 
@@ -82,7 +65,7 @@ class Demo:
         lines += (self.out / "examples" / "clinical" / "calibration.csv").read_text().splitlines()[1:]
         ref.write_text("\n".join(lines) + "\n")
         init_keys(self.out / "keys")
-        v2_model = _slow_model(self.out / "examples", self.out / "examples" / "clinical-v2.onnx", self.args.seed)
+        v2_model = _slow_model(ex["clinical_model"], self.out / "examples" / "clinical-v2.onnx")
         pk = {}
         for version, model in (("1.0.0", ex["clinical_model"]), ("2.0.0", v2_model)):
             pk[version] = self.out / "packages" / f"clinical-{version}.efpkg"
@@ -221,8 +204,10 @@ class Demo:
             st = self.status(rid2)
             last = st["decisions"][-1]
             self.say("  ", f"rollout {rid2}: [bold]{st['state']}[/] at stage {st['stage']} — {last['detail']}")
+            if st["state"] == "rolled_back":
+                self.fleet.wait_until(lambda: "2.0.0" not in self.fleet.versions().values(), 60)
             on_v2 = [d for d, v in self.fleet.versions().items() if v == "2.0.0"]
-            self.say("  ", f"devices on 2.0.0 now: {len(on_v2)}; the rest never saw it")
+            self.say("  ", f"{st['targeted']} device(s) got 2.0.0; {len(on_v2)} still run it; the rest never saw it")
 
             stop.set()
             streamer.join(30)
@@ -246,9 +231,11 @@ class Demo:
         return 0
 
     def final_table(self, elapsed: float) -> None:
-        drift = self.api.get("/api/v1/drift", params={"model": "clinical", "version": "1.0.0", "by": "site"}).json()
+        running = [v for v in self.fleet.versions().values() if v != "-"]
+        version = max(set(running), key=running.count) if running else "1.0.0"
+        drift = self.api.get("/api/v1/drift", params={"model": "clinical", "version": version, "by": "site"}).json()
         t = Table(title=f"fleet after {elapsed:.0f} s")
-        for col in ("site", "devices", "versions", "input drift (features)"):
+        for col in ("site", "devices", "versions", f"input drift on {version} (features)"):
             t.add_column(col)
         versions = self.fleet.versions()
         by_site: dict[str, list[str]] = {}

@@ -470,3 +470,39 @@ def _write_npz(path: Path, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
 
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def slowed_model(model_path: Path, layers: int = 120) -> bytes:
+    """A deliberately slower variant of an ONNX classifier, for rollout demos and tests: the model plus
+    ``layers`` layers of Tanh(h @ W) (512 wide) whose result is added to the probabilities times zero. The outputs
+    are identical (so its golden-input smoke test passes); the compute per prediction grows by orders of
+    magnitude, which is what a rollout's latency gate and a device's probation must catch.
+
+    Raises onnx's checker error if the model does not have one input and a ``probabilities`` output.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    g = model.graph
+    width = g.input[0].type.tensor_type.shape.dim[-1].dim_value
+    for node in g.node:
+        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
+        node.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in node.input]
+    rng = np.random.default_rng(0)
+    g.initializer.extend([
+        numpy_helper.from_array((rng.standard_normal((width, 512)) * 0.05).astype(np.float32), "slow_w0"),
+        numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.05).astype(np.float32), "slow_w"),
+    ])
+    nodes = [helper.make_node("MatMul", [g.input[0].name, "slow_w0"], ["slow_h0"])]
+    for i in range(layers):
+        nodes += [helper.make_node("MatMul", [f"slow_h{i}", "slow_w"], [f"slow_m{i}"]),
+                  helper.make_node("Tanh", [f"slow_m{i}"], [f"slow_h{i + 1}"])]
+    nodes += [helper.make_node("ReduceSum", [f"slow_h{layers}"], ["slow_s"], keepdims=1),
+              helper.make_node("Constant", [], ["slow_zero"],
+                               value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+              helper.make_node("Mul", ["slow_s", "slow_zero"], ["slow_nothing"]),
+              helper.make_node("Add", ["probabilities_raw", "slow_nothing"], ["probabilities"])]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())

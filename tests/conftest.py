@@ -98,27 +98,6 @@ def extract(package: Path, dest: Path, root_pub: Path) -> Path:
 
 
 def slow_onnx(model_path: Path, layers: int = 120) -> bytes:
-    """The model plus ``layers`` layers of Tanh(h @ W) (512 wide) whose result is added to the probabilities times
-    zero: identical outputs (so its smoke test passes), orders of magnitude more compute per prediction."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from model_packager.examples import slowed_model
 
-    model = onnx.load(str(model_path))
-    g = model.graph
-    for node in g.node:
-        node.output[:] = ["probabilities_raw" if o == "probabilities" else o for o in node.output]
-        node.input[:] = ["probabilities_raw" if i == "probabilities" else i for i in node.input]
-    rng = np.random.default_rng(0)
-    g.initializer.extend([numpy_helper.from_array((rng.standard_normal((30, 512)) * 0.05).astype(np.float32), "w0"),
-                          numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.05).astype(np.float32), "w")])
-    nodes = [helper.make_node("MatMul", [g.input[0].name, "w0"], ["h0"])]
-    for i in range(layers):
-        nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"m{i}"]),
-                  helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"])]
-    nodes += [helper.make_node("ReduceSum", [f"h{layers}"], ["s"], keepdims=1),
-              helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
-              helper.make_node("Mul", ["s", "zero"], ["nothing"]),
-              helper.make_node("Add", ["probabilities_raw", "nothing"], ["probabilities"])]
-    g.node.extend(nodes)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return slowed_model(model_path, layers)
