@@ -218,6 +218,37 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- simulate ----------------------------------------------------------------------------------------------
+def _simulate(args: argparse.Namespace) -> int:
+    """Provision N simulated devices (the real agent code) against a running server and stream rows for a
+    bounded time; prints predictions made, summaries queued and outbox depth."""
+    import numpy as np
+
+    from .simulator import Fleet, SimConfig, rows_sampler
+
+    with np.load(args.rows, allow_pickle=False) as z:
+        x = np.asarray(z["x"], dtype=np.float32)
+    fleet = Fleet(SimConfig(root=Path(args.dir), server_url=args.server, broker_url=args.broker,
+                            operator_token=args.token, root_pub=Path(args.root_key), fleet_pub=Path(args.fleet_key),
+                            devices=args.devices, first_package=Path(args.package) if args.package else None,
+                            prefix=args.prefix))
+    fleet.provision()
+    fleet.start()
+    sample = rows_sampler(x, args.seed)
+    made, t0 = 0, time.monotonic()
+    try:
+        while time.monotonic() - t0 < args.duration:
+            made += fleet.stream(sample, args.batch)
+    finally:
+        fleet.flush_windows()
+        depth = fleet.outbox_depth()
+        fleet.stop()
+    elapsed = time.monotonic() - t0
+    print(f"{len(fleet.devices)} devices, {made} predictions in {elapsed:.1f} s ({made / elapsed:,.0f}/s), "
+          f"outbox depth at stop {depth}")
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------------------
 def _data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the server's data folder")
@@ -324,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--cohort", action="append")
     p.set_defaults(func=_rollback)
+
+    p = sub.add_parser("simulate", help="run N simulated devices (real agent code) against a server, bounded in time")
+    p.add_argument("--server", required=True, help="the server's HTTP URL (enrollment, package downloads)")
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT the server ingests from")
+    p.add_argument("--token", required=True, help="an operator token (enrollment)")
+    p.add_argument("--root-key", required=True)
+    p.add_argument("--fleet-key", required=True, help="the server's keys/fleet.pub")
+    p.add_argument("--rows", required=True, help=".npz with x: rows the devices predict on (resampled)")
+    p.add_argument("--dir", required=True, help="where the device folders go")
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--package", help="first package installed at provisioning (otherwise roll one out)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (bounded)")
+    p.add_argument("--batch", type=int, default=10, help="rows per device per round")
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_simulate)
 
     for module, fn in (("cli_drift", "add_drift_commands"), ("cli_drift", "add_alert_commands")):
         try:
