@@ -117,13 +117,17 @@ class DeviceRunner:
             except Exception:  # never kill the agent over a report; logged
                 log.exception("could not queue the reported state")
 
-    def run(self) -> int:
+    def start(self) -> None:
+        """Everything but the HTTP API, in background threads: queue the reported state, resume what the
+        accepted desired state still asks for (download, probation), start the link and housekeeping."""
         self.publish_report_if_changed()
-        self.handler.start()  # resumes what the accepted desired state still asks for (download, probation)
+        self.handler.start()
         if self.link is not None:
             self.link.start()
-        house = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
-        house.start()
+        threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True).start()
+
+    def run(self) -> int:
+        self.start()
         try:
             if self.http:
                 import uvicorn

@@ -167,7 +167,7 @@ def _rollout(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     store = Store(s.db_path)
-    service.configure_signing(s)
+    signer = service.DesiredSigner.from_settings(s)
     if args.rollout_cmd == "start":
         try:
             stages = parse_stages(args.stages)
@@ -191,7 +191,7 @@ def _rollout(args: argparse.Namespace) -> int:
     if args.rollout_cmd == "status":
         _print(service.status(store, args.id), args.json, _rollout_text)
         return 0
-    st = service.set_state(store, args.id, args.rollout_cmd, "cli")
+    st = service.set_state(store, signer, args.id, args.rollout_cmd, "cli")
     print(f"{st['id']}: {st['state']}")
     return 0
 
@@ -212,8 +212,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     store = Store(s.db_path)
-    service.configure_signing(s)
-    rid = service.rollback(store, args.name, args.to, _tags(args.cohort), "cli")
+    rid = service.rollback(store, service.DesiredSigner.from_settings(s), args.name, args.to, _tags(args.cohort), "cli")
     print(f"{rid}: {args.name} rolled back to {args.to}")
     return 0
 

@@ -98,7 +98,7 @@ class Fleet:
 
         for d in self.devices:
             d.runner = DeviceRunner(d.directory, http=False, backoff_initial=0.2, backoff_max=2.0)
-            _start_runner(d.runner)
+            d.runner.start()
 
     def stop(self) -> None:
         for d in self.devices:
@@ -160,15 +160,6 @@ class Fleet:
 
     def outbox_depth(self) -> int:
         return sum(d.runner.agent.sink.depth() for d in self.devices if d.runner is not None)
-
-
-def _start_runner(runner: Any) -> None:
-    """What ``DeviceRunner.run`` does before it blocks: report, resume the desired state, link, housekeeping."""
-    runner.publish_report_if_changed()
-    runner.handler.start()
-    if runner.link is not None:
-        runner.link.start()
-    threading.Thread(target=runner._housekeeping, name="housekeeping", daemon=True).start()
 
 
 def rows_sampler(x: np.ndarray, seed: int = 0) -> Callable[[SimDevice, int], np.ndarray]:

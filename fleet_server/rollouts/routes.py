@@ -45,14 +45,14 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
 
     @app.post("/api/v1/rollouts/{rid}/{action}")
     async def act(rid: str, action: str, who: Operator) -> Any:
-        return service.set_state(store, rid, action, who[0])
+        return service.set_state(store, svc.signer, rid, action, who[0])
 
     @app.post("/api/v1/rollbacks")
     async def rollback(request: Request, who: Operator) -> Any:
         b = await _json(request)
         if not isinstance(b, dict) or not isinstance(b.get("model"), str) or not isinstance(b.get("to"), str):
             raise RequestError("body needs model and to (version)")
-        rid = service.rollback(store, b["model"], b["to"], dict(b.get("cohort") or {}), who[0])
+        rid = service.rollback(store, svc.signer, b["model"], b["to"], dict(b.get("cohort") or {}), who[0])
         return service.status(store, rid)
 
     def _start() -> None:

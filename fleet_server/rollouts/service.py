@@ -14,13 +14,14 @@ import secrets
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from edgefleet_contracts.desired import Desired, sign_desired
-from edgefleet_contracts.signing import load_private_key
+from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
 from edgefleet_contracts.topics import topic
 
@@ -152,7 +153,8 @@ def start(store: Store, *, model: str, version: str, cohort: dict[str, str], sta
     return rid
 
 
-def set_state(store: Store, rollout_id: str, action: str, actor: str, now: float | None = None) -> dict[str, Any]:
+def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str, actor: str,
+              now: float | None = None) -> dict[str, Any]:
     """pause | resume | abort | approve. Abort sends every moved device back to the previous version."""
     now = now or time.time()
     r = get(store, rollout_id)
@@ -180,11 +182,11 @@ def set_state(store: Store, rollout_id: str, action: str, actor: str, now: float
         detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
         _decide(c, r.id, Decision(action, detail, actor=actor), now)
     if revert and r.previous:
-        set_desired(store, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
+        set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
     return status(store, rollout_id)
 
 
-def rollback(store: Store, model: str, to_version: str, cohort: dict[str, str], actor: str,
+def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: dict[str, str], actor: str,
              now: float | None = None) -> str:
     """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision)."""
     now = now or time.time()
@@ -206,25 +208,30 @@ def rollback(store: Store, model: str, to_version: str, cohort: dict[str, str], 
         with store.write() as c:
             _save(c, r, now)
             _decide(c, r.id, Decision("abort", f"superseded by rollback {rid}", actor=actor), now)
-    set_desired(store, devices, model, to_version, rid, f"rollback by {actor}", now)
+    set_desired(store, signer, devices, model, to_version, rid, f"rollback by {actor}", now)
     return rid
 
 
 # ---- desired state -----------------------------------------------------------------------------------------
-_signing: dict[str, Any] = {}
+@dataclass(frozen=True)
+class DesiredSigner:
+    """The fleet key that signs desired states and the base URL devices download packages from."""
+
+    key: Ed25519PrivateKey
+    base_url: str
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> DesiredSigner:
+        """Raises SchemaError when the data folder's fleet key is unreadable."""
+        return cls(load_private_key(settings.fleet_key), settings.base_url())
 
 
-def configure_signing(settings: ServerSettings) -> None:
-    _signing["key"] = load_private_key(settings.fleet_key)
-    _signing["base_url"] = settings.base_url()
-
-
-def set_desired(store: Store, devices: list[str], model: str, version: str, rollout_id: str, reason: str,
-                now: float) -> None:
+def set_desired(store: Store, signer: DesiredSigner, devices: list[str], model: str, version: str,
+                rollout_id: str, reason: str, now: float) -> None:
     if not devices:
         return
     row = version_row(store, model, version)
-    key, base = _signing["key"], _signing["base_url"]
+    key, base = signer.key, signer.base_url
     issued = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
     with store.write() as c:
         for dev in devices:
@@ -312,7 +319,7 @@ class RolloutService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
-        configure_signing(settings)
+        self.signer = DesiredSigner.from_settings(settings)
 
     def tick(self, now: float | None = None) -> None:
         now = now or time.time()
@@ -326,11 +333,11 @@ class RolloutService:
                 for d in res.decisions:
                     _decide(c, r.id, d, now)
             if res.to_target:
-                set_desired(self.store, res.to_target, r.model, r.version, r.id, f"rollout {r.id} stage {r.stage + 1}",
-                            now)
+                set_desired(self.store, self.signer, res.to_target, r.model, r.version, r.id,
+                            f"rollout {r.id} stage {r.stage + 1}", now)
             if res.to_revert and r.previous:
-                set_desired(self.store, res.to_revert, r.model, r.previous, r.id, f"automatic rollback of {r.id}",
-                            now)
+                set_desired(self.store, self.signer, res.to_revert, r.model, r.previous, r.id,
+                            f"automatic rollback of {r.id}", now)
         self.publish_pending()
 
     def publish_pending(self) -> int:

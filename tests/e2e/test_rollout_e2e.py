@@ -93,10 +93,9 @@ def test_good_version_reaches_the_cohort_only_offline_device_converges_and_serve
         # The offline device comes back: it converges from the retained desired state.
         fleet.devices.append(offline)
         from device_agent.runner import DeviceRunner
-        from fleet_server.simulator import _start_runner
 
         offline.runner = DeviceRunner(offline.directory, http=False, backoff_initial=0.2, backoff_max=2.0)
-        _start_runner(offline.runner)
+        offline.runner.start()
         assert fleet.wait_until(lambda: fleet.versions()[offline.device_id] == "1.1.0", 60)
         kinds = [d["kind"] for d in api.get(f"/api/v1/rollouts/{rid}").json()["decisions"]]
         assert "advance" in kinds and kinds[-1] == "complete"

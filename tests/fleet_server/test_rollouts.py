@@ -165,17 +165,17 @@ def test_approval_pause_resume_abort_and_restart(fleet):
         _devices_follow(store)
     assert service.status(store, rid)["state"] == "awaiting_approval"
     moved = set(_desired(store))
-    service.set_state(store, rid, "pause", "alice")
+    service.set_state(store, svc.signer, rid, "pause", "alice")
     with pytest.raises(ConflictError):
-        service.set_state(store, rid, "approve", "alice")
-    service.set_state(store, rid, "resume", "alice")
+        service.set_state(store, svc.signer, rid, "approve", "alice")
+    service.set_state(store, svc.signer, rid, "resume", "alice")
     svc2 = service.RolloutService(settings, store)  # a server restart: state comes from the store
     svc2.tick()
     assert set(_desired(store)) == moved  # still waiting for the human
-    service.set_state(store, rid, "approve", "alice")
+    service.set_state(store, svc.signer, rid, "approve", "alice")
     svc2.tick()
     assert len(_desired(store)) == 20
-    service.set_state(store, rid, "abort", "bob")
+    service.set_state(store, svc.signer, rid, "abort", "bob")
     st = service.status(store, rid)
     assert st["state"] == "aborted" and all(v == "1.0.0" for v in _desired(store).values())
     actors = {(d["kind"], d["actor"]) for d in st["decisions"]}
@@ -184,7 +184,7 @@ def test_approval_pause_resume_abort_and_restart(fleet):
 
 def test_operator_rollback_targets_the_cohort(fleet):
     settings, store, svc = fleet
-    rid = service.rollback(store, "clinical", "1.0.0", {"site": "b"}, "carol")
+    rid = service.rollback(store, svc.signer, "clinical", "1.0.0", {"site": "b"}, "carol")
     assert set(_desired(store)) == {f"dev-{i:02d}" for i in range(12, 20)}
     assert service.status(store, rid)["kind"] == "rollback"
 
