@@ -128,11 +128,14 @@ def run_hook(store: Store, run: HookRun, timeout_s: float = HOOK_TIMEOUT_S) -> i
 
 def events(store: Store, kind: str | None = None, subject: str | None = None, limit: int = 100
            ) -> list[dict[str, Any]]:
-    """Recent events, newest first (retraining, hooks, alert transitions)."""
+    """Recent events, newest first (retraining, hooks, alert transitions; device state changes, which are the
+    dashboard's device history, only when asked for by ``kind="device_state"``)."""
     sql, args = "SELECT * FROM events WHERE 1 = 1", []
     if kind:
         sql += " AND kind = ?"
         args.append(kind)
+    else:
+        sql += " AND kind != 'device_state'"
     if subject:
         sql += " AND subject = ?"
         args.append(subject)

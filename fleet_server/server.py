@@ -19,6 +19,7 @@ log = logging.getLogger("edgefleet.server")
 
 def build(settings: ServerSettings) -> tuple[Any, Any]:
     """The app with ingest and drift attached (their start/stop hooks registered), and its context."""
+    from .dashboard import attach_dashboard
     from .rollouts.routes import attach_rollouts
     from .routes_drift import attach_drift
     from .routes_ingest import attach_ingest
@@ -28,6 +29,7 @@ def build(settings: ServerSettings) -> tuple[Any, Any]:
     attach_ingest(app, ctx)
     attach_drift(app, ctx)
     attach_rollouts(app, ctx, tick_seconds=settings.rollout_tick_seconds)
+    attach_dashboard(app, ctx)
     return app, ctx
 
 
@@ -40,7 +42,8 @@ def serve(settings: ServerSettings) -> int:
         settings = replace(settings, embedded_mqtt_port=broker.port)
     app, _ = build(settings)
     print(f"fleet-server: HTTP on http://{settings.http_host}:{settings.http_port}  MQTT {settings.broker_url()}"
-          f"  data {settings.data_dir}", flush=True)
+          f"  data {settings.data_dir}  dashboard http://{settings.http_host}:{settings.http_port}/ui/",
+          flush=True)
     server = _graceful_server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
                                              log_level="warning", access_log=False))
     try:

@@ -25,10 +25,14 @@ class ServerSettings:
     ingest_batch: int = 500  # summaries committed per transaction
     ingest_flush_seconds: float = 0.05
     device_rate_per_minute: int = 600  # summaries per device per minute before rate limiting
+    # Summaries refused for the rate that are still quarantined (per device per minute); past that they are
+    # acknowledged, dropped and counted (edgefleet_ingest_dropped_total), so a flood cannot fill the disk.
+    rate_limited_quarantine_per_minute: int = 600
     drift_interval_seconds: float = 30.0
     rollout_tick_seconds: float = 2.0
     webhook_timeout_seconds: float = 5.0
     webhook_retries: int = 5
+    offline_after_seconds: float = 300.0  # the dashboard shows a device offline when not seen for this long
 
     def __post_init__(self) -> None:
         try:
@@ -46,6 +50,10 @@ class ServerSettings:
             raise ConfigError("max_summary_bytes must be at least 1024")
         if self.ingest_batch < 1:
             raise ConfigError("ingest_batch must be at least 1")
+        if self.device_rate_per_minute < 1:
+            raise ConfigError("device_rate_per_minute must be at least 1")
+        if self.rate_limited_quarantine_per_minute < 0:
+            raise ConfigError("rate_limited_quarantine_per_minute must be 0 or more")
 
     @property
     def db_path(self) -> Path:

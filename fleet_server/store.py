@@ -60,7 +60,39 @@ MIGRATIONS: list[str] = [
         version TEXT NOT NULL, rollout TEXT NOT NULL, envelope TEXT NOT NULL, updated REAL NOT NULL,
         published INTEGER NOT NULL DEFAULT 0);
     """,
+    # 3: device history for the dashboard — every change of a device's reported install result or active
+    # version becomes an ``events`` row (kind ``device_state``), written by the same transaction as the report.
+    """
+    CREATE INDEX events_subject ON events (subject, id);
+    CREATE TRIGGER device_state_history AFTER UPDATE OF reported ON devices
+    WHEN new.reported IS NOT NULL AND (old.reported IS NULL
+        OR json_extract(old.reported, '$.last_result') IS NOT json_extract(new.reported, '$.last_result')
+        OR json_extract(old.reported, '$.active') IS NOT json_extract(new.reported, '$.active'))
+    BEGIN
+        INSERT INTO events (at, kind, subject, detail) VALUES (
+            (julianday('now') - 2440587.5) * 86400.0, 'device_state', new.device_id,
+            json_object('at', json_extract(new.reported, '$.at'),
+                        'active', json(COALESCE(json_extract(new.reported, '$.active'), 'null')),
+                        'standby', json(COALESCE(json_extract(new.reported, '$.standby'), 'null')),
+                        'update_state', json_extract(new.reported, '$.update_state'),
+                        'last_result', json(COALESCE(json_extract(new.reported, '$.last_result'), 'null'))));
+    END;
+    """,
 ]
+
+
+def statements(script: str) -> list[str]:
+    """Split a migration into complete SQL statements (a trigger body's inner ``;`` does not end it)."""
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n;"):
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip(" \n;"):
+        raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:80]}")
+    return out
 
 
 class Store:
@@ -118,9 +150,8 @@ class Store:
         current = row[0] or 0
         for i, sql in enumerate(MIGRATIONS[current:], start=current + 1):
             with self.write() as w:
-                for stmt in (s.strip() for s in sql.split(";")):
-                    if stmt:
-                        w.execute(stmt)
+                for stmt in statements(sql):
+                    w.execute(stmt)
                 w.execute("INSERT INTO schema_version VALUES (?)", (i,))
         return len(MIGRATIONS)
 
