@@ -230,8 +230,13 @@ def _simulate(args: argparse.Namespace) -> int:
     fleet = Fleet(SimConfig(root=Path(args.dir), server_url=args.server, broker_url=args.broker,
                             operator_token=args.token, root_pub=Path(args.root_key), fleet_pub=Path(args.fleet_key),
                             devices=args.devices, first_package=Path(args.package) if args.package else None,
-                            prefix=args.prefix))
-    fleet.provision()
+                            prefix=args.prefix, target=args.target))
+    from device_agent.errors import AgentError
+
+    try:
+        fleet.provision()
+    except AgentError as exc:  # e.g. --package built for another target: a clear error, not a traceback
+        raise ConfigError(f"cannot provision the simulated devices: {exc}") from None
     fleet.start()
     sample = rows_sampler(x, args.seed)
     made, t0 = 0, time.monotonic()
@@ -365,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", required=True, help="where the device folders go")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--package", help="first package installed at provisioning (otherwise roll one out)")
+    p.add_argument("--target", default="x86_64-avx2",
+                   help="hardware target the simulated devices claim (must match --package's target)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (bounded)")
     p.add_argument("--batch", type=int, default=10, help="rows per device per round")
     p.add_argument("--prefix", default="sim")

@@ -63,6 +63,9 @@ def test_model_page_charts_show_the_drifted_feature_of_the_shifted_cohort(page: 
     # the other three signals are drawn too
     for testid in ("chart-class-mix", "chart-confidence", "chart-latency", "chart-errors", "chart-accuracy"):
         assert page.get_by_test_id(testid).locator("path").count() >= 1, testid
+    cohorts = page.get_by_test_id("cohorts-table")
+    assert cohorts.locator("tr[data-cohort='site=north']").get_attribute("data-drifted") == "true"
+    assert cohorts.locator("tr[data-cohort='site=east']").get_attribute("data-drifted") == "false"
     shot(page, "model-north")
     page.get_by_test_id(f"feature-{first}").click()
     hist = page.get_by_test_id("histogram")
@@ -72,7 +75,7 @@ def test_model_page_charts_show_the_drifted_feature_of_the_shifted_cohort(page: 
     shot(page, "histogram")
 
     # the unshifted cohort, same page, through the filter form (keyboard-usable select)
-    page.get_by_label("Cohort").select_option("site=east")
+    page.get_by_role("combobox", name="Cohort").select_option("site=east")
     page.get_by_role("button", name="Apply").click()
     page.wait_for_url(re.compile(r"tag=site%3Deast"))
     page.get_by_test_id("input-drift-table").wait_for()
@@ -173,3 +176,19 @@ def test_operator_acknowledges_then_resolves_the_drift_alert_viewer_cannot(page:
         ctx.close()
     with dash.api() as api:
         assert wait_for(lambda: api.get(f"/api/v1/alerts/{aid}").json()["state"] == "resolved")
+
+
+def test_bad_dashboard_queries_get_clear_errors(dash: Dash) -> None:
+    with dash.api(dash.viewer) as api:
+        r = api.get("/api/v1/signals", params={"model": "clinical", "tag": "north"})
+        assert r.status_code == 422 and "key=value" in r.json()["detail"]
+        r = api.get("/api/v1/signals", params={"model": "clinical", "since": "yesterday"})
+        assert r.status_code == 422 and "since" in r.json()["detail"]
+        assert api.get("/api/v1/signals", params={"model": "clinical", "buckets": 0}).status_code == 422
+        r = api.get("/api/v1/signals", params={"model": "nope"})
+        assert r.status_code == 404 and "clinical" in r.json()["detail"]
+        r = api.get("/api/v1/histogram", params={"model": "clinical", "version": "1.0.0", "feature": "height"})
+        assert r.status_code == 404 and "f0" in r.json()["detail"]
+        assert api.get("/api/v1/devices/ghost/history").status_code == 404
+        assert api.get("/api/v1/overview", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert api.get("/api/v1/whoami").json() == {"name": "victor", "role": "viewer"}

@@ -61,6 +61,29 @@ export async function signalsPage(params, name, version) {
       + `from ${s.since.replace("T", " ")} to ${s.until.replace("T", " ")}; reference profile of ${s.reference_rows} rows.` }),
     filters(name, version, s, params));
 
+  // 0. which cohorts drift: one row per value of each tag key, linking to the filtered page
+  const cohortRows = [];
+  for (const key of Object.keys(s.tags)) {
+    const r = await api(`/api/v1/drift${qs({ model: name, version, by: key, since, devices: "none" })}`);
+    for (const [value, c] of Object.entries(r.cohorts || {})) {
+      const feats = c.input_drift.drifted_features;
+      cohortRows.push(h("tr", { "data-cohort": `${key}=${value}`, "data-drifted": String(c.input_drift.drifted) },
+        h("td", {}, h("a", { href: `#/models/${encodeURIComponent(name)}/${encodeURIComponent(version)}${qs({
+          tag: `${key}=${value}`, range: params.get("range") })}`, text: `${key}=${value}` })),
+        h("td", { class: "num", text: String(c.devices) }), h("td", { class: "num", text: String(c.count) }),
+        h("td", {}, feats.length ? badge(feats.join(", "), "bad") : badge("none", "ok")),
+        h("td", {}, c.output_drift.drifted ? badge("drifted", "bad") : badge("stable", "ok")),
+        h("td", { class: "num", text: fmt(c.operations.latency_ms.p95) }),
+        h("td", { class: "num", text: `${fmt(c.operations.error_rate * 100)}%` })));
+    }
+  }
+  if (cohortRows.length) {
+    out.append(h("section", { "aria-labelledby": "sec-cohorts" }, h("h2", { id: "sec-cohorts", text: "Cohorts" }),
+      h("table", { "data-testid": "cohorts-table" }, h("thead", {}, h("tr", {}, ["cohort", "devices", "predictions",
+        "drifted input features", "output", "p95 ms", "errors"].map((t) => h("th", { scope: "col", text: t })))),
+      h("tbody", {}, cohortRows))));
+  }
+
   // 1. input drift
   const id = o.input_drift;
   const floor = s.policy.input_drift.statistic === "ks" ? s.policy.input_drift.ks_floor : null;
