@@ -256,8 +256,9 @@ class Demo:
             a.add_row(str(al.get("id")), str(al.get("kind")), str(al.get("evidence", {}).get("scope", "")),
                       str(al.get("state")), str(al.get("delivery", {}).get("state")))
         self.console.print(a)
-        self.console.print(f"operator API: http://127.0.0.1:{self.http_port}/docs  (token in "
-                           f"{self.out / 'operator.token'})")
+        self.console.print(f"dashboard: http://127.0.0.1:{self.http_port}/ui/  ·  operator API: "
+                           f"http://127.0.0.1:{self.http_port}/docs  (sign in with the token in "
+                           f"{self.out / 'operator.token'}; --keep-running keeps them up)")
         (self.out / "operator.token").write_text(self.token + "\n")
         (self.out / "operator.token").chmod(0o600)
 
