@@ -56,7 +56,10 @@ def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str:
 
 
 def _read_bounded(fh: IO[bytes], length: int) -> bytes:
-    data = fh.read(length)
+    try:
+        data = fh.read(length)
+    except tarfile.TarError as exc:  # the archive is cut short inside the member
+        raise FileMismatchError(f"archive ended early: expected {length} bytes ({exc})") from None
     if len(data) != length:
         raise FileMismatchError(f"archive ended early: expected {length} bytes, got {len(data)}")
     return data
@@ -151,7 +154,10 @@ def _stream_file(
     try:
         left = length
         while left:
-            chunk = fh.read(min(CHUNK, left))
+            try:
+                chunk = fh.read(min(CHUNK, left))
+            except tarfile.TarError:  # the archive is cut short inside the member
+                chunk = b""
             if not chunk:
                 raise FileMismatchError(f"file {name!r} ended after {length - left} of {length} bytes")
             digest.update(chunk)

@@ -38,6 +38,7 @@ class Keyset:
     def from_signed(cls, signed: dict[str, Any]) -> Keyset:
         """Validate the ``signed`` part of a keyset envelope; raises SchemaError naming the bad field."""
         what = "keyset"
+        signed = f.obj(signed, what)
         f.const(signed, "type", KEYSET_TYPE, what)
         f.const(signed, "spec", KEYSET_SPEC, what)
         version = f.integer(signed, "version", what, minimum=1)

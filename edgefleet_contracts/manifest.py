@@ -102,6 +102,7 @@ class Manifest:
     def from_signed(cls, d: dict[str, Any]) -> Manifest:
         """Validate the ``signed`` part of a manifest envelope; raises SchemaError naming the bad field."""
         w = "manifest"
+        d = f.obj(d, w)
         f.const(d, "type", MANIFEST_TYPE, w)
         f.const(d, "spec", MANIFEST_SPEC, w)
         name = f.string(d, "name", w)

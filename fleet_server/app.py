@@ -14,7 +14,7 @@ from edgefleet_contracts.errors import ContractError
 
 from . import devices, registry
 from .auth import authenticate, require
-from .errors import FleetError, RequestError
+from .errors import FleetError, RequestError, TooLargeError
 from .settings import ServerSettings
 from .store import Store
 
@@ -41,9 +41,17 @@ Admin = Annotated[tuple[str, str], Depends(_role("admin"))]
 
 
 async def read_json(request: Request) -> Any:
-    """The request body as JSON; RequestError (422) when it is not."""
+    """The request body as JSON; RequestError (422) when it is not, TooLargeError (413) past ``MAX_BODY`` (a
+    chunked body carries no Content-Length for the middleware to refuse: it is read no further than that)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise TooLargeError(f"body over {MAX_BODY} bytes")
+        chunks.append(chunk)
     try:
-        return json.loads(await request.body())
+        return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
         raise RequestError("request body is not JSON") from None
 

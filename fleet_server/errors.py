@@ -43,6 +43,13 @@ class RequestError(FleetError):
     reason = "invalid_request"
 
 
+class TooLargeError(FleetError):
+    """A request body is over the server's limit."""
+
+    status = 413
+    reason = "too_large"
+
+
 class RejectedError(FleetError):
     """A device message was rejected (quarantined with this reason)."""
 
