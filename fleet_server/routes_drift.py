@@ -14,7 +14,6 @@ pending alerts as soon as they are due (retries with backoff); a third runs retr
 from a bounded queue, so a slow hook never delays alerts.
 """
 
-import json
 import logging
 import queue
 import threading
@@ -26,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import alerts, health, retraining
 from .alerts import DeliveryConfig, Evaluation
+from .app import read_json
 from .errors import RequestError
 from .retraining import HOOK_TIMEOUT_S, HookRun
 from .settings import ServerSettings
@@ -219,10 +219,9 @@ def register_drift_routes(app: FastAPI, ctx: Any) -> None:
 
     @app.put("/api/v1/models/{name}/alert-rules", dependencies=[operator])
     async def put_rules(name: str, request: Request) -> Any:
-        try:
-            body = json.loads(await request.body() or b"{}")
-        except ValueError:
-            raise RequestError("alert rules must be a JSON object") from None
+        body = await read_json(request)  # bounded read: 413 past the body limit, 422 when not JSON
+        if not isinstance(body, dict):
+            raise RequestError("alert rules must be a JSON object")
         return await run_in_threadpool(alerts.set_rules, store, name, body)
 
 
