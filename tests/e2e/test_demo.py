@@ -14,6 +14,7 @@ def test_demo_story_with_six_devices(tmp_path, capsys):
     assert main(["--devices", "6", "--out", str(out), "--drift-timeout", "90"]) == 0
     text = capsys.readouterr().out
     assert "6/6 devices verified, smoke-tested and activated 1.0.0" in text
+    assert "dashboard: http://127.0.0.1:" in text and "/ui/" in text
     db = sqlite3.connect(out / "server" / "fleet.sqlite")
     states = dict(db.execute("SELECT version, state FROM rollouts").fetchall())
     assert states == {"1.0.0": "completed", "2.0.0": "rolled_back"}
