@@ -27,6 +27,10 @@ pytest: $(STAMP) system-deps
 
 test: lint typecheck pytest
 
+.PHONY: test-arm
+test-arm: $(STAMP)
+	bash hardware/arm/run-tests.sh
+
 demo: $(STAMP)
 	$(PY) -m edgefleet_demo --out demo-out $(DEMO_ARGS)
 

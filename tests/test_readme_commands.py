@@ -253,6 +253,8 @@ COVERED_ELSEWHERE: dict[str, str] = {
     "make demo-packages": "tests/model_packager/test_demo.py::test_demo_builds_and_verifies_every_example",
     # The benchmarks take minutes and their figures are written down by hand; only the recipe is checked:
     "make bench": "tests/test_readme_commands.py::test_make_targets_run_what_the_readme_says",
+    # Runs tests/arm under aarch64 emulation (root, minutes the first time): its own step in .ci/run.
+    "make test-arm": "tests/arm/test_agent_on_arm.py::test_predictions_match_the_x86_run_on_the_same_inputs",
 }
 
 HOIST: dict[str, tuple[str, str]] = {
