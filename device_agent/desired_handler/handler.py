@@ -1,28 +1,13 @@
-"""The device's side of a rollout: signed desired-state messages in, the slots converged to them out.
+"""The converging half: ``DesiredHandler`` (the worker thread of the running agent, ``device_agent.runner``)
+brings the slots to the accepted desired state; its ``receive`` hands each message to :mod:`.receive`.
 
-Two halves, on two threads of the running agent (``device_agent.runner``):
-
-``receive(payload)`` (the MQTT link's thread; fast, no network) decides on one message of the retained
-``…/desired`` topic and persists the decision in ``desired.json`` (atomic):
-
-* the payload is parsed with the untrusted-JSON parser, then ``accept_desired`` checks it with the pinned
-  ``keys/fleet.pub``, this device's id, the last accepted ``seq`` and ``now = max(wall clock, trust-store
-  high-water)``; then the version policy (``check_move``): the same model name moves forward, or back only to the
-  version held in the standby slot (a different model name is allowed, as for ``device-agent install``);
-* a **rejection** (bad or unknown signature, replay, expired, another device, a version it may not move to,
-  unreadable JSON) is recorded as ``last_rejection`` with its reason token and message, and changes nothing
-  else: not the last accepted seq, not the slots, not the trust store;
-* the **same** document as the one already accepted (the broker re-delivers the retained message on every
-  reconnect) is a ``duplicate``: no rejection, no change; it only wakes the worker;
-* an **accepted** one becomes ``accepted`` (the envelope verbatim) with ``last_seq``, and wakes the worker.
-
-``converge()`` (the worker thread; also callable directly) brings the slots to the accepted desired state:
+``converge()`` (the worker thread; also callable directly):
 
 * a version on probation is watched to its end first (and a watch interrupted by a restart is resumed: a fresh
   window, because the counts died with the process; the baseline was persisted at activation). More than
   ``max_resumes`` restarts during one probation roll it back (``probation_restarts``): an agent that keeps dying
   on the new model must not keep serving it. A newer desired state that names the previous version ends the
-  watch at once with a rollback (``desired_rollback``);
+  watch at once with a rollback (``desired_rollback``; :mod:`.watch`);
 * desired version already active: nothing to do (outcome ``current``);
 * desired version in the standby slot: the updater's signed-rollback path, no download;
 * otherwise ``Updater.deploy``: download (``device_agent.download``: Range resume from
@@ -42,186 +27,40 @@ queues a report then). Nothing here is global; options come in through ``Handler
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from datetime import time as dtime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet_contracts.atomic import atomic_write_text
-from edgefleet_contracts.canonical import canonical_bytes, parse_json
-from edgefleet_contracts.desired import Desired, accept_desired
+from edgefleet_contracts.desired import Desired
 from edgefleet_contracts.errors import ContractError
-from edgefleet_contracts.manifest import Manifest
 from edgefleet_contracts.timeutil import fmt, utcnow
-from edgefleet_contracts.versions import is_newer
 
-from .config import DeviceDir
-from .download import DONE_SUFFIX, PART_SUFFIX, DownloadError, DownloadOptions, download
-from .errors import AgentError
-from .probation import Baseline, ProbationPolicy, ProbationWatch, StatsSnapshot, Verdict, p95
-from .slots import BusyError, Slots
-from .trust_store import TrustStore
-from .updater import DeferredError, InProbationError, InstallResult, Updater, UpdateRecord, UpdateState
+from ..config import DeviceDir
+from ..download import DONE_SUFFIX, PART_SUFFIX, DownloadError, download
+from ..errors import AgentError
+from ..probation import Baseline, ProbationPolicy, Verdict, p95
+from ..slots import BusyError
+from ..updater import DeferredError, InProbationError, InstallResult, Updater, UpdateRecord, UpdateState
+from .options import HandlerOptions
+from .receive import Decision, decide
+from .record import DESIRED_FILE, DesiredFileError, DesiredRecord
+from .watch import finish, watch
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from ..agent import Agent
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("device_agent.desired_handler")  # the handler's one logger, as before the split
 
-DESIRED_FILE = "desired.json"
 DOWNLOADS = "downloads"
-DESIRED_SPEC = 1
+
 # Result reasons worth another try later (everything else is final for that desired seq).
 RETRYABLE = frozenset({"download_interrupted", "no_space", "busy", "maintenance_window", "interrupted", "io_error",
                        "in_probation"})
-
-__all__ = ["DESIRED_FILE", "Decision", "DesiredFileError", "DesiredHandler", "DesiredRecord", "HandlerOptions",
-           "MaintenanceWindow", "Step", "VersionNotAllowedError", "check_move", "read_desired_seq"]
-
-
-class VersionNotAllowedError(AgentError):
-    """The desired version is older than the active one and not the one held in standby."""
-
-    reason = "version_not_allowed"
-
-
-class DesiredFileError(AgentError):
-    """desired.json cannot be read: the device cannot tell a replay, so it refuses every desired state."""
-
-    reason = "desired_store"
-
-
-# ---- pure parts ---------------------------------------------------------------------------------------
-def check_move(d: Desired, active: Manifest | None, standby: Manifest | None) -> None:
-    """May this device move to ``d``? Raises VersionNotAllowedError when not (see the module docstring)."""
-    if active is None or d.name != active.name or d.version == active.version or is_newer(d.version, active.version):
-        return
-    if standby is not None and (standby.name, standby.version) == (d.name, d.version):
-        return
-    held = f"{standby.name} {standby.version}" if standby is not None else "nothing"
-    raise VersionNotAllowedError(
-        f"desired {d.name} {d.version} is older than the active {active.version} and is not the version held in "
-        f"standby ({held}); a device moves back only to the version it holds")
-
-
-@dataclass(frozen=True)
-class MaintenanceWindow:
-    """A daily UTC window ``HH:MM-HH:MM`` (may wrap midnight) in which a model may be swapped."""
-
-    start: dtime
-    end: dtime
-
-    @classmethod
-    def parse(cls, text: str) -> MaintenanceWindow:
-        """Raises ValueError for anything but ``HH:MM-HH:MM`` with different ends."""
-        try:
-            a, b = (dtime.fromisoformat(p.strip()) for p in text.split("-"))
-        except ValueError:
-            raise ValueError(f"maintenance window {text!r} must look like 02:00-04:00 (UTC)") from None
-        if a == b:
-            raise ValueError(f"maintenance window {text!r} is empty")
-        return cls(a, b)
-
-    def is_open(self, now: datetime) -> bool:
-        t = now.time().replace(tzinfo=None)
-        if self.start < self.end:
-            return self.start <= t < self.end
-        return t >= self.start or t < self.end
-
-    def seconds_until_open(self, now: datetime) -> float:
-        if self.is_open(now):
-            return 0.0
-        t = now.time().replace(tzinfo=None)
-        secs = (self.start.hour * 3600 + self.start.minute * 60) - (t.hour * 3600 + t.minute * 60 + t.second)
-        return float(secs % 86400)
-
-    def __str__(self) -> str:
-        return f"{self.start:%H:%M}-{self.end:%H:%M} UTC"
-
-
-@dataclass(frozen=True)
-class HandlerOptions:
-    policy: ProbationPolicy | None = None  # None: from config.toml (probation_seconds, probation_predictions)
-    download: DownloadOptions = field(default_factory=DownloadOptions)
-    window: MaintenanceWindow | None = None
-    busy_timeout: float = 300.0  # wait this long for a running batch to end before deferring the swap
-    retry_initial: float = 1.0
-    retry_max: float = 60.0
-    poll: float = 0.1  # probation watch interval
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> HandlerOptions:
-        """Read the rollout keys of config.toml when it has them (``maintenance_window``, ``download_rate_limit``,
-        ``download_read_timeout``, ``busy_defer_seconds``); defaults otherwise."""
-        window = str(getattr(cfg, "maintenance_window", "") or "")
-        rate = float(getattr(cfg, "download_rate_limit", 0) or 0)
-        return cls(policy=ProbationPolicy.from_config(cfg),
-                   download=DownloadOptions(rate_limit=rate or None,
-                                            read_timeout=float(getattr(cfg, "download_read_timeout", 30.0))),
-                   window=MaintenanceWindow.parse(window) if window else None,
-                   busy_timeout=float(getattr(cfg, "busy_defer_seconds", 300.0)))
-
-
-@dataclass
-class DesiredRecord:
-    """desired.json: the newest accepted desired state, the last rejection, the outcome for the accepted seq."""
-
-    last_seq: int = 0
-    accepted: dict[str, Any] | None = None  # the accepted envelope, verbatim
-    accepted_at: str | None = None
-    last_rejection: dict[str, Any] | None = None  # {"at", "seq", "reason", "message"}
-    outcome: dict[str, Any] | None = None  # {"seq", "status", "reason", "message", "at", "final", "attempts"}
-
-    def desired(self) -> Desired | None:
-        if self.accepted is None:
-            return None
-        return Desired.from_signed(self.accepted.get("signed"))
-
-    def to_json(self) -> str:
-        return json.dumps({"spec": DESIRED_SPEC, **asdict(self)}, indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def load(cls, path: Path) -> DesiredRecord:
-        """A fresh record when absent. Raises DesiredFileError when unreadable."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return cls()
-        except OSError as exc:
-            raise DesiredFileError(f"cannot read {path}: {exc}") from None
-        try:
-            d = parse_json(data, what=str(path))
-            if not isinstance(d, dict) or d.get("spec") != DESIRED_SPEC:
-                raise DesiredFileError(f"{path} is not a desired-state record (spec {DESIRED_SPEC})")
-            seq = d.get("last_seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise DesiredFileError(f"{path}: last_seq must be a whole number")
-            return cls(seq, d.get("accepted"), d.get("accepted_at"), d.get("last_rejection"), d.get("outcome"))
-        except ContractError as exc:
-            raise DesiredFileError(f"{path} is unreadable ({exc}); the device refuses desired states until it is "
-                                   "repaired or removed") from None
-
-
-def read_desired_seq(device: DeviceDir) -> int:
-    """The last accepted desired-state seq (0 when none, or when desired.json is unreadable)."""
-    try:
-        return DesiredRecord.load(device.path / DESIRED_FILE).last_seq
-    except DesiredFileError:
-        return 0
-
-
-@dataclass(frozen=True)
-class Decision:
-    kind: str  # "accepted" | "rejected" | "duplicate" | "ignored"
-    reason: str
-    message: str
-    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +102,7 @@ class DesiredHandler:
         return DesiredRecord.load(self.path)
 
     def _save(self, rec: DesiredRecord) -> None:
-        atomic_write_text(self.path, rec.to_json())
+        rec.save(self.path)
 
     def _changed(self) -> None:
         if self.on_change is None:
@@ -287,38 +126,13 @@ class DesiredHandler:
         if not payload:
             return Decision("ignored", "empty", "empty desired-state message (the retained state was cleared)")
         with self._lock:
-            decision = self._decide(payload)
+            decision = decide(payload, self.device, self.path, self.cfg.device_id, self.clock)
         level = logging.WARNING if decision.kind == "rejected" else logging.INFO
         log.log(level, "desired state %s (%s): %s", decision.kind, decision.reason, decision.message)
         self._changed()
         if decision.kind in ("accepted", "duplicate"):
             self._wake.set()
         return decision
-
-    def _decide(self, payload: bytes) -> Decision:
-        env: Any = None
-        try:
-            rec = self.record()
-        except DesiredFileError as exc:
-            return Decision("rejected", exc.reason, str(exc))
-        try:
-            env = parse_json(payload, what="desired state")
-            if rec.accepted is not None and isinstance(env, dict) and _same(env.get("signed"), rec.accepted["signed"]):
-                return Decision("duplicate", "duplicate", f"seq {rec.last_seq} again (already accepted)", rec.last_seq)
-            trust = TrustStore(self.device, clock=self.clock)
-            d = accept_desired(env, trust.fleet, device_id=self.cfg.device_id, last_seq=rec.last_seq, now=trust.now())
-            slots = Slots(self.device)
-            active, standby = slots.active(), slots.standby()
-            check_move(d, active[1] if active else None, standby[1] if standby else None)
-        except (ContractError, AgentError) as exc:
-            seq = _seq_of(env)
-            rec.last_rejection = {"at": fmt(self.clock()), "seq": seq, "reason": exc.reason, "message": str(exc)}
-            self._save(rec)
-            return Decision("rejected", exc.reason, str(exc), seq)
-        rec.last_seq, rec.accepted, rec.accepted_at, rec.outcome = d.seq, env, fmt(self.clock()), None
-        self._save(rec)
-        return Decision("accepted", "accepted", f"seq {d.seq}: {d.name} {d.version}"
-                        + (f" ({d.reason})" if d.reason else ""), d.seq)
 
     # ---- the worker ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -483,13 +297,15 @@ class DesiredHandler:
             if resumed:
                 log.warning("resuming the probation of %s %s (restart %d of at most %d)", name, version, resumes,
                             policy.max_resumes)
-            watched = self._watch(up, policy, baseline, name, version, slot, cand)
+            watched = watch(up, self.agent, policy, baseline, name, version, slot, cand, stop=self._stop,
+                            poll=self.options.poll, reload_agent=self._reload_agent, accepted=self._accepted)
             if watched is None:
                 self._watching = None
                 return Step("probation paused (stopping)" if self._stop.is_set() else "probation ended elsewhere",
                             None if self._stop.is_set() else 0)
             verdict = Verdict(watched.outcome, watched.reason, watched.message, {**watched.details, "resumes": resumes})
-        result = self._finish(up, verdict, (name, version))
+        result = finish(up, verdict, (name, version), stop=self._stop, retry_initial=self.options.retry_initial,
+                        retry_max=self.options.retry_max)
         self._watching = None
         self._reload_agent()
         seq = cand.get("seq")
@@ -498,63 +314,12 @@ class DesiredHandler:
             self._clean_downloads(keep=None)
         return Step(f"probation: {verdict.outcome} ({verdict.reason})", 0, result)
 
-    def _watch(self, up: Updater, policy: ProbationPolicy, baseline: Baseline | None, name: str, version: str,
-               slot: str, cand: dict[str, Any]) -> Verdict | None:
-        """Watch until a verdict; None when the handler stops or someone else ended the probation."""
-        agent = self.agent
-
-        def read() -> StatsSnapshot:
-            return agent.version_stats(name, version) if agent is not None else StatsSnapshot()
-
-        def serving() -> bool:
-            m = agent.model if agent is not None else None
-            return agent is None or (m is not None and (m.name, m.version) == (name, version))
-
-        watch = ProbationWatch(policy, baseline, read, serving=serving, smoke=lambda: up.slots.is_ready(slot))
-        previous = cand.get("previous") or {}
-        next_reload = 0.0
-        while True:
-            if self._stop.is_set():
-                return None
-            if not serving() and time.monotonic() >= next_reload:
-                self._reload_agent()
-                next_reload = time.monotonic() + 1.0
-            verdict = watch.poll()
-            if verdict.outcome != "watch":
-                return verdict
-            asked = self._newer_asks_for(previous, cand.get("seq"))
-            if asked is not None:
-                return Verdict("fail", "desired_rollback", f"desired state seq {asked.seq} asks for {asked.name} "
-                               f"{asked.version}" + (f" ({asked.reason})" if asked.reason else "")
-                               + f"; probation of {name} {version} ended", verdict.details)
-            if up.record().state != UpdateState.PROBATION:
-                return None
-            self._stop.wait(self.options.poll)
-
-    def _newer_asks_for(self, previous: dict[str, Any], seq: Any) -> Desired | None:
+    def _accepted(self) -> Desired | None:
+        """The accepted desired state now; None when there is none or desired.json cannot be read."""
         try:
-            d = self.record().desired()
+            return self.record().desired()
         except (DesiredFileError, ContractError):
             return None
-        if d is None or not isinstance(seq, int) or d.seq <= seq:
-            return None
-        return d if (d.name, d.version) == (previous.get("name"), previous.get("version")) else None
-
-    def _finish(self, up: Updater, verdict: Verdict, expect: tuple[str, str]) -> InstallResult | None:
-        deadline = time.monotonic() + max(30.0, self.options.retry_max)
-        while True:
-            try:
-                result = up.finish_probation(verdict.outcome == "pass", verdict.reason, verdict.message,
-                                             verdict.details, expect=expect)
-            except BusyError:
-                if time.monotonic() > deadline or self._stop.wait(self.options.retry_initial):
-                    return None
-                continue
-            if result is not None:
-                level = logging.INFO if result.status == "committed" else logging.WARNING
-                log.log(level, "probation of %s %s: %s (%s): %s", expect[0], expect[1], result.status, result.reason,
-                        result.message)
-            return result
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _after(self, d: Desired, r: InstallResult, *, retryable: bool) -> Step:
@@ -630,18 +395,3 @@ class DesiredHandler:
                 p.unlink()
             except OSError as exc:
                 log.warning("cannot delete %s: %s", p, exc)
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return canonical_bytes(a) == canonical_bytes(b)
-    except ContractError:
-        return False
-
-
-def _seq_of(env: Any) -> int | None:
-    if isinstance(env, dict) and isinstance(env.get("signed"), dict):
-        seq = env["signed"].get("seq")
-        if isinstance(seq, int) and not isinstance(seq, bool):
-            return seq
-    return None

@@ -1,0 +1,148 @@
+"""Alert rules: the defaults, a model's overrides (``models.alert_rules`` JSON) and their validation.
+
+Rules: input drift, output drift, data quality (missing / NaN / out-of-range / schema-error rates), accuracy
+drop (measured with ≥ ``min_labels`` labels, else the label-free estimate — only when it is trustworthy —
+against the package's evaluation accuracy or its calibration map), error rate, p95 latency. Each section can
+be turned off (``"enabled": false``) and each setting overridden; :func:`parse_rules` refuses an unknown key
+or a value of the wrong type, naming it and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import NotFoundError, RequestError
+from ..health import HealthPolicy
+from ..store import Store
+
+KINDS = ("input_drift", "output_drift", "data_quality", "accuracy_drop", "error_rate", "latency_p95",
+         "retraining_due")
+SEVERITY = {"input_drift": "warning", "output_drift": "warning", "data_quality": "warning",
+            "accuracy_drop": "critical", "error_rate": "critical", "latency_p95": "warning", "retraining_due": "info"}
+
+
+@dataclass(frozen=True)
+class AccuracyRule:
+    max_drop: float = 0.05  # absolute, below the package's accuracy
+    min_count: int = 200  # predictions before a label-free estimate is trusted
+    min_labels: int = 100  # labels before the measured accuracy is used instead
+
+
+@dataclass(frozen=True)
+class ErrorRateRule:
+    max_rate: float = 0.05  # failed or rejected requests / requests
+    min_requests: int = 100
+
+
+@dataclass(frozen=True)
+class LatencyRule:
+    max_p95_ms: float = 250.0
+    min_count: int = 100
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    accuracy_drop: AccuracyRule = field(default_factory=AccuracyRule)
+    error_rate: ErrorRateRule = field(default_factory=ErrorRateRule)
+    latency_p95: LatencyRule = field(default_factory=LatencyRule)
+    enabled: dict[str, bool] = field(default_factory=lambda: {k: True for k in KINDS})
+    window_s: float = 86400.0
+    resolve_after_s: float | None = 3600.0
+    cooldown_s: float = 3600.0
+    cohort_tags: list[str] | None = None  # None: every tag key the reporting devices carry
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"window_s": self.window_s, "resolve_after_s": self.resolve_after_s,
+                             "cooldown_s": self.cooldown_s, "cohort_tags": self.cohort_tags}
+        for name, obj in _sections(self).items():
+            d[name] = {"enabled": self.enabled.get(name, True), **{f.name: getattr(obj, f.name) for f in fields(obj)}}
+        return d
+
+
+def _sections(r: AlertRules) -> dict[str, Any]:
+    return {"input_drift": r.health.input_drift, "output_drift": r.health.output_drift,
+            "data_quality": r.health.data_quality, "trust": r.health.trust, "accuracy_drop": r.accuracy_drop,
+            "error_rate": r.error_rate, "latency_p95": r.latency_p95}
+
+
+def _override(obj: Any, doc: Any, where: str) -> Any:
+    if not isinstance(doc, dict):
+        raise RequestError(f"alert_rules.{where} must be an object")
+    names = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k not in names:
+            raise RequestError(f"alert_rules.{where}.{k} is not a setting; settings: enabled, {', '.join(names)}")
+        cur, optional = getattr(obj, k), "None" in str(names[k].type)
+        if v is None:
+            ok = optional
+        elif isinstance(cur, str):
+            ok = isinstance(v, str)
+        elif isinstance(cur, int) and not isinstance(cur, bool) and "float" not in str(names[k].type):
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        else:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+        if not ok:
+            raise RequestError(f"alert_rules.{where}.{k} = {v!r} has the wrong type (default {cur!r})")
+        changes[k] = v
+    return replace(obj, **changes)
+
+
+def parse_rules(doc: Any) -> AlertRules:
+    """Defaults overridden by a ``models.alert_rules`` document. Raises RequestError naming the bad key and
+    listing the valid ones."""
+    if doc is None or doc == {}:
+        return AlertRules()
+    if not isinstance(doc, dict):
+        raise RequestError("alert_rules must be a JSON object")
+    r = AlertRules()
+    secs = _sections(r)
+    enabled = dict(r.enabled)
+    top: dict[str, Any] = {}
+    for k, v in doc.items():
+        if k in secs:
+            v = dict(v) if isinstance(v, dict) else v
+            if isinstance(v, dict) and "enabled" in v:
+                if not isinstance(v["enabled"], bool):
+                    raise RequestError(f"alert_rules.{k}.enabled must be true or false")
+                enabled[k] = v.pop("enabled")
+            secs[k] = _override(secs[k], v, k)
+        elif k in ("window_s", "cooldown_s", "resolve_after_s"):
+            if not ((isinstance(v, int | float) and not isinstance(v, bool) and v > 0)
+                    or (v is None and k == "resolve_after_s")):
+                raise RequestError(f"alert_rules.{k} must be a positive number of seconds"
+                                   + (" or null (resolve by hand only)" if k == "resolve_after_s" else ""))
+            top[k] = v
+        elif k == "cohort_tags":
+            if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+                raise RequestError("alert_rules.cohort_tags must be a list of tag names or null (every tag)")
+            top[k] = v
+        else:
+            raise RequestError(f"alert_rules.{k} is not a rule; rules: {', '.join(secs)}, window_s, resolve_after_s, "
+                               "cooldown_s, cohort_tags")
+    secs["input_drift"].stat()  # an unknown or categorical statistic fails here, listing the choices
+    health = HealthPolicy(secs["input_drift"], secs["output_drift"], secs["data_quality"], secs["trust"])
+    return replace(r, health=health, accuracy_drop=secs["accuracy_drop"], error_rate=secs["error_rate"],
+                   latency_p95=secs["latency_p95"], enabled=enabled, **top)
+
+
+def rules_for(store: Store, model: str) -> AlertRules:
+    """The effective rules of a model. Raises NotFoundError for an unknown model, RequestError for bad rules."""
+    row = store.one("SELECT alert_rules FROM models WHERE name = ?", (model,))
+    if row is None:
+        known = [r["name"] for r in store.query("SELECT name FROM models ORDER BY name")]
+        raise NotFoundError(f"unknown model {model!r}; known: {', '.join(known) or 'none'}")
+    return parse_rules(json.loads(row["alert_rules"] or "{}"))
+
+
+def set_rules(store: Store, model: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Validate and store a model's rule overrides (replacing earlier ones); return the effective rules."""
+    rules = parse_rules(overrides)
+    with store.write() as c:
+        if c.execute("UPDATE models SET alert_rules = ? WHERE name = ?",
+                     (json.dumps(overrides, sort_keys=True), model)).rowcount == 0:
+            raise NotFoundError(f"unknown model {model!r}")
+    return rules.to_dict()

@@ -1,0 +1,67 @@
+"""The health report (SQL + the pure signals): a model version fleet-wide, per cohort and per device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import NotFoundError, RequestError
+from ..store import Store
+from .aggregate import Aggregate, load_aggregate, time_range
+from .policy import HealthPolicy
+from .reference import Reference
+from .signals import assess, compact
+
+
+def _scope(agg: Aggregate, ids: list[str], policy: HealthPolicy) -> dict[str, Any]:
+    vec, span = agg.total(ids)
+    h = assess(agg.reference, agg.layout, vec, policy)
+    return {"devices": len(ids), "window": {"start": span[0], "end": span[1]} if span else None, **h}
+
+
+def _severity(h: dict[str, Any]) -> tuple[int, float]:
+    feats = h["input_drift"]["features"]
+    best = min((f["p_adjusted"] for f in feats if f["p_adjusted"] is not None), default=1.0)
+    return (-len(h["input_drift"]["drifted_features"]), best)
+
+
+def latest_version(store: Store, model: str) -> str:
+    """The most recently published version. Raises NotFoundError listing the known models."""
+    row = store.one("SELECT version FROM model_versions WHERE name = ? ORDER BY published DESC LIMIT 1", (model,))
+    if row is None:
+        known = [r["name"] for r in store.query("SELECT DISTINCT name FROM model_versions ORDER BY name")]
+        raise NotFoundError(f"model {model!r} has no published version; known: {', '.join(known) or 'none'}")
+    return str(row["version"])
+
+
+def report(store: Store, model: str, version: str | None = None, *, since: str | float | None = None,
+           until: str | float | None = None, by: str | None = None, policy: HealthPolicy | None = None,
+           devices: str = "compact", now: float | None = None) -> dict[str, Any]:
+    """Health of ``model`` ``version`` (default: the newest published) fleet-wide, per value of tag ``by``,
+    and per device (``devices``: ``compact`` | ``full`` | ``none``), worst first.
+
+    Raises NotFoundError (unknown model/version) or RequestError (bad time range or parameter)."""
+    if devices not in ("compact", "full", "none"):
+        raise RequestError(f"devices={devices!r} must be compact, full or none")
+    version = version or latest_version(store, model)
+    policy = policy or HealthPolicy()
+    a, b = time_range(since, until, now)
+    ref = Reference.load(store, model, version)
+    agg = load_aggregate(store, ref, a, b)
+    ids = sorted(agg.devices)
+    out: dict[str, Any] = {
+        "model": model, "version": version, "since": a, "until": b, "reference_rows": ref.profile.n,
+        "policy": policy.to_dict(), "skipped_summaries": agg.skipped,
+        "fleet": _scope(agg, ids, policy),
+    }
+    if by:
+        out["by"] = by
+        out["cohorts"] = {value: _scope(agg, members, policy) for value, members in agg.cohorts(by).items()}
+    if devices != "none":
+        per = []
+        for d in ids:
+            h = _scope(agg, [d], policy)
+            entry = h if devices == "full" else {"window": h["window"], **compact(h)}
+            per.append((_severity(h), {"device_id": d, "tags": agg.tags.get(d, {}), **entry}))
+        per.sort(key=lambda t: (t[0], t[1]["device_id"]))
+        out["devices"] = [e for _, e in per]
+    return out
