@@ -1,9 +1,13 @@
 """The on-device agent: validated, low-latency inference with local summaries.
 
-``Agent.predict`` is the hot path: validate, run, copy the row into the window buffer, append to the in-memory
-prediction log. Binning happens every few dozen rows; closing a window (sequence number, k-anonymity, noise,
+``Agent.predict`` is the hot path: validate the input straight into the runtime's bound input row (and the
+staging row), run the model in place (onnxruntime IOBinding), stage the output, id, start and latency. Every
+``BATCH`` predictions (and at window close, and on the one-second tick) the staged rows are binned into the
+window and handed to the prediction log as one block; closing a window (sequence number, k-anonymity, noise,
 outbox write) happens on a background thread; the prediction log is written by its own thread. Nothing on the
-hot path touches the disk or the network.
+hot path touches the disk or the network. A caller that finds another thread inside ``predict`` does not wait
+for it: it validates and runs on private arrays and only stages a copy under the lock, so threads still infer
+in parallel.
 
 For rollouts (issue 5) the agent also keeps, per model version it served since start, the successful
 predictions, the inference errors (input-validation rejections are not errors of the model) and the most
@@ -19,7 +23,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +34,16 @@ from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key, sig
 from edgefleet_contracts.targets import Target
 from edgefleet_contracts.timeutil import fmt, utcnow
 
-from . import imaging
 from .config import DeviceConfig, DeviceDir
 from .errors import AgentError, InferenceError, InputError
+from .hotpath import HotModel, Prediction, VersionStats
 from .model import LoadedModel, load_model
 from .predlog import PredictionLog
 from .probation import StatsSnapshot
 from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
-_BYTES = (bytes, bytearray, memoryview)
+__all__ = ["Agent", "FeedbackError", "NoModelError", "Prediction", "VersionStats"]
 
 
 class NoModelError(AgentError):
@@ -54,56 +58,6 @@ class FeedbackError(AgentError):
     reason = "feedback"
 
 
-@dataclass(slots=True)
-class Prediction:
-    prediction_id: str
-    model: str
-    version: str
-    label: str
-    class_index: int
-    confidence: float
-    probabilities: np.ndarray
-    latency_ms: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prediction_id": self.prediction_id, "model": self.model, "version": self.version,
-                "label": self.label, "class_index": self.class_index, "confidence": self.confidence,
-                "probabilities": [float(p) for p in self.probabilities], "latency_ms": self.latency_ms}
-
-
-class VersionStats:
-    """Per-version counters for probation: a ring of the last ``size`` latencies (ns) and two counts.
-
-    Updated under the agent's lock on the hot path (one list store and three integer adds)."""
-
-    __slots__ = ("errors", "lat", "predictions", "seen", "size")
-
-    def __init__(self, size: int = 2048) -> None:
-        self.size = size
-        self.lat = [0] * size
-        self.seen = 0
-        self.predictions = 0
-        self.errors = 0
-
-    def observe(self, latency_ns: int) -> None:
-        self.lat[self.seen % self.size] = latency_ns
-        self.seen += 1
-        self.predictions += 1
-
-    def raw(self) -> tuple[int, int, int, list[int]]:
-        """The counters and a copy of the ring (cheap: taken under the agent's lock)."""
-        return self.predictions, self.errors, self.seen, self.lat[:]
-
-    @staticmethod
-    def snapshot(raw: tuple[int, int, int, list[int]]) -> StatsSnapshot:
-        """Order the ring oldest first, in milliseconds (outside the lock)."""
-        predictions, errors, seen, lat = raw
-        size = len(lat)
-        n = min(seen, size)
-        start = seen - n
-        return StatsSnapshot(predictions, errors, seen, tuple(lat[(start + i) % size] / 1e6 for i in range(n)))
-
-
 @dataclass
 class Counters:
     predictions: int = 0
@@ -111,6 +65,7 @@ class Counters:
     feedback: int = 0
     feedback_unmatched: int = 0
     windows_closed: int = 0
+    contended: int = 0  # predictions that found another thread inside predict and ran on private arrays
 
 
 class Agent:
@@ -142,16 +97,12 @@ class Agent:
         self._active_probe = active_probe  # () -> (slot name, version) the pointer names, without loading it
         self.summarizer = Summarizer(cfg.device_id, self.sink, cfg.min_window_samples, cfg.dp_epsilon)
         self._model: LoadedModel | None = None
+        self._hot: HotModel | None = None  # the model as predict uses it; swapped together with _window
         self._window_count = cfg.window_count
-        self._images = 0
-        self._stats_every = cfg.image_stats_every
-        self._nan_stats = np.full(1, np.nan)
-        self._close_pending = False
         self._window: Window | None = None
         self._window_start = utcnow()
         self._window_t0 = time.monotonic()
         self._vstats: dict[tuple[str, str], VersionStats] = {}
-        self._cur_stats = VersionStats(1)
         self._busy = 0
         self._reload_lock = threading.Lock()
         if model is not None:
@@ -194,14 +145,17 @@ class Agent:
                    background=background, active_probe=probe)
 
     def _install_model(self, model: LoadedModel) -> None:
-        self._log_model = self.log.model_index(model.name, model.version) if self.log is not None else 0
-        self._nan_stats = np.full(len(model.profile.features), np.nan)
-        window = Window(model.profile, model.calibration, model.validator.lows, model.validator.highs)
+        """Raises ModelLoadError when the model cannot serve (the loaded one, if any, keeps serving)."""
+        with self._lock:
+            vstats = self._stats_locked(model)
+        hot = HotModel(model, vstats, self.log, f"{self._boot}-", self.cfg.image_stats_every)
+        window = Window(model.profile, model.calibration, model.validator.lows, model.validator.highs,
+                        staging=hot.staging)
         with self._lock:
             old = self._close_locked()
             self._model = model
+            self._hot = hot
             self._window = window
-            self._cur_stats = self._stats_locked(model)
         if old is not None:
             self.summarizer.submit(old)
 
@@ -241,6 +195,7 @@ class Agent:
     def version_stats(self, name: str, version: str) -> StatsSnapshot:
         """Predictions, inference errors and recent latencies of one version since this agent started."""
         with self._lock:
+            self._flush_locked()  # staged latencies reach the ring when the rows are binned
             vs = self._vstats.get((name, version))
             raw = vs.raw() if vs is not None else None
         return VersionStats.snapshot(raw) if raw is not None else StatsSnapshot()
@@ -267,54 +222,119 @@ class Agent:
         Raises InputError (counted in the window; the agent keeps serving), NoModelError, InferenceError.
         """
         t0 = time.perf_counter_ns()
-        m = self._model
-        if m is None:
+        lock = self._lock
+        if not lock.acquire(False):
+            return self._predict_contended(x, t0)
+        try:  # the staged path: validated into the bound input and staging rows, run in place, result staged
+            hot = self._hot
+            if hot is None:
+                raise NoModelError("no model installed on this device; install one with `device-agent install`")
+            st = hot.staging
+            k = st.k
+            sampled = None
+            try:
+                if hot.image is None:
+                    if type(x) is not np.ndarray:
+                        x = hot.features(x)
+                    hot.validator.into(x, hot.input, st.feature_rows[k])
+                else:
+                    flat, sampled = hot.image_input(x)
+                    hot.input[0] = flat  # the runtime's bound input row
+            except InputError as exc:
+                self._reject_locked(exc.kind, exc.feature)
+                raise
+            try:
+                hot.run()
+            except InferenceError:
+                self._reject_locked("inference", None)
+                hot.vstats.errors += 1
+                raise
+            lat = time.perf_counter_ns() - t0
+            n = next(self._ids)
+            st.latency[k] = lat
+            st.started[k] = t0
+            st.ids[k] = n
+            out = hot.output
+            probs = out.tolist()[0]
+            conf = max(probs)
+            ci = probs.index(conf)
+            result = out[0].copy()
+            st.output_rows[k][...] = out
+            if hot.image is None:
+                st.nf += 1
+            elif sampled is not None:
+                hot.hold(sampled)  # its derived statistics are computed when the staged rows are binned
+            st.k = k + 1
+            self.counters.predictions += 1
+            w = self._window
+            w.count += 1  # type: ignore[union-attr]  # a model always has a window
+            if k + 1 == st.size:
+                w.flush()  # type: ignore[union-attr]
+            close = w.count >= self._window_count  # type: ignore[union-attr]
+        finally:
+            lock.release()
+        if close:
+            self._maybe_close_by_count()
+        return Prediction(f"{hot.prefix}{n}", hot.name, hot.version, hot.classes[ci], ci, conf, result, lat / 1e6)
+
+    def _predict_contended(self, x: Any, t0: int) -> Prediction:
+        """Another thread is inside predict: validate and run on private arrays (no waiting for the lock while
+        the model runs), then stage a copy of the result under the lock."""
+        hot = self._hot
+        if hot is None:
             raise NoModelError("no model installed on this device; install one with `device-agent install`")
+        sampled = None
         try:
-            if type(x) is np.ndarray:
-                row = feats = m.validator.row(x)
-            elif isinstance(x, _BYTES):
-                spec = m.manifest.input.image
-                if spec is None:
-                    raise InputError("this model takes numeric features, not an image", kind="wrong_shape")
-                self._images += 1
-                sample = (self._images - 1) % self._stats_every == 0  # derived statistics on 1 image in N
-                flat, stats = imaging.preprocess(bytes(x), spec, sample)
-                feats = stats if stats is not None else self._nan_stats
-                row = flat[None, ...]
-            elif isinstance(x, Mapping):
-                row = feats = m.validator.named(x)
+            if hot.image is None:
+                row = hot.validator.row(hot.features(x))
             else:
-                row = feats = m.validator.row(x)
+                flat, sampled = hot.image_input(x)
+                row = flat[None, ...]
         except InputError as exc:
             self._reject(exc.kind, exc.feature)
             raise
         try:
-            probs = m.runtime.run_checked(row)[0]
+            out = hot.model.runtime.run_checked(row)
         except InferenceError:
             self._reject("inference", None)
             with self._lock:
-                self._stats_locked(m).errors += 1
+                hot.vstats.errors += 1
             raise
         lat = time.perf_counter_ns() - t0
-        ci = int(probs.argmax())
-        conf = float(probs[ci])
+        result = np.array(out[0], dtype=np.float32)
+        probs = result.tolist()
+        conf = max(probs)
+        ci = probs.index(conf)
         n = next(self._ids)
-        pid = f"{self._boot}-{n}"
+        close = False
         with self._lock:
-            w = self._window
-            if w is not None:
-                w.observe(feats, probs, lat)
-                if w.count >= self._window_count:
-                    self._close_pending = True
             self.counters.predictions += 1
-            (self._cur_stats if self._model is m else self._stats_locked(m)).observe(lat)
-        if self._close_pending:
-            self._close_pending = False
-            self.close_window()
-        if self.log is not None:
-            self.log.record(n, time.time(), self._log_model, ci, conf)
-        return Prediction(pid, m.name, m.version, m.classes[ci], ci, conf, probs, lat / 1e6)
+            self.counters.contended += 1
+            if self._hot is hot:
+                st = hot.staging
+                k = st.k
+                st.outputs[k] = result
+                if hot.image is None:
+                    st.features[st.nf] = row[0]
+                    st.nf += 1
+                elif sampled is not None:
+                    hot.hold(sampled)
+                st.latency[k] = lat
+                st.started[k] = t0
+                st.ids[k] = n
+                st.k = k + 1
+                w = self._window
+                w.count += 1  # type: ignore[union-attr]
+                if k + 1 == st.size:
+                    w.flush()  # type: ignore[union-attr]
+                close = w.count >= self._window_count  # type: ignore[union-attr]
+            else:  # the model was swapped while this one ran: its window is closed; keep the log and the counters
+                hot.vstats.observe(lat)
+                if self.log is not None:
+                    self.log.record(n, time.time(), hot.log_model, ci, conf)
+        if close:
+            self._maybe_close_by_count()
+        return Prediction(f"{hot.prefix}{n}", hot.name, hot.version, hot.classes[ci], ci, conf, result, lat / 1e6)
 
     def predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
         """Predict many inputs in one runtime call; a bad input yields its InputError in place, not a failure.
@@ -324,10 +344,11 @@ class Agent:
             return self._predict_batch(xs)
 
     def _predict_batch(self, xs: Sequence[Any] | np.ndarray) -> list[Prediction | InputError]:
-        m = self._model
-        if m is None:
+        hot = self._hot
+        if hot is None:
             raise NoModelError("no model installed on this device; install one with `device-agent install`")
-        if isinstance(xs, np.ndarray) and m.manifest.input.image is None:
+        m = hot.model
+        if isinstance(xs, np.ndarray) and hot.image is None:
             t0 = time.perf_counter_ns()
             good, errors = m.validator.rows(xs)
             for e in errors:
@@ -337,19 +358,17 @@ class Agent:
                 probs = m.runtime.run(good) if len(good) else np.zeros((0, len(m.classes)), np.float32)
             except InferenceError:
                 with self._lock:
-                    self._stats_locked(m).errors += len(good)
+                    hot.vstats.errors += len(good)
                 raise
             lat = (time.perf_counter_ns() - t0) / max(1, len(good))
             out: list[Prediction | InputError] = []
             it = iter(range(len(good)))
             preds = probs.argmax(axis=1) if len(good) else np.zeros(0, np.int64)
             with self._lock:
-                if self._window is not None and len(good):
-                    self._window.observe_many(good, probs, np.full(len(good), lat))
+                if self._window is not None and self._hot is hot and len(good):
+                    self._window.observe_many(good, probs, np.full(len(good), lat))  # flushes staged rows first
                 self.counters.predictions += len(good)
-                vs = self._stats_locked(m)
-                for _ in range(len(good)):
-                    vs.observe(int(lat))
+                hot.vstats.observe_many([int(lat)] * len(good))
             now = time.time()
             for e in errors:
                 if e is not None:
@@ -358,11 +377,10 @@ class Agent:
                 i = next(it)
                 ci = int(preds[i])
                 n = next(self._ids)
-                pid = f"{self._boot}-{n}"
                 if self.log is not None:
-                    self.log.record(n, now, self._log_model, ci, float(probs[i, ci]))
-                out.append(Prediction(pid, m.name, m.version, m.classes[ci], ci, float(probs[i, ci]), probs[i],
-                                      lat / 1e6))
+                    self.log.record(n, now, hot.log_model, ci, float(probs[i, ci]))
+                out.append(Prediction(f"{hot.prefix}{n}", hot.name, hot.version, hot.classes[ci], ci,
+                                      float(probs[i, ci]), probs[i], lat / 1e6))
             self._maybe_close_by_count()
             return out
         results: list[Prediction | InputError] = []
@@ -375,9 +393,17 @@ class Agent:
 
     def _reject(self, kind: str, feature: str | None) -> None:
         with self._lock:
-            if self._window is not None:
-                self._window.reject(kind, feature)
-            self.counters.rejected[kind] = self.counters.rejected.get(kind, 0) + 1
+            self._reject_locked(kind, feature)
+
+    def _reject_locked(self, kind: str, feature: str | None) -> None:
+        if self._window is not None:
+            self._window.reject(kind, feature)
+        self.counters.rejected[kind] = self.counters.rejected.get(kind, 0) + 1
+
+    def _flush_locked(self) -> None:
+        """Bin the staged rows now (and hand them to the prediction log and the version's ring)."""
+        if self._window is not None:
+            self._window.flush()
 
     # ---- feedback --------------------------------------------------------------------------------------
     def feedback(self, prediction_id: str, label: int | str) -> None:
@@ -385,6 +411,8 @@ class Agent:
         m = self._model
         if m is None or self.log is None:
             raise FeedbackError("feedback needs an installed model and the prediction log")
+        with self._lock:
+            self._flush_locked()  # a prediction still in the staging rows is not in the log yet
         found = self.log.lookup(prediction_id)
         if found is None:
             self.counters.feedback_unmatched += 1
@@ -412,8 +440,9 @@ class Agent:
             return None
         now = utcnow()
         closed = Closed(self._window, self._model.name, self._model.version, fmt(self._window_start), fmt(now))
+        staging = self._window.handover()  # bins the staged rows into the closing window: none is lost
         self._window = Window(self._model.profile, self._model.calibration, self._model.validator.lows,
-                              self._model.validator.highs)
+                              self._model.validator.highs, staging=staging)
         self._window_start = now
         self._window_t0 = time.monotonic()
         self.counters.windows_closed += 1
@@ -430,15 +459,21 @@ class Agent:
                 closed.done.wait(30)
 
     def _maybe_close_by_count(self) -> None:
+        """Close the window if it is (still) full: two threads may both have seen it fill."""
         with self._lock:
-            full = self._window is not None and self._window.count >= self.cfg.window_count
-        if full:
-            self.close_window()
+            closed = (self._close_locked() if self._window is not None and self._window.count >= self._window_count
+                      else None)
+        if closed is not None:
+            self.summarizer.submit(closed)
 
     def tick(self) -> None:
-        """Close the window by time and pick up a new active slot; called every second by the ticker thread."""
+        """Close the window by time (else bin what is staged, so the prediction log lags a second at most) and
+        pick up a new active slot; called every second by the ticker thread."""
         if time.monotonic() - self._window_t0 >= self.cfg.window_seconds:
             self.close_window()
+        else:
+            with self._lock:
+                self._flush_locked()
         try:
             self.reload()
         except AgentError:  # keep serving the loaded model; the updater reports the broken slot

@@ -16,6 +16,8 @@ from edgefleet_contracts.manifest import InputSpec
 
 from .errors import InputError
 
+_F32 = np.dtype(np.float32)  # the native-order singleton: ``dtype is _F32`` excludes byte-swapped arrays
+
 
 class Validator:
     def __init__(self, spec: InputSpec) -> None:
@@ -25,7 +27,27 @@ class Validator:
         self.lows = np.array([f.min for f in spec.features], dtype=np.float32)
         self.highs = np.array([f.max for f in spec.features], dtype=np.float32)
         self._index = {n: i for i, n in enumerate(self.names)}
-        self._clipped = np.empty((1, self.width), dtype=np.float32)
+        self._shapes = ((1, self.width), (self.width,))
+
+    def into(self, x: Any, out: np.ndarray, also: np.ndarray | None = None) -> None:
+        """Validate one input straight into ``out`` (a preallocated float32 ``[1, F]`` row, e.g. the runtime's
+        bound input) and, when given, ``also`` (another such row, e.g. the window's staging row; the first ufunc
+        writes it, so the second copy is free). Raises InputError naming the feature; the rows are then garbage.
+
+        Hot path for a float32 array of shape ``[1, F]`` or ``[F]``: the same clamp-and-compare as :meth:`row`
+        (two ufunc calls and one byte compare), with no allocation. When ``out`` equals the input byte for byte,
+        so does ``also``: every value was already inside its range. Anything else goes through :meth:`row`.
+        """
+        if type(x) is np.ndarray and x.dtype is _F32 and x.shape in self._shapes:
+            first = out if also is None else also
+            np.fmax(x, self.lows, out=first)
+            np.fmin(first, self.highs, out=out)
+            if out.tobytes() != x.tobytes():
+                self._explain(x.reshape(-1))
+            return
+        out[...] = self.row(x)
+        if also is not None:
+            also[...] = out
 
     def row(self, x: Any) -> np.ndarray:
         """One input as a float32 ``[1, F]`` array (a private copy). Raises InputError naming the feature.

@@ -1,12 +1,16 @@
-"""One summary window: counts and sums accumulated on the hot path, with binning deferred to small batches.
+"""One summary window: counts and sums accumulated from the hot path, with binning deferred to small batches.
 
-``observe`` copies one valid row (features, probabilities, latency) into preallocated buffers — no allocation
-beyond that, no I/O. Every ``BATCH`` rows (and at window close) the buffers are binned in one vectorised pass.
-Rejected inputs are counted with ``reject``; fed-back labels with ``label``. ``to_summary`` produces the wire
-contract. No raw value is kept past the buffer flush, and the buffer itself never leaves the process.
+The hot path writes each prediction into a :class:`Staging` row — the validated features, the model's output
+and the latency — and nothing else: no allocation, no I/O (the agent's validator writes the features row in
+the same ufunc calls that check the input). Every ``BATCH`` rows, and always before a window is summarised, the
+staged rows are binned in one vectorised pass (``flush``). Rejected inputs are counted with ``reject``;
+fed-back labels with ``label``. ``to_summary`` produces the wire contract. No raw value is kept past the flush,
+and the staging rows never leave the process.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,8 +23,45 @@ BATCH = 128
 _LAT_EDGES_NS = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) * 1e6
 
 
+class Staging:
+    """Preallocated rows for up to ``size`` predictions awaiting binning.
+
+    Row ``i`` of ``outputs`` (float32 ``[size, C]``) and ``latency[i]`` belong to the ``i``-th staged
+    prediction, ``k`` of them so far. ``features`` (float32 ``[size, F]``) holds ``nf`` feature rows: one per
+    prediction for tabular models (``nf == k``), one per *sampled* image for image models (their derived
+    statistics), so ``nf <= k``. ``ids`` and ``started`` (prediction counter and
+    perf-counter start, ns) are Python lists: storing a Python int there is cheaper than a numpy store, and they
+    are read once per flush. ``feature_rows[i]`` / ``output_rows[i]`` are ``[1, F]`` / ``[1, C]`` views, made once.
+    ``on_flush(staging, predicted, confidence)``, when set, sees the staged rows (and the predicted class and
+    confidence of each, computed once for both) just before they are binned (the agent logs them then,
+    and turns ``images`` — decoded images sampled for derived statistics, ``image_bytes`` in all — into
+    feature rows).
+    """
+
+    __slots__ = ("feature_rows", "features", "ids", "image_bytes", "images", "k", "latency", "nf", "on_flush",
+                 "output_rows", "outputs", "size", "started")
+
+    def __init__(self, n_features: int, n_classes: int, size: int = BATCH) -> None:
+        self.size = size
+        self.features = np.zeros((size, n_features), dtype=np.float32)
+        self.outputs = np.zeros((size, n_classes), dtype=np.float32)
+        self.feature_rows = [self.features[i : i + 1] for i in range(size)]
+        self.output_rows = [self.outputs[i : i + 1] for i in range(size)]
+        self.latency = [0] * size
+        self.ids = [0] * size
+        self.started = [0] * size
+        self.k = 0
+        self.nf = 0
+        self.on_flush: Callable[[Staging, np.ndarray, np.ndarray], None] | None = None
+        self.images: list[np.ndarray] = []
+        self.image_bytes = 0
+
+
 class Window:
-    def __init__(self, profile: Profile, calibration: CalibrationMap, lows: np.ndarray, highs: np.ndarray) -> None:
+    def __init__(self, profile: Profile, calibration: CalibrationMap, lows: np.ndarray, highs: np.ndarray,
+                 staging: Staging | None = None) -> None:
+        """``staging``: the rows to bin from (the agent hands each new window the previous one's, which its hot
+        path keeps writing); a fresh one when omitted. Raises ValueError when their shape does not fit."""
         self.names = [f.name for f in profile.features]
         self.n_features = len(self.names)
         self.n_classes = len(profile.classes)
@@ -28,7 +69,7 @@ class Window:
         if len(lows) == self.n_features:
             self.binner.set_domain(lows, highs)
         ref = np.concatenate([np.asarray(f.counts) for f in profile.features])
-        self._empty_ref = ref == 0  # bins with no reference data: estimates there are not trustworthy
+        self._empty_ref = (ref == 0).astype(np.int64)  # bins with no reference data: estimates are untrustworthy
         self._conf_edges = np.asarray(profile.confidence_edges, dtype=np.float64)
         self._cal_edges = np.asarray(calibration.edges, dtype=np.float64)
         self._cal_acc = np.asarray(calibration.accuracy, dtype=np.float64)
@@ -46,53 +87,88 @@ class Window:
         self.errors: dict[str, int] = {}
         self.confusion: np.ndarray | None = None
         self.empty_bins = 0
-        self.count = 0
-        self._fbuf = np.empty((BATCH, self.n_features), dtype=np.float32)
-        self._pbuf = np.empty((BATCH, self.n_classes), dtype=np.float32)
-        self._lbuf = np.empty(BATCH, dtype=np.float64)
-        self._k = 0
+        self.count = 0  # predictions observed, staged ones included
+        if staging is not None and (staging.features.shape[1] != self.n_features
+                                    or staging.outputs.shape[1] != self.n_classes):
+            raise ValueError(f"staging rows are [{staging.features.shape[1]} features, {staging.outputs.shape[1]} "
+                             f"classes]; this window needs [{self.n_features}, {self.n_classes}]")
+        self.staging: Staging | None = staging if staging is not None else Staging(self.n_features, self.n_classes)
 
     # ---- hot path ----------------------------------------------------------------------------------------
-    def observe(self, features: np.ndarray, probabilities: np.ndarray, latency_ns: int) -> None:
-        k = self._k
-        self._fbuf[k] = features
-        self._pbuf[k] = probabilities
-        self._lbuf[k] = latency_ns
-        self._k = k + 1
+    def observe(self, features: np.ndarray | None, probabilities: np.ndarray, latency_ns: int) -> None:
+        """Stage one prediction (a copy of its features — None for an image whose statistics were not sampled —
+        and outputs). The agent writes staging rows directly instead; this is the convenient form."""
+        st = self.staging
+        assert st is not None, "observe on a window that handed its staging rows over"
+        k = st.k
+        if features is not None:
+            st.features[st.nf] = features
+            st.nf += 1
+        st.outputs[k] = probabilities
+        st.latency[k] = latency_ns
+        st.k = k + 1
         self.count += 1
-        if self._k == BATCH:
+        if k + 1 == st.size:
             self.flush()
 
     def observe_many(self, features: np.ndarray, probabilities: np.ndarray, latency_ns: np.ndarray) -> None:
         self.flush()
-        self._bin(np.asarray(features, np.float64), np.asarray(probabilities, np.float64),
-                  np.asarray(latency_ns, np.float64))
+        self._bin_features(np.asarray(features, np.float64))
+        p = np.asarray(probabilities)
+        if len(p):
+            self._bin_outputs(p.argmax(axis=1), p.max(axis=1).astype(np.float64),
+                              np.asarray(latency_ns, np.float64))
         self.count += len(features)
 
     # ---- batched ---------------------------------------------------------------------------------------
     def flush(self) -> None:
-        k = self._k
+        """Bin the staged rows into the counts and empty the staging (no-op once handed over)."""
+        st = self.staging
+        if st is None:
+            return
+        k = st.k
         if k:
-            self._bin(self._fbuf[:k].astype(np.float64), self._pbuf[:k].astype(np.float64), self._lbuf[:k])
-            self._k = 0
+            out = st.outputs[:k]
+            pred, conf = out.argmax(axis=1), out.max(axis=1)
+            if st.on_flush is not None:
+                st.on_flush(st, pred, conf)
+        if st.nf:
+            self._bin_features(st.features[: st.nf].astype(np.float64))
+        if k:
+            self._bin_outputs(pred, conf.astype(np.float64), np.asarray(st.latency[:k], np.float64))
+        st.k = st.nf = 0
 
-    def _bin(self, f: np.ndarray, p: np.ndarray, lat: np.ndarray) -> None:
-        if f.size:
-            ok = np.isfinite(f) & (f >= self.binner._lo) & (f <= self.binner._hi)
-            if ok.all():
-                idx = self.binner.indices_fast(f)
-            else:
-                idx = self.binner.indices(f)
-                ok = ~np.isnan(f)
-            flat = (idx + self.binner.offsets[None, :])[ok]
-            self.counts += np.bincount(flat, minlength=self.binner.total)
-            self.empty_bins += int(self._empty_ref[flat].sum())
+    def handover(self) -> Staging:
+        """Flush, then give the staging rows to the next window: this window no longer stages anything."""
+        self.flush()
+        st = self.staging
+        assert st is not None, "staging rows already handed over"
+        self.staging = None
+        return st
+
+    def _bin_features(self, f: np.ndarray) -> None:
+        if not f.size:
+            return
+        ok = np.isfinite(f) & (f >= self.binner._lo) & (f <= self.binner._hi)
+        if ok.all():  # validated rows: one search for all features, no masks
+            bc = np.bincount((self.binner.indices_fast(f) + self.binner.offsets[None, :]).ravel(),
+                             minlength=self.binner.total)
+            self.n += len(f)
+            self.sum += f.sum(axis=0)
+            self.sumsq += np.einsum("ij,ij->j", f, f)
+        else:
+            idx = self.binner.indices(f)
+            ok = ~np.isnan(f)
+            bc = np.bincount((idx + self.binner.offsets[None, :])[ok], minlength=self.binner.total)
             fz = np.where(ok, f, 0.0)
             self.n += ok.sum(axis=0)
             self.sum += fz.sum(axis=0)
             self.sumsq += (fz * fz).sum(axis=0)
-        pred = p.argmax(axis=1)
-        conf = p.max(axis=1)
+        self.counts += bc
+        self.empty_bins += int(bc @ self._empty_ref)
+
+    def _bin_outputs(self, pred: np.ndarray, conf: np.ndarray, lat: np.ndarray) -> None:
+        """Predicted classes, their confidence (float64) and latencies (ns) of a batch."""
         self.class_counts += np.bincount(pred, minlength=self.n_classes)
         ci = np.clip(np.searchsorted(self._conf_edges, conf, side="right") - 1, 0, len(self.conf_counts) - 1)
         self.conf_counts += np.bincount(ci, minlength=len(self.conf_counts))
