@@ -30,16 +30,27 @@ ERROR_KINDS = ("invalid_input", "missing_field", "unexpected_field", "wrong_shap
                "bad_image", "inference", "other")
 
 
+_INT = frozenset({int})
+_INF = float("inf")
+# The checks below test the common valid case first with exact types (``type(x) is int`` excludes bool, as the
+# isinstance test does) using C-level calls, and only otherwise run the general test that names the error: same
+# results, ~2x faster on the server's ingest path, which validates ~750 numbers per summary.
+
+
 def _int_list(v: Any, what: str, length: int | None = None) -> list[int]:
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        raise SchemaError(f"{what} must be a list of non-negative integers")
+    if type(v) is not list or not (set(map(type, v)) <= _INT and (not v or min(v) >= 0)):  # noqa: SIM102
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            raise SchemaError(f"{what} must be a list of non-negative integers")
     if length is not None and len(v) != length:
         raise SchemaError(f"{what} must have {length} entries, got {len(v)}")
     return v
 
 
 def _num(v: Any, what: str) -> float:
-    if not isinstance(v, int | float) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+    t = type(v)
+    if (t is float or t is int) and _INF > v > -_INF:  # False for NaN and the infinities
+        return float(v)
+    if not isinstance(v, int | float) or isinstance(v, bool) or v != v or v in (_INF, -_INF):
         raise SchemaError(f"{what} must be a finite number")
     return float(v)
 
@@ -108,16 +119,7 @@ class Summary:
         start, end = f.string(win, "start", "summary.window"), f.string(win, "end", "summary.window")
         if parse(end, "summary.window.end") < parse(start, "summary.window.start"):
             raise SchemaError("summary.window.end is before its start")
-        feats = []
-        for i, fd in enumerate(f.array(d, "features", w)):
-            fw = f"summary.features[{i}]"
-            fd = f.obj(fd, fw)
-            feats.append(FeatureWindow(
-                f.string(fd, "name", fw), _int_list(fd.get("counts"), f"{fw}.counts"),
-                f.integer(fd, "missing", fw, minimum=0), f.integer(fd, "nan", fw, minimum=0),
-                f.integer(fd, "out_of_range", fw, minimum=0), f.integer(fd, "n", fw, minimum=0),
-                _num(fd.get("sum"), f"{fw}.sum"), _num(fd.get("sumsq"), f"{fw}.sumsq"),
-            ))
+        feats = [_feature(fd, i) for i, fd in enumerate(f.array(d, "features", w))]
         out = f.obj(d.get("output"), "summary.output")
         class_counts = _int_list(out.get("class_counts"), "summary.output.class_counts")
         cal = out.get("calibrated_sum")
@@ -153,6 +155,26 @@ class Summary:
             epsilon=_num(eps, "summary.privacy.epsilon") if eps is not None else None,
             epsilon_spent=_num(priv.get("epsilon_spent", 0.0), "summary.privacy.epsilon_spent"),
         )
+
+
+def _feature(fd: Any, i: int) -> FeatureWindow:
+    """One validated feature window (see the note above ``_int_list``)."""
+    if type(fd) is dict:
+        name, counts, s, ss = fd.get("name"), fd.get("counts"), fd.get("sum"), fd.get("sumsq")
+        ints: tuple[Any, ...] = (fd.get("missing"), fd.get("nan"), fd.get("out_of_range"), fd.get("n"))
+        if (type(name) is str and name and type(counts) is list and set(map(type, counts)) <= _INT
+                and (not counts or min(counts) >= 0) and set(map(type, ints)) == _INT and min(ints) >= 0
+                and (type(s) is float or type(s) is int) and (type(ss) is float or type(ss) is int)
+                and _INF > s > -_INF and _INF > ss > -_INF):
+            return FeatureWindow(name, counts, ints[0], ints[1], ints[2], ints[3], float(s), float(ss))
+    fw = f"summary.features[{i}]"
+    fd = f.obj(fd, fw)
+    return FeatureWindow(
+        f.string(fd, "name", fw), _int_list(fd.get("counts"), f"{fw}.counts"),
+        f.integer(fd, "missing", fw, minimum=0), f.integer(fd, "nan", fw, minimum=0),
+        f.integer(fd, "out_of_range", fw, minimum=0), f.integer(fd, "n", fw, minimum=0),
+        _num(fd.get("sum"), f"{fw}.sum"), _num(fd.get("sumsq"), f"{fw}.sumsq"),
+    )
 
 
 def _add(a: list[Any], b: list[Any], what: str) -> list[Any]:

@@ -92,6 +92,7 @@ class MqttIngest(IngestSource):
         self._ack_poll = ack_poll
         self._username, self._password, self._tls_ca = username, password, tls_ca
         self._topics = [(subscription(settings.fleet, k), 1) for k in KINDS]
+        self._parsed_topics: dict[str, tuple[str, str]] = {}  # topic -> (kind, device): parsed once, bounded
         self._random = random.Random()
 
         self._lock = threading.Lock()  # guards counters and state read from other threads
@@ -294,9 +295,7 @@ class MqttIngest(IngestSource):
             return
         self._count("messages")
         try:
-            t = parse_topic(message.topic)
-            if t.fleet != self.fleet or t.kind not in KINDS:
-                raise SchemaError(f"topic {message.topic!r} is not one this server ingests")
+            kind, device = self._topic(message.topic)
         except (SchemaError, UnicodeDecodeError) as exc:
             self._count("ignored")
             log.warning("mqtt ingest: ignoring a message: %s", exc)
@@ -311,7 +310,21 @@ class MqttIngest(IngestSource):
                 acks.put((connection, mid, outcome.ok))
 
             self._outstanding += 1
-        self._submit(t.kind, bytes(message.payload), topic_device=t.device, source="mqtt", done=done)
+        self._submit(kind, bytes(message.payload), topic_device=device, source="mqtt", done=done)
+
+    def _topic(self, name: str) -> tuple[str, str]:
+        """(kind, device) of one of our topics, parsed once per topic (a cache of at most 4096 topics, emptied
+        when full). Raises SchemaError for a topic this server does not ingest."""
+        known = self._parsed_topics.get(name)
+        if known is not None:
+            return known
+        t = parse_topic(name)
+        if t.fleet != self.fleet or t.kind not in KINDS:
+            raise SchemaError(f"topic {name!r} is not one this server ingests")
+        if len(self._parsed_topics) >= 4096:
+            self._parsed_topics.clear()
+        self._parsed_topics[name] = (t.kind, t.device)
+        return t.kind, t.device
 
 
 def mqtt_source(settings: ServerSettings, service: IngestService, **kwargs: Any) -> MqttIngest:

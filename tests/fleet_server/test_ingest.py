@@ -184,7 +184,7 @@ def test_a_bad_message_is_rejected_quarantined_and_counted_and_ingest_goes_on(ht
 @pytest.mark.parametrize("json_lib", ["orjson", "std-lib json"])
 def test_both_json_paths_refuse_the_same_malformed_messages(fleet: Fleet, json_lib: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import fleet_server.ingest as ingest_module
+    import fleet_server.ingest.parsing as ingest_module
 
     if json_lib == "std-lib json":
         monkeypatch.setattr(ingest_module, "_orjson", None)

@@ -1,0 +1,412 @@
+"""The one validation path (MQTT and HTTP) for summaries, reports and heartbeats; see the package docstring
+for the checks, their order and their reason tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from edgefleet_contracts.canonical import canonical_bytes
+from edgefleet_contracts.errors import ContractError, SchemaError
+from edgefleet_contracts.report import Report
+from edgefleet_contracts.signing import envelope_signatures, public_from_b64, short
+from edgefleet_contracts.summary import Summary
+from edgefleet_contracts.timeutil import fmt, parse
+from edgefleet_contracts.topics import check_id
+
+from ..errors import RejectedError
+from ..settings import ServerSettings
+from ..store import Store
+from .parsing import canonical_fast, claimed_device, compact_json, dump, parse_json
+from .ratelimit import RateLimiter
+from .results import (
+    FUTURE_SKEW,
+    KINDS,
+    MAX_ENVELOPES,
+    MAX_MESSAGE_BYTES,
+    QUARANTINE_PAYLOAD_BYTES,
+    Accepted,
+    Checked,
+    Rejection,
+    ReportUpdate,
+    Submission,
+    reject,
+)
+from .signatures import DeviceKey
+
+__all__ = ["Validator"]
+
+log = logging.getLogger(__name__)
+
+
+# One message to validate: (kind, payload, topic device, source).
+Work = tuple[str, bytes, str | None, str]
+# A summary that passed the checks before its signature: (index, summary, canonical bytes, envelope).
+_Staged = tuple[int, Summary, bytes, dict[str, Any]]
+# A wire timestamp already in the normalised form fmt() writes (then it is its own normalised form).
+_NORMAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_KEY_CHUNK = 500
+
+
+class Validator:
+    """The one validation path (MQTT and HTTP). Thread-safe.
+
+    A device's enrolled key is read from the store once per batch of messages (one query for the batch's
+    MQTT topic devices, then a primary-key look-up for any other device), so a re-enrolled or removed device
+    takes effect for every batch validated after it committed, in every validator thread or process; parsed
+    keys and published versions are cached (a version is re-read on a miss). Whether a summary is already
+    stored is also one query per batch.
+    """
+
+    def __init__(self, settings: ServerSettings, store: Store, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.limiter = RateLimiter(settings.device_rate_per_minute,
+                                   quarantine_per_minute=settings.rate_limited_quarantine_per_minute,
+                                   monotonic=monotonic)
+        self._parsed: dict[str, DeviceKey] = {}  # base64 public key -> parsed key
+        self._versions: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()  # .memo: device id -> key, for the batch being checked
+
+    # ---- look-ups ---------------------------------------------------------------------------------------
+    def _new_batch(self, devices: Sequence[str] = ()) -> None:
+        """Forget the keys read for the previous batch; read those of ``devices`` in one query."""
+        memo: dict[str, DeviceKey | None] = {}
+        wanted = sorted(set(devices))
+        for i in range(0, len(wanted), _KEY_CHUNK):
+            chunk = wanted[i:i + _KEY_CHUNK]
+            rows = self.store.query("SELECT device_id, public_key FROM devices WHERE device_id IN "
+                                    f"({','.join('?' * len(chunk))})", tuple(chunk))
+            found = {str(r[0]): str(r[1]) for r in rows}
+            for d in chunk:
+                memo[d] = self._parse_key(d, found[d]) if d in found else None
+        self._local.memo = memo
+
+    def _device_key(self, device_id: str) -> DeviceKey | None:
+        """The device's enrolled key (None when not enrolled), read once per batch."""
+        memo: dict[str, DeviceKey | None] | None = getattr(self._local, "memo", None)
+        if memo is not None and device_id in memo:
+            return memo[device_id]
+        row = self.store.one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+        entry = None if row is None else self._parse_key(device_id, str(row["public_key"]))
+        if memo is not None:
+            memo[device_id] = entry
+        return entry
+
+    def _parse_key(self, device_id: str, b64: str) -> DeviceKey | None:
+        with self._lock:
+            entry = self._parsed.get(b64)
+        if entry is None:
+            try:
+                key = public_from_b64(b64)
+            except SchemaError:
+                log.error("device %s has an unusable public key in the store; re-enroll it", device_id)
+                return None
+            entry = DeviceKey(key)
+            with self._lock:
+                self._parsed[b64] = entry
+        return entry
+
+    def _published(self, model: str, version: str) -> bool:
+        with self._lock:
+            if (model, version) in self._versions:
+                return True
+        row = self.store.one("SELECT 1 FROM model_versions WHERE name = ? AND version = ?", (model, version))
+        if row is None:
+            return False
+        with self._lock:
+            self._versions.add((model, version))
+        return True
+
+    def _stored(self, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which ``(device_id, seq)`` are already stored (duplicates take no token): one indexed query per
+        chunk (a join with a VALUES list: SQLite scans the whole table for ``(a, b) IN (VALUES ...)``)."""
+        found: set[tuple[str, int]] = set()
+        for i in range(0, len(keys), _KEY_CHUNK):
+            chunk = keys[i:i + _KEY_CHUNK]
+            values = ",".join("(?,?)" for _ in chunk)
+            rows = self.store.query(f"SELECT s.device_id, s.seq FROM (VALUES {values}) AS k JOIN summaries AS s"
+                                    " ON s.device_id = k.column1 AND s.seq = k.column2",
+                                    tuple(x for key in chunk for x in key))
+            found.update((str(r[0]), int(r[1])) for r in rows)
+        return found
+
+    # ---- shared steps -----------------------------------------------------------------------------------
+    def _verify(self, device_id: str, signed_bytes: bytes, envelope: dict[str, Any], what: str) -> bytes:
+        """The signed bytes that verified (``signed_bytes`` or the exact canonical form). Raises
+        RejectedError(bad_signature) unless a signature by the device's enrolled key verifies."""
+        try:
+            signed, sigs = envelope_signatures(envelope, what)
+        except SchemaError as exc:
+            raise reject("bad_signature", str(exc)) from None
+        if not sigs:
+            raise reject("bad_signature", f"{what} is unsigned: it carries no signature")
+        dk = self._device_key(device_id)
+        if dk is None:
+            raise reject("unknown_device", f"device {device_id!r} is not enrolled (any more)")
+        for keyid, sig in sigs:
+            if keyid != dk.keyid:
+                continue
+            if dk.verify(sig, signed_bytes):
+                return signed_bytes
+            exact = canonical_bytes(signed)
+            if exact != signed_bytes and dk.verify(sig, exact):
+                return exact
+            break
+        enrolled = short(dk.keyid)
+        seen = ", ".join(short(k) for k, _ in sigs)
+        raise reject("bad_signature", f"{what} is not validly signed by device {device_id}'s enrolled key "
+                                      f"{enrolled} (signed by {seen}); re-enroll the device if its key changed")
+
+    def _not_future(self, times: list[tuple[str, datetime]], now: float) -> None:
+        limit = datetime.fromtimestamp(now, UTC) + FUTURE_SKEW
+        for name, t in times:
+            if t > limit:
+                raise reject("future_timestamp", f"{name} {fmt(t)} is more than {int(FUTURE_SKEW.total_seconds())}"
+                                                 f" s ahead of the server clock ({fmt(limit - FUTURE_SKEW)}); "
+                                                 "check the device clock")
+
+    def _envelope_shape(self, env: Any, what: str) -> dict[str, Any]:
+        if not isinstance(env, dict) or set(env) != {"signed", "signatures"} or not isinstance(env["signed"], dict):
+            raise reject("shape", f"{what} is not a signed envelope with exactly 'signed' (an object) and "
+                                  "'signatures'")
+        return env["signed"]
+
+    # ---- summaries --------------------------------------------------------------------------------------
+    def validate(self, payload: bytes, *, topic_device: str | None, source: str) -> Checked:
+        """Check one summary message (one envelope or a list of them), rate limit included.
+
+        Raises RejectedError (too_large, malformed_json, shape) when the whole message is refused; otherwise
+        returns the accepted summaries and the per-envelope rejections (see the module docstring for the order).
+        """
+        return self.admit(self.precheck(payload, topic_device=topic_device, source=source,
+                                        over_rate=self.limiter.over_rate()))
+
+    def precheck(self, payload: bytes, *, topic_device: str | None, source: str,
+                 over_rate: frozenset[str] = frozenset()) -> Checked:
+        """Every check but taking rate tokens (``admit`` does that, where the buckets are): runs in a
+        validator thread or process. ``over_rate`` (devices with an empty bucket) is refused before the
+        signature check. Raises RejectedError when the whole message is refused."""
+        self._new_batch([topic_device] if topic_device else [])
+        staged, rejected = self._stage(payload, topic_device, source)
+        stored = self._stored([(s.device_id, s.seq) for _, s, _, _ in staged])
+        return self._settle(staged, rejected, stored, topic_device, over_rate, self.clock())
+
+    def _stage(self, payload: bytes, topic_device: str | None,
+               source: str) -> tuple[list[_Staged], list[Rejection]]:
+        """The checks before the signature, for every envelope of a message (cheapest first). Raises
+        RejectedError when the whole message is refused."""
+        doc = parse_json(payload, MAX_MESSAGE_BYTES)
+        envelopes = doc if isinstance(doc, list) else [doc]
+        if not envelopes:
+            raise reject("shape", "message holds an empty list: send one envelope or a list of 1.."
+                                  f"{MAX_ENVELOPES}")
+        if len(envelopes) > MAX_ENVELOPES:
+            raise reject("shape", f"message holds {len(envelopes)} envelopes; at most {MAX_ENVELOPES} per "
+                                  "message")
+        rejected: list[Rejection] = []
+        staged: list[_Staged] = []
+        for i, env in enumerate(envelopes):
+            try:
+                staged.append((i, *self._check_summary(env, i, topic_device, source)))
+            except RejectedError as exc:
+                signed = env.get("signed") if isinstance(env, dict) else None
+                rejected.append(Rejection(i, exc.reason, str(exc), topic_device or claimed_device(signed),
+                                          dump(env)))
+        return staged, rejected
+
+    def _settle(self, staged: list[_Staged], rejected: list[Rejection], stored: set[tuple[str, int]],
+                topic_device: str | None, over_rate: frozenset[str], now: float) -> Checked:
+        """The signature, model-version and timestamp checks of staged summaries (``stored``: which are
+        already stored, so duplicates)."""
+        accepted: list[Accepted] = []
+        horizon = fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)  # normalised times compare as strings
+        for i, s, signed_bytes, env in staged:
+            duplicate = (s.device_id, s.seq) in stored
+            try:
+                if not duplicate and s.device_id in over_rate:
+                    raise self._over_rate(s.device_id)
+                what = f"summary [{i}] ({s.device_id} seq {s.seq})"
+                signed_bytes = self._verify(s.device_id, signed_bytes, env, what)
+                if not self._published(s.model, s.version):
+                    raise reject("unknown_model_version", f"{what}: model {s.model} version {s.version} is not "
+                                                          "published; publish it before its devices report")
+                start, end = s.start, s.end
+                if not (_NORMAL_TIME.fullmatch(start) and _NORMAL_TIME.fullmatch(end)
+                        and start <= horizon and end <= horizon):
+                    t0, t1 = parse(start, "window.start"), parse(end, "window.end")
+                    self._not_future([(f"{what}: window.start", t0), (f"{what}: window.end", t1)], now)
+                    start, end = fmt(t0), fmt(t1)
+            except RejectedError as exc:
+                rejected.append(Rejection(i, exc.reason, str(exc), topic_device or s.device_id, dump(env)))
+                continue
+            accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.count,
+                                     signed_bytes.decode(), compact_json(env["signatures"]), duplicate))
+        rejected.sort(key=lambda r: r.index or 0)
+        return Checked(accepted, rejected)
+
+    def admit(self, checked: Checked) -> Checked:
+        """Take one token per new (not already stored) summary; refuse the rest as ``rate_limited``. Every
+        ``rate_limited`` refusal (also those of stage one) takes a token of the device's quarantine allowance,
+        or is marked not ``kept`` (dropped and counted) when there is none left."""
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        for r in checked.rejected:
+            if r.reason == "rate_limited" and r.device_id is not None and not self.limiter.quarantine(r.device_id):
+                r = replace(r, kept=False)
+            rejected.append(r)
+        for a in checked.accepted:
+            if a.duplicate or self.limiter.take(a.device_id):
+                accepted.append(a)
+            else:
+                exc = self._over_rate(a.device_id)
+                rejected.append(Rejection(a.index, exc.reason, str(exc), a.device_id, a.envelope(),
+                                          self.limiter.quarantine(a.device_id)))
+        rejected.sort(key=lambda r: r.index or 0)
+        return Checked(accepted, rejected)
+
+    def _over_rate(self, device_id: str) -> RejectedError:
+        return reject("rate_limited", f"device {device_id} is over {self.settings.device_rate_per_minute} "
+                                      "summaries a minute; send fewer, larger windows (or raise "
+                                      "device_rate_per_minute)")
+
+    def _check_summary(self, env: Any, i: int, topic_device: str | None,
+                       source: str) -> tuple[Summary, bytes, dict[str, Any]]:
+        what = f"summary [{i}]"
+        signed = self._envelope_shape(env, what)
+        signed_bytes = canonical_fast(signed)  # the bytes the device signed (see _verify)
+        if len(signed_bytes) > self.settings.max_summary_bytes:
+            raise reject("too_large", f"{what} is {len(signed_bytes)} bytes, over the "
+                                      f"{self.settings.max_summary_bytes}-byte summary limit")
+        try:
+            s = Summary.from_dict(signed)
+        except ContractError as exc:
+            raise reject("schema", f"{what}: {exc}") from None
+        if self._device_key(s.device_id) is None:
+            raise reject("unknown_device", f"{what}: device {s.device_id!r} is not enrolled; enroll it "
+                                           "(`fleet-server devices enroll`) before it reports")
+        if source == "mqtt" and topic_device != s.device_id:
+            raise reject("topic_mismatch", f"{what} is for device {s.device_id!r} but came on the topic of "
+                                           f"device {topic_device!r}")
+        return s, signed_bytes, env
+
+    # ---- reports and heartbeats -------------------------------------------------------------------------
+    def validate_report(self, payload: bytes, *, topic_device: str | None, source: str) -> ReportUpdate:
+        """Check a signed report envelope. Raises RejectedError with the same reasons as summaries."""
+        self._new_batch([topic_device] if topic_device else [])
+        return self._report(payload, topic_device, source)
+
+    def _report(self, payload: bytes, topic_device: str | None, source: str) -> ReportUpdate:
+        env = parse_json(payload, MAX_MESSAGE_BYTES)
+        signed = self._envelope_shape(env, "report")
+        signed_bytes = canonical_fast(signed)
+        if len(signed_bytes) > self.settings.max_summary_bytes:
+            raise reject("too_large", f"report is {len(signed_bytes)} bytes, over the "
+                                         f"{self.settings.max_summary_bytes}-byte limit")
+        try:
+            r = Report.from_dict(signed)
+        except ContractError as exc:
+            raise reject("schema", str(exc)) from None
+        if self._device_key(r.device_id) is None:
+            raise reject("unknown_device", f"report: device {r.device_id!r} is not enrolled")
+        if source == "mqtt" and topic_device != r.device_id:
+            raise reject("topic_mismatch", f"report is for device {r.device_id!r} but came on the topic of "
+                                              f"device {topic_device!r}")
+        self._verify(r.device_id, signed_bytes, env, f"report of {r.device_id}")
+        at = parse(r.at, "report.at")
+        self._not_future([("report.at", at)], self.clock())
+        return ReportUpdate(r.device_id, at, json.dumps(r.to_dict(), sort_keys=True, separators=(",", ":")))
+
+    def validate_heartbeat(self, payload: bytes, *, topic_device: str | None) -> str:
+        """The enrolled device a heartbeat is from. Raises RejectedError (heartbeats are unsigned)."""
+        self._new_batch([topic_device] if topic_device else [])
+        return self._heartbeat(payload, topic_device)
+
+    def _heartbeat(self, payload: bytes, topic_device: str | None) -> str:
+        doc = parse_json(payload, 4096)
+        if not isinstance(doc, dict) or not isinstance(doc.get("device_id"), str):
+            raise reject("shape", "heartbeat must be an object with a string device_id")
+        try:
+            device_id = check_id(doc["device_id"], "heartbeat.device_id")
+        except SchemaError as exc:
+            raise reject("schema", str(exc)) from None
+        if self._device_key(device_id) is None:
+            raise reject("unknown_device", f"heartbeat: device {device_id!r} is not enrolled")
+        if topic_device is not None and topic_device != device_id:
+            raise reject("topic_mismatch", f"heartbeat is for device {device_id!r} but came on the topic of "
+                                              f"device {topic_device!r}")
+        return device_id
+
+    # ---- messages -----------------------------------------------------------------------------------------
+    def check(self, kind: str, payload: bytes, *, topic_device: str | None, source: str,
+              over_rate: frozenset[str] = frozenset()) -> Submission:
+        """Stage one (any thread or validator process): validate a message of ``kind`` into a Submission for
+        the writer, taking no rate tokens (``admit_submission`` does). Never raises: a refused message
+        becomes a Submission holding its quarantine row."""
+        return self.check_batch([(kind, payload, topic_device, source)], over_rate)[0]
+
+    def check_batch(self, work: Sequence[Work], over_rate: frozenset[str] = frozenset()) -> list[Submission]:
+        """``check`` for several messages at once, in order: the device keys of their MQTT topics are read in
+        one query and which summaries are already stored in another. Never raises."""
+        self._new_batch([td for _, _, td, _ in work if td])
+        now = self.clock()
+        subs: list[Submission] = []
+        pending: list[tuple[Submission, bytes, str | None, list[_Staged], list[Rejection]]] = []
+        for kind, payload, topic_device, source in work:
+            sub = Submission(kind, source, now)
+            subs.append(sub)
+            try:
+                if kind == "summary":
+                    staged, rejected = self._stage(payload, topic_device, source)
+                    pending.append((sub, payload, topic_device, staged, rejected))
+                elif kind == "report":
+                    sub.report = self._report(payload, topic_device, source)
+                    sub.seen = (sub.report.device_id,)
+                elif kind == "heartbeat":
+                    sub.seen = (self._heartbeat(payload, topic_device),)
+                else:
+                    raise reject("shape", f"unknown message kind {kind!r}; known: {', '.join(KINDS)}")
+            except Exception as exc:
+                self._refuse(sub, exc, payload, topic_device)
+        try:
+            stored = self._stored([(s.device_id, s.seq) for *_, staged, _ in pending for _, s, _, _ in staged])
+        except Exception as exc:  # e.g. the store is unreadable: as for any failed check, quarantine and say why
+            for sub, payload, topic_device, _, _ in pending:
+                self._refuse(sub, exc, payload, topic_device)
+            return subs
+        for sub, payload, topic_device, staged, rejected in pending:
+            try:
+                checked = self._settle(staged, rejected, stored, topic_device, over_rate, now)
+                sub.summaries, sub.rejections = checked.accepted, checked.rejected
+            except Exception as exc:
+                self._refuse(sub, exc, payload, topic_device)
+        return subs
+
+    @staticmethod
+    def _refuse(sub: Submission, exc: Exception, payload: bytes, topic_device: str | None) -> None:
+        """Make ``sub`` the quarantine row of its whole message (a bug becomes reason ``internal``)."""
+        sub.summaries, sub.report, sub.seen = [], None, ()
+        if isinstance(exc, RejectedError):
+            sub.rejections = [Rejection(None, exc.reason, str(exc), topic_device, payload[:QUARANTINE_PAYLOAD_BYTES])]
+            return
+        log.error("validating a %s message failed unexpectedly", sub.kind, exc_info=exc)
+        sub.rejections = [Rejection(None, "internal", f"server error while validating: {exc!r}", topic_device,
+                                    payload[:QUARANTINE_PAYLOAD_BYTES])]
+
+    def admit_submission(self, sub: Submission) -> Submission:
+        """Stage two (where the rate buckets are): take tokens for the new summaries of ``sub``."""
+        if sub.kind == "summary" and (sub.summaries or sub.rejections):
+            checked = self.admit(Checked(sub.summaries, sub.rejections))
+            sub.summaries, sub.rejections = checked.accepted, checked.rejected
+            sub.seen = tuple(sorted({a.device_id for a in checked.accepted}))
+        return sub

@@ -1,0 +1,209 @@
+"""The durable writer: one thread, group commits of validated submissions, quarantine rows, then callbacks.
+
+See the package docstring for the guarantees (ack only after commit, idempotent on ``(device_id, seq)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.timeutil import parse
+
+from ..settings import ServerSettings
+from ..store import Store
+from .counters import IngestCounters
+from .results import QUARANTINE_PAYLOAD_BYTES, Outcome, ReportUpdate, Submission
+
+__all__ = ["IngestWriter"]
+
+log = logging.getLogger(__name__)
+
+_INSERT_SUMMARY = ("INSERT OR IGNORE INTO summaries (device_id, seq, model, version, window_start, window_end, count,"
+                   " body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_QUARANTINE = ("INSERT INTO quarantine (received, source, device_id, reason, detail, payload)"
+                      " VALUES (?, ?, ?, ?, ?, ?)")
+_MAX_DETAIL = 2000
+
+
+class IngestWriter:
+    """One thread that commits submissions in batches and then runs their ``done`` callbacks.
+
+    A transaction holds up to ``settings.ingest_batch`` rows (summaries, quarantine rows, reports); a single
+    submission is never split. A failing transaction is retried ``retries`` times with backoff; if it still
+    fails, each callback gets ``Outcome(error=...)`` (nothing was committed, so nothing may be acknowledged).
+    """
+
+    def __init__(self, settings: ServerSettings, store: Store, *, counters: IngestCounters | None = None,
+                 retries: int = 3) -> None:
+        self.settings = settings
+        self.store = store
+        self.counters = counters or IngestCounters()
+        self.retries = retries
+        self._queue: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._pending = 0  # submitted, callback not yet run
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return self._pending
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._accepting = True
+            self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, sub: Submission) -> None:
+        """Queue a submission (never blocks). After ``stop()`` its callback gets an error at once."""
+        with self._cond:
+            accepting = self._accepting
+            if accepting:
+                self._pending += 1
+        if not accepting:
+            self._finish(sub, Outcome(rejected=[], error="ingest writer is stopped"))
+            return
+        n = len(sub.summaries) + len(sub.rejections) if sub.kind == "summary" else 1
+        self.counters.add_received(sub.kind, n)
+        self._queue.put(sub)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (bounded) until every submitted callback ran; returns whether it did."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Commit what is queued (bounded by ``timeout``), then end the thread. Returns whether it ended."""
+        with self._cond:
+            thread, self._accepting = self._thread, False
+        if thread is None:
+            return True
+        self._queue.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("ingest writer did not finish within %.1f s; %d messages not committed", timeout, self.pending)
+            return False
+        with self._cond:
+            self._thread = None
+        return True
+
+    # ---- thread -----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        carry: Submission | None = None  # taken from the queue but over the previous batch's row limit
+        while not stopping or carry is not None:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is None:
+                break
+            batch, rows = [first], first.rows
+            while rows < self.settings.ingest_batch and not stopping:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                elif rows + nxt.rows > self.settings.ingest_batch:
+                    carry = nxt
+                    break
+                else:
+                    batch.append(nxt)
+                    rows += nxt.rows
+            self._commit(batch)
+
+    def _commit(self, batch: list[Submission]) -> None:
+        error: str | None = None
+        outcomes: list[Outcome] = []
+        for attempt in range(self.retries + 1):
+            try:
+                outcomes = self._write(batch)
+                error = None
+                break
+            except Exception as exc:  # sqlite3 errors, disk full: retry, then fail the callbacks (no ack)
+                error = f"store write failed: {exc!r}"
+                log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt + 1, exc)
+                time.sleep(min(1.0, 0.05 * 2 ** attempt))
+        if error is not None:
+            self.counters.add_write_error()
+            outcomes = [Outcome(error=error) for _ in batch]
+        else:
+            self.counters.add_committed(list(zip(batch, outcomes, strict=True)))
+        for sub, out in zip(batch, outcomes, strict=True):
+            self._finish(sub, out)
+            with self._cond:
+                self._pending -= 1
+                if not self._pending:
+                    self._cond.notify_all()
+
+    @staticmethod
+    def _finish(sub: Submission, out: Outcome) -> None:
+        if sub.done is None:
+            return
+        try:
+            sub.done(out)
+        except Exception:
+            log.exception("an ingest completion callback failed")
+
+    def _write(self, batch: list[Submission]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        seen: dict[str, float] = {}
+        with self.store.write() as c:
+            for sub in batch:
+                out = Outcome(rejected=list(sub.rejections))
+                if sub.summaries:
+                    cur = c.executemany(_INSERT_SUMMARY, [
+                        (a.device_id, a.seq, a.model, a.version, a.start, a.end, a.count, a.body, sub.received)
+                        for a in sub.summaries])
+                    out.accepted = max(cur.rowcount, 0)
+                    out.duplicates = len(sub.summaries) - out.accepted
+                if sub.rejections:
+                    c.executemany(_INSERT_QUARANTINE, [
+                        (sub.received, sub.source, r.device_id, r.reason, r.detail[:_MAX_DETAIL],
+                         r.payload[:QUARANTINE_PAYLOAD_BYTES]) for r in sub.rejections if r.kept])
+                if sub.report is not None:
+                    if self._store_report(c, sub.report):
+                        out.accepted = 1
+                    else:
+                        out.duplicates = 1
+                for d in sub.seen:
+                    seen[d] = max(seen.get(d, 0.0), sub.received)
+                outcomes.append(out)
+            if seen:
+                c.executemany("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE device_id = ?",
+                              [(t, d) for d, t in seen.items()])
+        return outcomes
+
+    @staticmethod
+    def _store_report(c: Any, report: ReportUpdate) -> bool:
+        row = c.execute("SELECT reported FROM devices WHERE device_id = ?", (report.device_id,)).fetchone()
+        if row is None:
+            return False
+        if row["reported"]:
+            try:
+                current: datetime | None = parse(json.loads(row["reported"]).get("at"), "reported.at")
+            except (ValueError, AttributeError, SchemaError):
+                current = None  # unreadable: replace it
+            # Strictly older only: reports carry second-resolution times, and several state changes often fall in
+            # one second; MQTT keeps one device's messages on one topic in order, so the later arrival is newer.
+            if current is not None and report.at < current:
+                return False
+        c.execute("UPDATE devices SET reported = ? WHERE device_id = ?", (report.document, report.device_id))
+        return True
