@@ -83,30 +83,48 @@ def conditions(model: str, version: str, scope: str, h: dict[str, Any], rules: A
     return out
 
 
-def scopes(agg: Aggregate, rules: AlertRules) -> list[tuple[str, list[str]]]:
-    """Fleet-wide, then each cohort (tag=value) that is a proper, tagged subset of the reporting devices."""
+def scopes(agg: Aggregate, rules: AlertRules, enrolled: dict[str, dict[str, str]] | None = None
+           ) -> list[tuple[str, list[str]]]:
+    """Fleet-wide, then each tagged cohort (tag=value) of the reporting devices that is a proper subset of
+    the fleet: of the devices reporting, or, when every reporting device is in it (only that cohort has
+    reported so far), of the ``enrolled`` devices (device -> tags). Without the second test, which scopes are
+    judged would depend on whose summaries arrived first, and a shift in one site could page as "fleet"."""
     everyone = sorted(agg.devices)
     out = [("fleet", everyone)]
     for tag in rules.cohort_tags if rules.cohort_tags is not None else agg.tag_keys():
         for value, members in agg.cohorts(tag).items():
-            if value != UNTAGGED and len(members) < len(everyone):
+            if value == UNTAGGED:
+                continue
+            proper = len(members) < len(everyone)
+            if not proper and enrolled:
+                proper = sum(t.get(tag) == value for t in enrolled.values()) < len(enrolled)
+            if proper:
                 out.append((f"{tag}={value}", members))
     return out
+
 
 def group_conditions(found: list[tuple[str, Condition]]) -> list[tuple[str, Condition]]:
     """One page per (version, kind), not one per scope: a shift in one site also shows in the fleet and in every
     cohort that shares devices with it, and paging for each would teach on-call to ignore the pager.
 
-    The headline is the most specific scope (fewest devices; a tag cohort before the fleet), which is usually
-    where the cause is; every affected scope is listed in the evidence (``scopes``). The dedup key uses the
-    fixed scope ``grouped``, so a change of headline between evaluations refreshes the same alert.
+    The headline is where the cause most likely is: a tag cohort before the fleet; among cohorts, one that
+    *isolates* the condition (no other value of its tag meets it: site north drifts, south and east do not)
+    before one that does not (hardware rpi4 and rpi5 both hold a north device, so both drift); then the
+    fewest devices. Every affected scope is listed in the evidence (``scopes``). The dedup key uses the fixed
+    scope ``grouped``, so a change of headline between evaluations refreshes the same alert.
     """
     by: dict[tuple[str, str], list[Condition]] = {}
     for version, cond in found:
         by.setdefault((version, cond.kind), []).append(cond)
     out: list[tuple[str, Condition]] = []
     for (version, kind), conds in by.items():
-        conds.sort(key=lambda c: (c.scope == "fleet", c.evidence.get("device_count", 0) or 0, c.scope))
+        tags = [c.scope.split("=", 1)[0] for c in conds if c.scope != "fleet"]
+
+        def isolates(c: Condition, tags: list[str] = tags) -> bool:
+            return c.scope != "fleet" and tags.count(c.scope.split("=", 1)[0]) == 1
+
+        conds.sort(key=lambda c: (c.scope == "fleet", not isolates(c), c.evidence.get("device_count", 0) or 0,
+                                  c.scope))
         head = conds[0]
         others = [c.scope for c in conds[1:]]
         evidence = {**head.evidence, "scope": head.scope,

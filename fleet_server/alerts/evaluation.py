@@ -67,6 +67,8 @@ def evaluate(store: Store, now: float | None = None) -> Evaluation:
     t0 = time.perf_counter()
     now = time.time() if now is None else now
     result = Evaluation()
+    enrolled = {r["device_id"]: json.loads(r["tags"] or "{}")
+                for r in store.query("SELECT device_id, tags FROM devices")}
     for m in store.query("SELECT name FROM models ORDER BY name"):
         model = m["name"]
         try:
@@ -89,7 +91,7 @@ def evaluate(store: Store, now: float | None = None) -> Evaluation:
             if not agg.devices:
                 continue
             result.versions += 1
-            for scope, members in scopes(agg, rules):
+            for scope, members in scopes(agg, rules, enrolled):
                 result.scopes += 1
                 vec, span = agg.total(members)
                 h = assess(ref, agg.layout, vec, rules.health)
@@ -103,7 +105,7 @@ def evaluate(store: Store, now: float | None = None) -> Evaluation:
             raised: set[str] = set()
             for version, cond in found:
                 what, alert_id = raise_alert(c, model, version, cond.kind, cond.scope, cond.summary, cond.evidence,
-                                             now, rules.cooldown_s)
+                                             now, rules.cooldown_s, rules.settle_s)
                 raised.add(dedup_key(model, version, cond.kind, cond.scope))
                 if what == "opened" and alert_id is not None:
                     result.opened.append(alert_id)

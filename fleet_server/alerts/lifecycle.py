@@ -32,8 +32,10 @@ def record_event(c: Any, at: float, kind: str, subject: str, detail: dict[str, A
 
 
 def raise_alert(c: Any, model: str, version: str | None, kind: str, scope: str, summary: str,
-                evidence: dict[str, Any], now: float, cooldown_s: float) -> tuple[str, int | None]:
+                evidence: dict[str, Any], now: float, cooldown_s: float, settle_s: float = 0.0
+                ) -> tuple[str, int | None]:
     """Open an alert, or refresh the evidence of the open one with the same key. Inside a write transaction.
+    A new alert's page is due ``settle_s`` after it opened (and carries the evidence current then).
 
     Returns ("opened" | "updated" | "suppressed", alert id or None)."""
     key = dedup_key(model, version, kind, scope)
@@ -56,7 +58,7 @@ def raise_alert(c: Any, model: str, version: str | None, kind: str, scope: str, 
         "INSERT INTO alerts (model, version, kind, dedup_key, state, severity, summary, evidence, created, updated,"
         " delivery_state, delivery_attempts, next_attempt) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, 'pending', 0, ?)",
         (model, version, kind, key, SEVERITY[kind], summary, json.dumps(ev, sort_keys=True, default=str), now, now,
-         now))
+         now + settle_s))
     alert_id = int(cur.lastrowid)
     record_event(c, now, "alert_opened", f"{model}/{version or '-'}", {"id": alert_id, "kind": kind, "scope": scope,
                                                                       "summary": summary})

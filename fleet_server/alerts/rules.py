@@ -53,10 +53,14 @@ class AlertRules:
     resolve_after_s: float | None = 3600.0
     cooldown_s: float = 3600.0
     cohort_tags: list[str] | None = None  # None: every tag key the reporting devices carry
+    # Pending period: a new alert's page waits this long and then carries the evidence of the latest
+    # evaluation (its headline may sharpen as late devices' windows arrive). 0: page at once.
+    settle_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"window_s": self.window_s, "resolve_after_s": self.resolve_after_s,
-                             "cooldown_s": self.cooldown_s, "cohort_tags": self.cohort_tags}
+                             "cooldown_s": self.cooldown_s, "cohort_tags": self.cohort_tags,
+                             "settle_s": self.settle_s}
         for name, obj in _sections(self).items():
             d[name] = {"enabled": self.enabled.get(name, True), **{f.name: getattr(obj, f.name) for f in fields(obj)}}
         return d
@@ -116,13 +120,17 @@ def parse_rules(doc: Any) -> AlertRules:
                 raise RequestError(f"alert_rules.{k} must be a positive number of seconds"
                                    + (" or null (resolve by hand only)" if k == "resolve_after_s" else ""))
             top[k] = v
+        elif k == "settle_s":
+            if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 86400):
+                raise RequestError("alert_rules.settle_s must be a number of seconds from 0 to 86400")
+            top[k] = v
         elif k == "cohort_tags":
             if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
                 raise RequestError("alert_rules.cohort_tags must be a list of tag names or null (every tag)")
             top[k] = v
         else:
             raise RequestError(f"alert_rules.{k} is not a rule; rules: {', '.join(secs)}, window_s, resolve_after_s, "
-                               "cooldown_s, cohort_tags")
+                               "cooldown_s, settle_s, cohort_tags")
     secs["input_drift"].stat()  # an unknown or categorical statistic fails here, listing the choices
     health = HealthPolicy(secs["input_drift"], secs["output_drift"], secs["data_quality"], secs["trust"])
     return replace(r, health=health, accuracy_drop=secs["accuracy_drop"], error_rate=secs["error_rate"],

@@ -17,6 +17,10 @@ def test_shifted_cohort_is_flagged_on_its_features_and_paged_once(built, tmp_pat
                             operator_token=server.token, root_pub=built.keys / "root.pub",
                             fleet_pub=server.data / "keys" / "fleet.pub", devices=6, first_package=built.package,
                             window_count=40, min_window_samples=10))
+    # A short pending period: the page waits 3 s and carries the latest evaluation's evidence, so which
+    # cohort it names does not depend on which devices' first windows reached the first evaluation.
+    with server.api() as api:
+        assert api.put("/api/v1/models/clinical/alert-rules", json={"settle_s": 3}).status_code == 200
     try:
         fleet.provision()
         fleet.start()
@@ -52,7 +56,8 @@ def test_shifted_cohort_is_flagged_on_its_features_and_paged_once(built, tmp_pat
         assert cohorts["east"]["input_drift"]["drifted_features"] == []
         pages = [p for p in receiver.received if p.get("kind") == "input_drift"]
         assert len(pages) == 1, [(p["evidence"]["scope"], p["summary"]) for p in pages]
-        assert pages[0]["evidence"]["scope"] == "site=north" and pages[0]["owner"] == "clinical-ml"
+        assert pages[0]["evidence"]["scope"] == "site=north", pages[0]["evidence"]["scopes"]
+        assert pages[0]["owner"] == "clinical-ml"
         assert pages[0]["event"] == "opened"
     finally:
         fleet.stop()

@@ -339,3 +339,56 @@ def test_the_alerts_cli_lists_acknowledges_resolves_sets_rules_and_evaluates(dri
     assert "alert_resolved" in capsys.readouterr().out
     assert fleet_cli(["alerts", "ack", "999", *data]) == 1
     assert "no alert 999" in capsys.readouterr().err
+
+
+def test_a_cohort_that_alone_has_reported_is_still_judged_as_a_cohort():
+    """Which scopes are judged must not depend on whose summaries arrived first: when only site north's devices
+    have reported, north is still a cohort of the enrolled fleet (its drift pages as site=north, not fleet)."""
+    from fleet_server.alerts.conditions import scopes
+    from fleet_server.alerts.rules import AlertRules
+    from fleet_server.health import Aggregate
+
+    tags = {"n1": {"site": "north"}, "n2": {"site": "north"}, "s1": {"site": "south"}, "s2": {"site": "south"}}
+    reporting = {d: tags[d] for d in ("n1", "n2")}
+    agg = Aggregate(None, None, "", "", {d: None for d in reporting}, {}, reporting)  # type: ignore[arg-type]
+    assert [s for s, _ in scopes(agg, AlertRules())] == ["fleet"]  # without the enrolled fleet: ambiguous
+    assert scopes(agg, AlertRules(), tags) == [("fleet", ["n1", "n2"]), ("site=north", ["n1", "n2"])]
+    everyone_north = {d: {"site": "north"} for d in tags}
+    assert [s for s, _ in scopes(agg, AlertRules(), everyone_north)] == ["fleet"]  # a tag all share: no cohort
+
+
+def test_the_headline_is_the_cohort_that_isolates_the_condition():
+    """Site north drifts; hardware rpi4 and rpi5 each hold one north device (smaller cohorts, also flagged):
+    the page names site north, which isolates the shift, not the smallest flagged cohort."""
+    from fleet_server.alerts.conditions import Condition, group_conditions
+
+    def cond(scope: str, n: int) -> tuple[str, Condition]:
+        return "1.0.0", Condition("input_drift", scope, f"drift in {scope}", {"device_count": n})
+
+    found = [cond("fleet", 6), cond("site=north", 2), cond("hw=rpi4", 1), cond("hw=rpi5", 1)]
+    (_, page), = group_conditions(found)
+    assert page.evidence["scope"] == "site=north"
+    assert [s["scope"] for s in page.evidence["scopes"]] == ["site=north", "hw=rpi4", "hw=rpi5", "fleet"]
+    (_, page), = group_conditions([cond("fleet", 6), cond("hw=rpi4", 3)])
+    assert page.evidence["scope"] == "hw=rpi4"
+
+
+def test_a_settle_period_holds_the_page_and_sends_the_latest_evidence(drift_fleet):
+    f = drift_fleet
+    f.cohorts()
+    _fleet_only(f, settle_s=30)
+    rec = Receiver()
+    try:
+        _route_to(f, rec.url)
+        t0 = time.time()
+        [alert_id] = alerts.evaluate(f.store, t0).opened
+        assert alerts.deliver_due(f.store, FAST, t0 + 1) == {"delivered": 0, "retry": 0, "failed": 0}
+        assert alerts.get_alert(f.store, alert_id)["delivery"]["state"] == "pending"
+        assert alerts.evaluate(f.store, t0 + 20).updated == [alert_id]  # a second evaluation refreshes it
+        assert alerts.deliver_due(f.store, FAST, t0 + 31) == {"delivered": 1, "retry": 0, "failed": 0}
+        [(_, body)] = rec.requests
+        assert body["id"] == alert_id and body["evidence"]["evaluations"] == 2  # the evidence as of delivery
+    finally:
+        rec.close()
+    with pytest.raises(RequestError, match="settle_s"):
+        alerts.parse_rules({"settle_s": -1})
