@@ -14,6 +14,13 @@ Delivery rules:
   reconnect; instead we forget every in-flight ``mid`` when the connection drops and send the rows again,
   from the outbox, in id order (the server ignores a ``(device, seq)`` it already has).
 - Reconnects back off exponentially with jitter, capped; the backoff resets after a session was up.
+- Summaries leave at most ``max_summaries_per_minute`` a minute (480; bursts as large): under the fleet
+  server's per-device rate (600 a minute by default), past which it quarantines and then drops them. Only a
+  device catching up after an outage comes near it; its backlog drains at that pace instead of being refused.
+- While the queue is empty the link does not read it again until the outbox commits something (or a second
+  passed, for rows another process queued), and its loop blocks for ``idle_tick`` (0.5 s) instead of ``tick``
+  (50 ms): an idle device costs two wakeups a second, not 20 wakeups and 20 queries; a window closed meanwhile
+  leaves at most ``idle_tick`` later; anything arriving from the broker still wakes the loop at once.
 - ``link.json`` in the device folder says ``connecting`` / ``connected`` / ``disconnected``, since when,
   and the last error; it is rewritten (atomically) whenever one of those changes.
 """
@@ -27,7 +34,7 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ from edgefleet_contracts.topics import topic
 
 from .config import DeviceConfig, DeviceDir
 from .errors import AgentError
+from .link_books import InFlight, Pace
 from .outbox import REPORT, SUMMARY, Outbox, OutboxError, OutboxRow
 
 __all__ = ["BrokerAddress", "InFlight", "LinkConfigError", "LinkError", "MqttLink", "OFFLINE",
@@ -118,46 +126,6 @@ def link_state_for(cfg: DeviceConfig, device_dir: DeviceDir | None = None) -> st
     return f"not started ({cfg.broker})"
 
 
-class InFlight:
-    """Bookkeeping of unacknowledged messages: mid -> outbox row ids, and how far the queue was sent.
-
-    Pure (no I/O) so it can be tested alone. ``reset()`` on every lost connection: the rows stay in the
-    outbox and are sent again from the start.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("in-flight limit must be at least 1")
-        self.limit = limit
-        self._rows: dict[int, tuple[int, ...]] = {}
-        self.last_row_id = 0  # rows with a larger id have not been sent on this connection
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def room(self) -> int:
-        return self.limit - len(self._rows)
-
-    def add(self, mid: int, row_ids: Iterable[int]) -> None:
-        ids = tuple(row_ids)
-        if not ids:
-            raise ValueError("a message must carry at least one row")
-        if mid in self._rows:
-            raise ValueError(f"message id {mid} is already in flight")
-        if len(self._rows) >= self.limit:
-            raise ValueError(f"already {self.limit} messages in flight")
-        self._rows[mid] = ids
-        self.last_row_id = max(self.last_row_id, *ids)
-
-    def ack(self, mid: int) -> tuple[int, ...]:
-        """Row ids carried by ``mid``; () for a mid we do not track (a heartbeat, or one from before a reset)."""
-        return self._rows.pop(mid, ())
-
-    def reset(self) -> None:
-        self._rows.clear()
-        self.last_row_id = 0
-
-
 class MqttLink:
     """Runs the link on its own thread between ``start()`` and ``stop()``.
 
@@ -170,7 +138,8 @@ class MqttLink:
                  sign: Callable[[dict[str, Any]], dict[str, Any]], *, backoff_initial: float = 1.0,
                  backoff_max: float = 60.0, on_desired: Callable[[bytes], None] | None = None,
                  batch_size: int = 50, max_inflight: int = 20, keepalive: int = 60,
-                 connect_timeout: float = 5.0, tick: float = 0.05, drain_seconds: float = 1.0) -> None:
+                 connect_timeout: float = 5.0, tick: float = 0.05, idle_tick: float = 0.5,
+                 drain_seconds: float = 1.0, max_summaries_per_minute: int = 480) -> None:
         if cfg.broker == "":
             raise LinkConfigError("no broker is configured (config.toml `broker`); the agent works offline "
                                   "and no link should be started")
@@ -190,6 +159,7 @@ class MqttLink:
         self._keepalive = keepalive
         self._connect_timeout = connect_timeout
         self._tick = tick
+        self._idle_tick = max(tick, idle_tick)
         self._drain_seconds = drain_seconds
         self._random = random.Random()
         self._topics = {k: topic(cfg.fleet, cfg.device_id, k) for k in ("summary", "report", "heartbeat", "desired")}
@@ -208,10 +178,14 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         # Owned by the link thread only:
         self._inflight = InFlight(max_inflight)
+        self._pace = Pace(max_summaries_per_minute, time.monotonic())
+        self._paced = False
         self._session_up = False
         self._refused: str | None = None
         self._next_heartbeat = 0.0
         self._pump_paused_until = 0.0
+        self._idle_generation = -1  # outbox generation when the queue was last found empty (-1: look again)
+        self._next_idle_look = 0.0
 
     # ---- public ------------------------------------------------------------------------------------
     @property
@@ -332,6 +306,7 @@ class MqttLink:
     def _session(self) -> bool:
         """One connection, from connect to loss (or stop). Returns whether the broker accepted the session."""
         self._inflight.reset()
+        self._idle_generation = -1
         self._session_up = False
         self._refused = None
         try:
@@ -350,7 +325,7 @@ class MqttLink:
         error: str | None = None  # None when we stop on purpose
         try:
             while not self._stop.is_set():
-                rc = client.loop(timeout=self._tick)
+                rc = client.loop(timeout=self._idle_tick if self._idle() else self._tick)
                 if self._refused is not None:
                     error = self._refused
                     break
@@ -377,6 +352,12 @@ class MqttLink:
                     pass
         self._set_state(DISCONNECTED, error)
         return was_up
+
+    def _idle(self) -> bool:
+        """Connected, nothing in flight, and nothing committed to the outbox since the queue was found empty:
+        the loop may block longer (an incoming message still wakes it at once)."""
+        return (self._session_up and not len(self._inflight)
+                and self.outbox.generation == self._idle_generation)
 
     def _drain(self, client: mqtt.Client) -> None:
         """On stop: wait (bounded) for acknowledgements of what is in flight, to avoid needless re-sends."""
@@ -450,20 +431,35 @@ class MqttLink:
             envelope = self._sign(rows[0].document())
             return rows[:1], self._topics["report"], json.dumps(envelope, separators=(",", ":")).encode(), True
         batch = []
-        for row in rows:
+        allowed = self._pace.allowed(time.monotonic())
+        for row in rows[:allowed]:
             if row.kind != SUMMARY:
                 break
             batch.append(row)
+        if not batch:  # paced: summaries are queued but may not leave yet (not idle: look again soon)
+            self._pump_paused_until = time.monotonic() + self._pace.wait(time.monotonic())
+            self._paced = True
+            return None
         envelopes = [self._sign(row.document()) for row in batch]
         return batch, self._topics["summary"], json.dumps(envelopes, separators=(",", ":")).encode(), False
 
     def _pump(self, client: mqtt.Client) -> None:
-        if time.monotonic() < self._pump_paused_until:
+        now = time.monotonic()
+        if now < self._pump_paused_until:
+            return
+        # Idle: the queue was empty and no transaction of this process committed since. Look anyway once a
+        # second, for rows another process (the CLI) queued.
+        if self.outbox.generation == self._idle_generation and now < self._next_idle_look:
             return
         while self._session_up and self._inflight.room() > 0 and not self._stop.is_set():
             try:
+                generation = self.outbox.generation  # read before the queue: a later commit is seen next time
+                self._paced = False
                 nxt = self._next_message()
                 if nxt is None:
+                    if not self._paced:
+                        self._idle_generation = generation
+                        self._next_idle_look = time.monotonic() + 1.0
                     return
                 rows, tpc, payload, retain = nxt
                 ids = [r.id for r in rows]
@@ -483,6 +479,8 @@ class MqttLink:
                                            f"(rc={int(info.rc)})")
                 return
             self._inflight.add(info.mid, ids)
+            if tpc == self._topics["summary"]:
+                self._pace.take(len(ids), time.monotonic())
             with self._lock:
                 self._counters["sent"] += len(ids)
                 self._counters["messages_sent"] += 1
@@ -492,7 +490,10 @@ class MqttLink:
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_seconds
-        doc = {"device_id": self.cfg.device_id, "at": fmt(utcnow()), "outbox_depth": self.outbox.depth()}
+        c = self.outbox.counters()
+        doc: dict[str, Any] = {"device_id": self.cfg.device_id, "at": fmt(utcnow()), "outbox_depth": c["depth"]}
+        if c["write_errors"]:  # e.g. a full disk: the operator sees it although nothing can be queued
+            doc.update(outbox_write_errors=c["write_errors"], outbox_disk_full=c["disk_full"])
         info = client.publish(self._topics["heartbeat"], json.dumps(doc).encode(), qos=0)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._count("heartbeats")

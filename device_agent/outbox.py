@@ -15,11 +15,17 @@ Rules:
   the table grows past the bound and ``overflow_unmergeable`` counts it.
 - **Only the latest report matters**: putting a report deletes every older queued report.
 - Bodies are unsigned JSON; the link signs at send time.
+- **A full disk is an error, not a crash.** A write that fails for lack of space raises ``OutboxFullError``
+  (the transaction is rolled back; every row already queued stays) and is counted in memory
+  (``disk_full``, ``write_errors``; a full disk cannot take a counter); the next write after space frees works.
+- ``generation`` goes up after every committed transaction of this process, so the link can skip reading the
+  queue while nothing changed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -34,7 +40,7 @@ from edgefleet_contracts.summary import Summary, merge
 
 from .errors import AgentError
 
-__all__ = ["Outbox", "OutboxError", "OutboxRow", "OutboxTransaction", "SUMMARY", "REPORT"]
+__all__ = ["Outbox", "OutboxError", "OutboxFullError", "OutboxRow", "OutboxTransaction", "SUMMARY", "REPORT"]
 
 SUMMARY = "summary"
 REPORT = "report"
@@ -62,12 +68,23 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class OutboxError(AgentError):
     """The outbox file cannot be opened, is from a newer agent, or stayed locked by another writer."""
 
     reason = "outbox"
+
+
+class OutboxFullError(OutboxError):
+    """The file system holding the outbox is full: nothing was written; what was queued before is kept."""
+
+    reason = "outbox_full"
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,9 @@ class Outbox:
         self.path = Path(path)
         self.max_rows = max_rows
         self._lock = threading.RLock()
+        self.generation = 0  # committed transactions of this process (read without the lock: an int)
+        self._errors = {"write_errors": 0, "disk_full": 0}
+        self.last_error: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -218,7 +238,7 @@ class Outbox:
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise OutboxError(f"cannot begin a transaction on the outbox {self.path}: {exc}") from exc
+                    raise
                 if attempt == LOCK_RETRIES:
                     raise OutboxError(f"{self.path} stayed locked by another writer for "
                                       f"{(LOCK_RETRIES + 1) * BUSY_TIMEOUT_MS / 1000:.0f} s: {exc}") from exc
@@ -232,20 +252,45 @@ class Outbox:
         Raises OutboxError when another writer keeps the file locked past the retries.
         """
         with self._lock:
-            self._begin()
+            try:
+                self._begin()
+            except sqlite3.Error as exc:  # e.g. no space left for the write-ahead log
+                raise self._failed("begin a transaction on", exc) from exc
             try:
                 yield OutboxTransaction(self._conn, self.max_rows)
             except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
-                raise OutboxError(f"outbox {self.path}: {exc}") from exc
+                self._rollback()
+                raise self._failed("write to", exc) from exc
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
+                self._rollback()
+                raise self._failed("commit to", exc) from exc
+            self.generation += 1
+
+    def _rollback(self) -> None:
+        """Roll back if a transaction is still open (SQLite ends it by itself after some errors, e.g. a full
+        disk, and a second ROLLBACK would raise and hide the first error)."""
+        if self._conn.in_transaction:
+            try:
                 self._conn.execute("ROLLBACK")
-                raise OutboxError(f"cannot commit to the outbox {self.path}: {exc}") from exc
+            except sqlite3.Error as exc:
+                log.warning("rollback on the outbox %s failed: %s", self.path, exc)
+
+    def _failed(self, doing: str, exc: sqlite3.Error) -> OutboxError:
+        self._errors["write_errors"] += 1
+        if _is_full(exc):
+            self._errors["disk_full"] += 1
+            err: OutboxError = OutboxFullError(
+                f"the disk holding the outbox {self.path} is full ({exc}); nothing was written and every row "
+                "queued before is kept; free space on that file system")
+        else:
+            err = OutboxError(f"cannot {doing} the outbox {self.path}: {exc}")
+        self.last_error = str(err)
+        return err
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self.transaction():
@@ -292,7 +337,8 @@ class Outbox:
         return None if row is None else str(row[0])
 
     def counters(self) -> dict[str, int]:
-        """depth, summary_rows, report_rows, merged_total, overflow_unmergeable."""
+        """depth, summary_rows, report_rows, merged_total, overflow_unmergeable (persisted); write_errors and
+        disk_full (failed writes since this process opened the outbox, kept in memory)."""
         with self._reading() as conn:
             kinds = dict(conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
             meta = dict(conn.execute(
@@ -301,6 +347,7 @@ class Outbox:
         out = {"depth": sum(int(v) for v in kinds.values()), "summary_rows": int(kinds.get(SUMMARY, 0)),
                "report_rows": int(kinds.get(REPORT, 0))}
         out.update({k: int(meta.get(k, 0)) for k in COUNTER_KEYS})
+        out.update(self._errors)
         return out
 
     def close(self) -> None:

@@ -71,7 +71,7 @@ def _Server(config: Any) -> Any:  # noqa: N802 - reads like the class it builds
 class DeviceRunner:
     def __init__(self, device_dir: Path, *, http: bool = True, http_port: int | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 60.0,
-                 handler_options: HandlerOptions | None = None) -> None:
+                 handler_options: HandlerOptions | None = None, report_check_seconds: float = 1.0) -> None:
         self.device = DeviceDir(Path(device_dir))
         self.agent = Agent.open(self.device.path)
         self.cfg = self.agent.cfg
@@ -79,6 +79,7 @@ class DeviceRunner:
         self.http_port = http_port if http_port is not None else self.cfg.http_port
         self.link: Any = None
         self._stop = threading.Event()
+        self._report_check_seconds = report_check_seconds  # housekeeping: how often the report is rebuilt
         self._last_report: dict[str, Any] | None = None
         self._report_lock = threading.Lock()
         self._server: Any = None
@@ -111,7 +112,7 @@ class DeviceRunner:
             log.exception("could not queue the reported state")
 
     def _housekeeping(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(self._report_check_seconds):
             try:
                 self.publish_report_if_changed()
             except Exception:  # never kill the agent over a report; logged

@@ -124,8 +124,11 @@ class Summarizer:
         if c.window.count == 0 and not c.window.errors and c.window.confusion is None:
             return None
         key = f"held:{c.model}:{c.version}"
+        # The wall clock stepped back while the window was open: its end is before its start, which no reader
+        # accepts (and a held window like that would break every later merge). Keep the later clock's time.
+        start = c.end if c.end < c.start else c.start  # one ISO format: text order is time order
         with self.sink.transaction() as tx:
-            s = c.window.to_summary(self.device_id, c.model, c.version, 0, c.start, c.end)
+            s = c.window.to_summary(self.device_id, c.model, c.version, 0, start, c.end)
             held_raw = tx.get_meta(key)
             if held_raw:
                 s = merge(Summary.from_dict(json.loads(held_raw)), s)

@@ -46,6 +46,11 @@ class SimConfig:
     probation_seconds: float = 5.0
     probation_predictions: int = 30
     prefix: str = "dev"
+    # How often each device rebuilds its report from its folder (DeviceRunner housekeeping; a device does it
+    # every second). Updates still report at once. Load runs of 1,000 devices on one host raise it: the
+    # rebuild reads and parses the slot manifests and config (~8 ms), 1,000 times a second.
+    report_check_seconds: float = 1.0
+    outbox_max_rows: int | None = None  # None: the device default
 
 
 @dataclass
@@ -82,10 +87,12 @@ class Fleet:
                                        fleet_key=c.fleet_pub, fleet=c.fleet, broker=c.broker_url,
                                        server=c.server_url, tags=tags, package=c.first_package, force=True))
             dd = DeviceDir(folder)
-            dd.save_config(replace(dd.load_config(), window_count=c.window_count, window_seconds=c.window_seconds,
-                                   min_window_samples=c.min_window_samples, heartbeat_seconds=c.heartbeat_seconds,
-                                   probation_seconds=c.probation_seconds,
-                                   probation_predictions=c.probation_predictions))
+            cfg = replace(dd.load_config(), window_count=c.window_count, window_seconds=c.window_seconds,
+                          min_window_samples=c.min_window_samples, heartbeat_seconds=c.heartbeat_seconds,
+                          probation_seconds=c.probation_seconds, probation_predictions=c.probation_predictions)
+            if c.outbox_max_rows is not None:
+                cfg = replace(cfg, outbox_max_rows=c.outbox_max_rows)
+            dd.save_config(cfg)
             pub = public_b64(load_public_key(dd.device_pub))
             r = self._http.post("/api/v1/devices", json={"device_id": dev_id, "public_key": pub, "tags": tags,
                                                          "replace": True})
@@ -97,7 +104,8 @@ class Fleet:
         from device_agent.runner import DeviceRunner
 
         for d in self.devices:
-            d.runner = DeviceRunner(d.directory, http=False, backoff_initial=0.2, backoff_max=2.0)
+            d.runner = DeviceRunner(d.directory, http=False, backoff_initial=0.2, backoff_max=2.0,
+                                    report_check_seconds=self.cfg.report_check_seconds)
             d.runner.start()
 
     def stop(self) -> None:

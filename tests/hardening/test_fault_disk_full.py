@@ -1,0 +1,120 @@
+"""The device's disk fills up: a real 4 MB tmpfs (mounted by this test as root, unmounted afterwards) holds the
+whole device folder (config, slots, prediction log, outbox), and a filler file takes every free byte.
+
+While the disk is full the agent keeps serving predictions; every write to the outbox fails with
+``OutboxFullError`` ("the disk holding the outbox … is full"), counted (``disk_full`` in the outbox counters and
+in the heartbeat); the rows queued before stay; the link cannot mark rows as handed over, so it sends nothing
+(and says why in ``last_error``). Windows that close meanwhile cannot be stored: each is a logged, counted
+summarizer failure (the open gap written down in docs/hardening.md). When the filler is deleted, everything
+queued is delivered and stored exactly once and new windows flow again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from device_agent.outbox import OutboxFullError
+from edgefleet_contracts.topics import topic
+from tests.brokers import Subscriber
+from tests.hardening.fault_fixtures import FLEET, Rig, Traffic, device_totals, rig, server_totals, wait_until
+
+__all__ = ["rig"]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)], check=True,
+                   capture_output=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True, capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into ``folder/filler`` until the file system says ENOSPC; returns the filler."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(10_000):  # 4 MB / 4 KB is 1,024 writes; bounded anyway
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == 28, exc
+    else:
+        raise AssertionError("the small file system never filled up")
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_keeps_serving_counts_the_error_and_loses_no_stored_window(
+        rig: Rig, small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    fleet = rig.fleet(1, "full", root=small_fs, window_count=10, heartbeat_seconds=0.5)
+    dev = fleet.devices[0]
+    fleet.start()
+    agent, link = dev.runner.agent, dev.runner.link
+    outbox = agent.sink
+    heartbeats = Subscriber(rig.broker, [topic(FLEET, dev.device_id, "heartbeat")]).start()
+    traffic = Traffic(fleet, rig.rows(), batch=5, pause=0.05)
+    filler: Path | None = None
+    try:
+        assert wait_until(lambda: server_totals(rig.server, dev.device_id).rows >= 2, 30, 0.1)
+        # Windows queue up while the broker is away; then the disk fills under them.
+        rig.broker.stop()
+        assert wait_until(lambda: outbox.counters()["summary_rows"] >= 3, 30, 0.05)
+        filler = fill(small_fs)
+        queued = outbox.counters()["summary_rows"]
+        enqueued = device_totals(dev).enqueued
+        failures = agent.summarizer.failures
+        predictions = agent.counters.predictions
+        assert wait_until(lambda: agent.summarizer.failures >= failures + 2, 30, 0.05), \
+            "no window closed while the disk was full"
+        assert agent.counters.predictions >= predictions + 15  # serving goes on (two windows of 10 closed)
+        rig.broker.start()
+        heartbeats.wait_subscribed(10)
+        assert wait_until(lambda: link.state == "connected" and "is full" in (link.last_error or ""), 30, 0.05), \
+            (link.state, link.last_error)
+        assert wait_until(lambda: any(json.loads(m.payload).get("outbox_disk_full", 0) > 0
+                                      for m in heartbeats.messages()), 10, 0.1)
+        time.sleep(1.0)  # the link keeps trying; nothing may leave (or be lost) while rows cannot be marked
+        c = outbox.counters()
+        assert c["summary_rows"] == queued and device_totals(dev).enqueued == enqueued, c
+        assert c["disk_full"] >= agent.summarizer.failures - failures > 0
+        assert "is full" in (outbox.last_error or "")
+        lost = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], OutboxFullError)]
+        assert lost and "free space on that file system" in str(lost[0].exc_info[1])  # type: ignore[index]
+
+        filler.unlink()  # space frees: the queue drains and new windows are stored again
+        filler = None
+        assert wait_until(lambda: outbox.counters()["summary_rows"] == 0, 30, 0.1)
+        assert wait_until(lambda: device_totals(dev).enqueued > enqueued + 2, 30, 0.1)
+    finally:
+        traffic.close()
+        heartbeats.stop()
+        if filler is not None:
+            with contextlib.suppress(OSError):
+                filler.unlink()
+    fleet.flush_windows()
+    assert wait_until(lambda: outbox.counters()["summary_rows"] == 0, 30, 0.1)
+    dt = device_totals(dev)
+    assert wait_until(lambda: server_totals(rig.server, dev.device_id).windows == dt.enqueued, 30, 0.1)
+    st = server_totals(rig.server, dev.device_id)
+    # Exactly once: every window the outbox took is stored once (no merging here: the bound is not reached).
+    assert st.rows == st.windows == dt.enqueued and st.seqs == list(range(1, dt.enqueued + 1))
+    # The windows that closed while the disk was full are the only ones missing, and they are counted.
+    assert dt.windows_closed - dt.enqueued - dt.summarizer_failures in (0, 1)  # 1: an empty last window
+    assert st.predictions < dt.predictions
+    assert rig.server.quarantine() == []
