@@ -121,13 +121,17 @@ class Fleet:
     def stream(self, rows_for: Callable[[SimDevice, int], np.ndarray], n: int, *,
                labels_for: Callable[[SimDevice, int], np.ndarray] | None = None, workers: int = 4) -> int:
         """Feed ``n`` rows to every device (``rows_for(device, n)`` gives them); returns predictions made.
-        Devices without a model yet are skipped (counted as rejected)."""
+        Devices without a model yet are skipped (counted as rejected); devices switched off (no runner) are
+        skipped."""
         from device_agent.errors import AgentError
 
         def run(d: SimDevice) -> int:
+            runner = d.runner
+            if runner is None:  # switched off (an offline device in a test): its app makes no predictions
+                return 0
             rows = rows_for(d, n)
             labels = labels_for(d, n) if labels_for else None
-            agent = d.runner.agent
+            agent = runner.agent
             made = 0
             for i, row in enumerate(rows):
                 try:
