@@ -124,23 +124,28 @@ class IngestService:
             item = self._inbox.get()
             if item is None:
                 return
-            batch = [item]
-            stop = False
-            while len(batch) < _DISPATCH_MAX:
-                try:
-                    nxt = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
+            batch, stop = self._drain(item, _DISPATCH_MAX)
             subs = self.validator.check_batch([(k, p, td, s) for k, p, td, s, _ in batch],
                                               self.validator.limiter.over_rate())
             for it, sub in zip(batch, subs, strict=True):
                 self._finish(it, sub)
             if stop:
                 return
+
+    def _drain(self, first: Item, most: int, max_bytes: int | None = None) -> tuple[list[Item], bool]:
+        """``first`` and what else is already waiting, up to ``most`` messages (and ``max_bytes`` of payload);
+        True as the second value when the stop marker was met (the caller finishes the batch, then returns)."""
+        batch, size = [first], len(first[1])
+        while len(batch) < most and (max_bytes is None or size < max_bytes):
+            try:
+                nxt = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+            size += len(nxt[1])
+        return batch, False
 
     def _finish(self, item: Item, sub: Submission | None) -> None:
         """Stage two: take rate tokens, attach the callback, queue for the writer. Validates first when
@@ -167,19 +172,8 @@ class IngestService:
             if item is None:
                 return
             worker = self._idle_worker()
-            batch, size = [item], len(item[1])
             want = max(1, min(_DISPATCH_MAX, (self._inbox.qsize() + 1) // max(1, self._n_processes)))
-            stop = False
-            while len(batch) < want and size < _DISPATCH_BYTES:
-                try:
-                    nxt = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-                size += len(nxt[1])
+            batch, stop = self._drain(item, want, _DISPATCH_BYTES)
             if worker is None or not worker.send(batch, self.validator.limiter.over_rate()):
                 for it in batch:  # no live validator process (or it just died): validate here
                     self._finish(it, None)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,24 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from fleet_server.cli import main as fleet_cli
-from tests.brokers import Mosquitto
+from tests.brokers import Mosquitto, free_port
+from tests.support import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cli(argv: list[str]) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = fleet_cli(argv)
-    assert rc == 0, f"fleet-server {' '.join(argv)} failed: {err.getvalue()}"
-    return out.getvalue()
 
 
 @dataclass

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -34,15 +33,6 @@ def make_summary(seq: int, device_id: str, *, model: str = "clinical", version: 
     s = _agent_summary(seq, device_id=device_id, model=model, version=version, **kw)
     begin = start or T0 + timedelta(minutes=seq)
     return replace(s, start=fmt(begin), end=fmt(begin + timedelta(seconds=60)))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @dataclass

@@ -26,7 +26,8 @@ from fleet_server.auth import create_token
 from fleet_server.errors import RejectedError
 from fleet_server.ingest import IngestService, Outcome, Submission, Validator
 from fleet_server.routes_ingest import attach_ingest
-from tests.fleet_server.conftest import Fleet, FleetFactory, make_summary, wait_until
+from tests.fleet_server.conftest import Fleet, FleetFactory, make_summary
+from tests.support import wait_until
 
 Http = tuple[TestClient, Fleet, IngestService]
 

@@ -21,8 +21,9 @@ from fleet_server.mqtt_ingest import MqttIngest
 from fleet_server.routes_ingest import attach_ingest
 from fleet_server.settings import ServerSettings
 from tests.brokers import Mosquitto
-from tests.fleet_server.conftest import FleetFactory, wait_until
+from tests.fleet_server.conftest import FleetFactory
 from tests.fleet_server.test_mqtt_ingest import Publisher
+from tests.support import wait_until
 
 
 def metrics(client: TestClient) -> dict[str, float]:

@@ -29,7 +29,8 @@ from edgefleet_contracts.topics import topic
 from fleet_server.ingest import IngestService
 from fleet_server.mqtt_ingest import MqttIngest, mqtt_source
 from tests.brokers import Mosquitto
-from tests.fleet_server.conftest import FLEET, Fleet, FleetFactory, make_summary, wait_until
+from tests.fleet_server.conftest import FLEET, Fleet, FleetFactory, make_summary
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,16 +5,12 @@ enrolled with real keys, and viewer / operator / admin tokens. Stopped by its PI
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,28 +18,11 @@ from typing import Any
 import httpx
 
 from edgefleet_contracts.signing import Ed25519PrivateKey, generate_key, save_public_key
-from fleet_server.cli import main as fleet_cli
 from tests.brokers import Mosquitto, free_port
+from tests.support import cli, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = "hardening"
-
-
-def cli(argv: list[str]) -> str:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = fleet_cli(argv)
-    assert rc == 0, f"fleet-server {' '.join(argv)} failed: {err.getvalue()}"
-    return out.getvalue()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @dataclass
