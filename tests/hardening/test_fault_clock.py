@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -135,10 +136,23 @@ def test_clock_jumps_store_every_window_once_or_quarantine_it_as_future(rig: Rig
     fleet.flush_windows()
     assert wait_until(lambda: all(device_totals(d).queued_summaries == 0 for d in fleet.devices), 60, 0.1)
 
-    quarantined: dict[str, dict[int, str]] = {}
-    for device, reason, detail, payload in rig.server.db("SELECT device_id, reason, detail, payload FROM quarantine"):
-        assert reason == "future_timestamp", detail  # never `schema`: no window ends before its start
-        quarantined.setdefault(device, {}).update(_summaries(json.loads(payload)))
+    def read_quarantine() -> dict[str, dict[int, str]]:
+        out: dict[str, dict[int, str]] = {}
+        for device, reason, detail, payload in rig.server.db("SELECT device_id, reason, detail, payload FROM "
+                                                             "quarantine"):
+            assert reason == "future_timestamp", detail  # never `schema`: no window ends before its start
+            out.setdefault(device, {}).update(_summaries(json.loads(payload)))
+        return out
+
+    # An empty outbox means the broker has every window, not that the server has judged them all yet: wait
+    # (bounded) until each window is stored or quarantined before reading the quarantine.
+    def all_judged() -> bool:
+        q = read_quarantine()
+        return all(server_totals(rig.server, d.device_id).rows + len(q.get(d.device_id, {}))
+                   >= device_totals(d).enqueued for d in fleet.devices)
+
+    assert wait_until(all_judged, 60, 0.1)
+    quarantined = read_quarantine()
     assert rejected_future() >= sum(len(v) for v in quarantined.values()) > 0
     # Exactly the windows that ended while the clock was a day ahead were refused.
     assert all(end >= fmt(t0 + dt.timedelta(hours=20)) for q in quarantined.values() for end in q.values())
@@ -149,7 +163,10 @@ def test_clock_jumps_store_every_window_once_or_quarantine_it_as_future(rig: Rig
         def all_there(device: str = d.device_id, n: int = dt_.enqueued - len(lost)) -> bool:
             return server_totals(rig.server, device).rows == n
 
-        assert wait_until(all_there, 30, 0.1)
+        assert wait_until(all_there, 30, 0.1), (
+            d.device_id, dt_, server_totals(rig.server, d.device_id), len(lost),
+            [ln for ln in httpx.get(f"{rig.server.url}/metrics", timeout=10).text.splitlines()
+             if ln.startswith(("edgefleet_ingest_rejected_total", "edgefleet_ingest_dropped_total"))])
         st = server_totals(rig.server, d.device_id)
         assert sorted(st.seqs + lost) == list(range(1, dt_.enqueued + 1))  # each window once, stored or refused
         assert lost, f"{d.device_id}: no window closed while its clock was a day ahead"
