@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
 
 from .errors import SchemaError
 
@@ -35,3 +37,39 @@ def parse_duration(text: str) -> timedelta:
     if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit():
         raise SchemaError(f"duration {text!r} must be a whole number followed by d, h, m or s (e.g. 30d)")
     return timedelta(seconds=int(t[:-1]) * units[t[-1]])
+
+
+@dataclass(frozen=True)
+class DailyWindow:
+    """A daily UTC window ``HH:MM-HH:MM`` (may wrap midnight): a device's maintenance window, a rollout's
+    ``--window``. One definition for both sides."""
+
+    start: dtime
+    end: dtime
+
+    @classmethod
+    def parse(cls, text: str) -> DailyWindow:
+        """Raises ValueError for anything but ``HH:MM-HH:MM`` with different ends."""
+        try:
+            a, b = (dtime.fromisoformat(p.strip()) for p in text.split("-"))
+        except ValueError:
+            raise ValueError(f"window {text!r} must look like 02:00-04:00 (UTC)") from None
+        if a == b:
+            raise ValueError(f"window {text!r} is empty")
+        return cls(a, b)
+
+    def is_open(self, now: datetime) -> bool:
+        t = now.time().replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= t < self.end
+        return t >= self.start or t < self.end
+
+    def seconds_until_open(self, now: datetime) -> float:
+        if self.is_open(now):
+            return 0.0
+        t = now.time().replace(tzinfo=None)
+        secs = (self.start.hour * 3600 + self.start.minute * 60) - (t.hour * 3600 + t.minute * 60 + t.second)
+        return float(secs % 86400)
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M} UTC"

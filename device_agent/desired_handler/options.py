@@ -4,47 +4,14 @@ Nothing here is global; the options are built once and passed in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from datetime import time as dtime
 from typing import Any
+
+from edgefleet_contracts.timeutil import DailyWindow
 
 from ..download import DownloadOptions
 from ..probation import ProbationPolicy
 
-
-@dataclass(frozen=True)
-class MaintenanceWindow:
-    """A daily UTC window ``HH:MM-HH:MM`` (may wrap midnight) in which a model may be swapped."""
-
-    start: dtime
-    end: dtime
-
-    @classmethod
-    def parse(cls, text: str) -> MaintenanceWindow:
-        """Raises ValueError for anything but ``HH:MM-HH:MM`` with different ends."""
-        try:
-            a, b = (dtime.fromisoformat(p.strip()) for p in text.split("-"))
-        except ValueError:
-            raise ValueError(f"maintenance window {text!r} must look like 02:00-04:00 (UTC)") from None
-        if a == b:
-            raise ValueError(f"maintenance window {text!r} is empty")
-        return cls(a, b)
-
-    def is_open(self, now: datetime) -> bool:
-        t = now.time().replace(tzinfo=None)
-        if self.start < self.end:
-            return self.start <= t < self.end
-        return t >= self.start or t < self.end
-
-    def seconds_until_open(self, now: datetime) -> float:
-        if self.is_open(now):
-            return 0.0
-        t = now.time().replace(tzinfo=None)
-        secs = (self.start.hour * 3600 + self.start.minute * 60) - (t.hour * 3600 + t.minute * 60 + t.second)
-        return float(secs % 86400)
-
-    def __str__(self) -> str:
-        return f"{self.start:%H:%M}-{self.end:%H:%M} UTC"
+MaintenanceWindow = DailyWindow  # the device's name for it (config key ``maintenance_window``)
 
 
 @dataclass(frozen=True)

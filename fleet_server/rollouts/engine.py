@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from edgefleet_contracts.timeutil import DailyWindow
+
 from .gates import GateResult, Snapshot, evaluate, failing
 
 TERMINAL = ("completed", "rolled_back", "aborted")
@@ -56,21 +58,7 @@ class StepResult:
 
 def in_window(window: str, now: float) -> bool:
     """'' -> always; 'HH:MM-HH:MM' (UTC, may wrap midnight). Raises ValueError for another format."""
-    if not window:
-        return True
-    a, _, b = window.partition("-")
-    t = datetime.fromtimestamp(now, UTC)
-    minute = t.hour * 60 + t.minute
-
-    def m(x: str) -> int:
-        h, _, mm = x.partition(":")
-        v = int(h) * 60 + int(mm)
-        if not 0 <= v < 24 * 60:
-            raise ValueError(x)
-        return v
-
-    lo, hi = m(a), m(b)
-    return lo <= minute < hi if lo <= hi else (minute >= lo or minute < hi)
+    return not window or DailyWindow.parse(window).is_open(datetime.fromtimestamp(now, UTC))
 
 
 def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | None, now: float) -> StepResult:
