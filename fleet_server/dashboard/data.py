@@ -88,25 +88,17 @@ def overview(store: Store, now: float | None = None, offline_after_s: float = 30
 
 # ---- a model version's signals over time --------------------------------------------------------------------
 
-def _rows(store: Store, ref: health.Reference, since: str, until: str, tag: tuple[str, str] | None
-          ) -> list[tuple[str, float, np.ndarray]]:
+def _rows(store: Store, ref: health.Reference, layout: health.Layout, since: str, until: str,
+          tag: tuple[str, str] | None) -> list[tuple[str, float, np.ndarray]]:
     """(device, window end as epoch, summary vector) of the version's summaries overlapping the range,
     restricted to devices carrying ``tag`` when given."""
-    layout = health.Layout(ref.profile)
     allowed: set[str] | None = None
     if tag is not None:
         allowed = {r["device_id"] for r in store.query("SELECT device_id, tags FROM devices")
                    if json.loads(r["tags"] or "{}").get(tag[0]) == tag[1]}
-    out = []
-    for device_id, end, body in store.conn().execute(
-            "SELECT device_id, window_end, body FROM summaries WHERE model = ? AND version = ?"
-            " AND window_end > ? AND window_start < ?", (ref.model, ref.version, since, until)):
-        if allowed is not None and device_id not in allowed:
-            continue
-        vec = layout.row(json.loads(body))
-        if vec is not None:
-            out.append((device_id, _epoch(end), vec))
-    return out
+    return [(device_id, _epoch(end), vec)
+            for device_id, _, end, vec in health.summary_vectors(store, ref, layout, since, until)
+            if vec is not None and (allowed is None or device_id in allowed)]
 
 
 def _point(h: dict[str, Any], layout: health.Layout, devices: int) -> dict[str, Any]:
@@ -139,7 +131,7 @@ def signals(store: Store, model: str, version: str | None = None, *, since: str 
     a, b = health.time_range(since, until, now)
     ref = health.Reference.load(store, model, version)
     layout = health.Layout(ref.profile)
-    rows = _rows(store, ref, a, b, cohort)
+    rows = _rows(store, ref, layout, a, b, cohort)
     t0, t1 = _epoch(a), _epoch(b)
     if rows and since is None:  # default range: start at the first data, so the buckets are not mostly empty
         t0 = max(t0, min(t for _, t, _ in rows) - 1.0)
@@ -197,7 +189,7 @@ def histogram(store: Store, model: str, version: str, feature: str, *, since: st
                             f"{', '.join(layout.names)}")
     j = layout.names.index(feature)
     cur = np.zeros(layout.size)
-    for _, _, vec in _rows(store, ref, a, b, cohort):
+    for _, _, vec in _rows(store, ref, layout, a, b, cohort):
         cur += vec
     size = layout.sizes[j]
     current = layout.feature_matrix_from(layout.part(cur, "bins"))[j, :size]

@@ -24,11 +24,11 @@ is compared with, and :class:`Layout`), ``aggregate`` (:func:`load_aggregate`, :
 (:func:`report`, :func:`latest_version`). Everything public is re-exported here; import from
 ``fleet_server.health``.
 
-SQL lives only in ``Reference.load``, ``load_aggregate``, ``latest_version`` and ``report``; ``assess`` and the
+SQL lives only in ``Reference.load``, ``summary_vectors``, ``latest_version`` and ``report``; ``assess`` and the
 signal functions are pure (plain data in, plain data out).
 """
 
-from .aggregate import DEFAULT_LOOKBACK_S, UNTAGGED, Aggregate, fmt_epoch, load_aggregate, time_range
+from .aggregate import DEFAULT_LOOKBACK_S, UNTAGGED, Aggregate, fmt_epoch, load_aggregate, summary_vectors, time_range
 from .policy import DataQualityPolicy, HealthPolicy, InputDriftPolicy, OutputDriftPolicy, TrustPolicy
 from .reference import Layout, Reference
 from .report import latest_version, report
@@ -54,6 +54,7 @@ __all__ = [
     "latency_percentiles",
     "latest_version",
     "load_aggregate",
+    "summary_vectors",
     "report",
     "time_range",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,19 +88,26 @@ def fmt_epoch(t: float) -> str:
     return fmt(datetime.fromtimestamp(t, UTC))
 
 
-def load_aggregate(store: Store, reference: Reference, since: str, until: str) -> Aggregate:
-    """Sum the stored summaries of ``reference``'s version whose windows overlap ``[since, until)``.
+def summary_vectors(store: Store, reference: Reference, layout: Layout, since: str, until: str
+                    ) -> Iterator[tuple[str, str, str, np.ndarray | None]]:
+    """(device, window start, window end, summary vector — None when its bins do not match the profile) of
+    each stored summary of ``reference``'s version whose window overlaps ``[since, until)``.
 
     Window times are compared as the canonical ``YYYY-MM-DDTHH:MM:SSZ`` strings ingest stores."""
-    layout = Layout(reference.profile)
     rows = store.conn().execute(
         "SELECT device_id, window_start, window_end, body FROM summaries WHERE model = ? AND version = ?"
         " AND window_end > ? AND window_start < ?", (reference.model, reference.version, since, until))
+    for device_id, start, end, body in rows:
+        yield device_id, start, end, layout.row(json.loads(body))
+
+
+def load_aggregate(store: Store, reference: Reference, since: str, until: str) -> Aggregate:
+    """Sum the stored summaries of ``reference``'s version whose windows overlap ``[since, until)``."""
+    layout = Layout(reference.profile)
     devices: dict[str, np.ndarray] = {}
     spans: dict[str, tuple[str, str]] = {}
     skipped = 0
-    for device_id, start, end, body in rows:
-        vec = layout.row(json.loads(body))
+    for device_id, start, end, vec in summary_vectors(store, reference, layout, since, until):
         if vec is None:
             skipped += 1
             continue
