@@ -44,6 +44,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgefleet_contracts.atomic import atomic_write_text
+from edgefleet_contracts.signing import envelope_json
 from edgefleet_contracts.timeutil import fmt, utcnow
 from edgefleet_contracts.topics import topic
 
@@ -428,8 +429,8 @@ class MqttLink:
         if not rows:
             return None
         if rows[0].kind == REPORT:
-            envelope = self._sign(rows[0].document())
-            return rows[:1], self._topics["report"], json.dumps(envelope, separators=(",", ":")).encode(), True
+            envelope = envelope_json(self._sign(rows[0].document()))
+            return rows[:1], self._topics["report"], envelope, True
         batch = []
         allowed = self._pace.allowed(time.monotonic())
         for row in rows[:allowed]:
@@ -440,8 +441,9 @@ class MqttLink:
             self._pump_paused_until = time.monotonic() + self._pace.wait(time.monotonic())
             self._paced = True
             return None
-        envelopes = [self._sign(row.document()) for row in batch]
-        return batch, self._topics["summary"], json.dumps(envelopes, separators=(",", ":")).encode(), False
+        # Each signed part travels as the exact bytes signed, so the server verifies what it received.
+        envelopes = b",".join(envelope_json(self._sign(row.document())) for row in batch)
+        return batch, self._topics["summary"], b"[" + envelopes + b"]", False
 
     def _pump(self, client: mqtt.Client) -> None:
         now = time.monotonic()

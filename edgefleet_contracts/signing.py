@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "save_private_key",
     "save_public_key",
     "sign_envelope",
+    "envelope_json",
     "envelope_signatures",
     "verify_envelope",
     "short",
@@ -114,6 +116,16 @@ def sign_envelope(signed: Mapping[str, Any], *keys: Ed25519PrivateKey) -> dict[s
         {"keyid": key_id(k.public_key()), "sig": base64.b64encode(k.sign(payload)).decode()} for k in keys
     ]
     return {"signed": dict(signed), "signatures": sigs}
+
+
+def envelope_json(envelope: Mapping[str, Any]) -> bytes:
+    """A signed envelope (``sign_envelope``'s result) as compact JSON whose signed part is written canonically,
+    i.e. as the exact bytes that were signed: ``{"signed":<canonical>,"signatures":[{"keyid":…,"sig":…}]}``.
+    A verifier can then check the signature over the bytes as received instead of serialising the document
+    again (the fleet server's ingest fast path). Raises SchemaError when the signed part has no canonical
+    form."""
+    sigs = json.dumps(list(envelope["signatures"]), separators=(",", ":"), ensure_ascii=False)
+    return b'{"signed":' + canonical_bytes(envelope["signed"]) + b',"signatures":' + sigs.encode() + b"}"
 
 
 def envelope_signatures(envelope: Any, what: str) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:

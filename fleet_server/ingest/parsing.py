@@ -21,7 +21,7 @@ try:  # declared in the server extra; the std-lib path stays correct without it
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["canonical_fast", "claimed_device", "compact_json", "dump", "parse_json"]
+__all__ = ["canonical_fast", "check_nesting", "claimed_device", "compact_json", "dump", "parse_json"]
 
 # Every byte except the four JSON brackets: ``payload.translate(None, _NOT_BRACKETS)`` keeps only brackets.
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
@@ -54,15 +54,7 @@ def parse_json(payload: bytes, limit: int) -> Any:
     """
     if len(payload) > limit:
         raise reject("too_large", f"message is {len(payload)} bytes, over the {limit}-byte limit")
-    brackets = payload.translate(None, _NOT_BRACKETS)
-    if not _shallow(brackets):
-        depth = deepest = 0
-        for b in brackets:
-            depth += 1 if b in (0x5B, 0x7B) else -1
-            if depth > deepest:
-                deepest = depth
-                if deepest > MAX_DEPTH:
-                    raise reject("malformed_json", f"message nests deeper than {MAX_DEPTH} levels")
+    check_nesting(payload)
     if _orjson is not None:
         try:
             return _orjson.loads(payload)  # refuses NaN/Infinity and integers beyond 64 bits by itself
@@ -78,6 +70,19 @@ def parse_json(payload: bytes, limit: int) -> Any:
         raise reject("malformed_json", str(exc)) from None
     except (ValueError, RecursionError) as exc:
         raise reject("malformed_json", f"message is not valid JSON: {exc}") from None
+
+
+def check_nesting(payload: bytes) -> None:
+    """Raises RejectedError(malformed_json) when ``payload`` nests deeper than MAX_DEPTH (see parse_json)."""
+    brackets = payload.translate(None, _NOT_BRACKETS)
+    if not _shallow(brackets):
+        depth = deepest = 0
+        for b in brackets:
+            depth += 1 if b in (0x5B, 0x7B) else -1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    raise reject("malformed_json", f"message nests deeper than {MAX_DEPTH} levels")
 
 
 def canonical_fast(signed: dict[str, Any]) -> bytes:

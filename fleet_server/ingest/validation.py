@@ -3,6 +3,8 @@ for the checks, their order and their reason tokens."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -11,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgefleet_contracts.canonical import canonical_bytes
 from edgefleet_contracts.errors import ContractError, SchemaError
@@ -24,7 +26,8 @@ from edgefleet_contracts.topics import check_id
 from ..errors import RejectedError
 from ..settings import ServerSettings
 from ..store import Store
-from .parsing import canonical_fast, claimed_device, compact_json, dump, parse_json
+from . import fastpath
+from .parsing import canonical_fast, check_nesting, claimed_device, compact_json, dump, parse_json
 from .ratelimit import RateLimiter
 from .results import (
     FUTURE_SKEW,
@@ -48,8 +51,31 @@ log = logging.getLogger(__name__)
 
 # One message to validate: (kind, payload, topic device, source).
 Work = tuple[str, bytes, str | None, str]
-# A summary that passed the checks before its signature: (index, summary, canonical bytes, envelope).
-_Staged = tuple[int, Summary, bytes, dict[str, Any]]
+
+
+class _Head(NamedTuple):
+    """What the later checks and the store need of a summary that passed the schema check."""
+
+    device_id: str
+    seq: int
+    model: str
+    version: str
+    start: str
+    end: str
+    predictions: int  # the window's count
+
+
+class _Staged(NamedTuple):
+    """A summary that passed the checks before its signature (by the full path or the fast path)."""
+
+    position: int  # in the message
+    head: _Head
+    signed_bytes: bytes  # the bytes to verify first: canonical (full path) or as received (fast path)
+    signatures: Callable[[str], list[tuple[str, bytes]]]  # (keyid, signature); RejectedError if malformed
+    exact: Callable[[], bytes]  # the canonical form, tried when ``signed_bytes`` does not verify
+    envelope: Callable[[], bytes]  # the envelope, for the quarantine
+    signatures_json: Callable[[], str]
+
 # A wire timestamp already in the normalised form fmt() writes (then it is its own normalised form).
 _NORMAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _KEY_CHUNK = 500
@@ -142,31 +168,35 @@ class Validator:
         return found
 
     # ---- shared steps -----------------------------------------------------------------------------------
-    def _verify(self, device_id: str, signed_bytes: bytes, envelope: dict[str, Any], what: str) -> bytes:
-        """The signed bytes that verified (``signed_bytes`` or the exact canonical form). Raises
+    def _verify(self, device_id: str, signed_bytes: bytes, signatures: list[tuple[str, bytes]],
+                exact: Callable[[], bytes], what: str) -> bytes:
+        """The signed bytes that verified (``signed_bytes`` or ``exact()``, the canonical form). Raises
         RejectedError(bad_signature) unless a signature by the device's enrolled key verifies."""
-        try:
-            signed, sigs = envelope_signatures(envelope, what)
-        except SchemaError as exc:
-            raise reject("bad_signature", str(exc)) from None
-        if not sigs:
+        if not signatures:
             raise reject("bad_signature", f"{what} is unsigned: it carries no signature")
         dk = self._device_key(device_id)
         if dk is None:
             raise reject("unknown_device", f"device {device_id!r} is not enrolled (any more)")
-        for keyid, sig in sigs:
+        for keyid, sig in signatures:
             if keyid != dk.keyid:
                 continue
             if dk.verify(sig, signed_bytes):
                 return signed_bytes
-            exact = canonical_bytes(signed)
-            if exact != signed_bytes and dk.verify(sig, exact):
-                return exact
+            canonical = exact()
+            if canonical != signed_bytes and dk.verify(sig, canonical):
+                return canonical
             break
         enrolled = short(dk.keyid)
-        seen = ", ".join(short(k) for k, _ in sigs)
+        seen = ", ".join(short(k) for k, _ in signatures)
         raise reject("bad_signature", f"{what} is not validly signed by device {device_id}'s enrolled key "
                                       f"{enrolled} (signed by {seen}); re-enroll the device if its key changed")
+
+    @staticmethod
+    def _envelope_signatures(envelope: dict[str, Any], what: str) -> list[tuple[str, bytes]]:
+        try:
+            return envelope_signatures(envelope, what)[1]
+        except SchemaError as exc:
+            raise reject("bad_signature", str(exc)) from None
 
     def _not_future(self, times: list[tuple[str, datetime]], now: float) -> None:
         limit = datetime.fromtimestamp(now, UTC) + FUTURE_SKEW
@@ -199,13 +229,16 @@ class Validator:
         signature check. Raises RejectedError when the whole message is refused."""
         self._new_batch([topic_device] if topic_device else [])
         staged, rejected = self._stage(payload, topic_device, source)
-        stored = self._stored([(s.device_id, s.seq) for _, s, _, _ in staged])
+        stored = self._stored([(x.head.device_id, x.head.seq) for x in staged])
         return self._settle(staged, rejected, stored, topic_device, over_rate, self.clock())
 
     def _stage(self, payload: bytes, topic_device: str | None,
                source: str) -> tuple[list[_Staged], list[Rejection]]:
-        """The checks before the signature, for every envelope of a message (cheapest first). Raises
-        RejectedError when the whole message is refused."""
+        """The checks before the signature, for every envelope of a message (cheapest first): the fast path
+        when it can decide, else the full path. Raises RejectedError when the whole message is refused."""
+        fast = self._stage_fast(payload, topic_device, source)
+        if fast is not None:
+            return fast
         doc = parse_json(payload, MAX_MESSAGE_BYTES)
         envelopes = doc if isinstance(doc, list) else [doc]
         if not envelopes:
@@ -218,11 +251,48 @@ class Validator:
         staged: list[_Staged] = []
         for i, env in enumerate(envelopes):
             try:
-                staged.append((i, *self._check_summary(env, i, topic_device, source)))
+                staged.append(self._check_summary(env, i, topic_device, source))
             except RejectedError as exc:
                 signed = env.get("signed") if isinstance(env, dict) else None
                 rejected.append(Rejection(i, exc.reason, str(exc), topic_device or claimed_device(signed),
                                           dump(env)))
+        return staged, rejected
+
+    def _stage_fast(self, payload: bytes, topic_device: str | None,
+                    source: str) -> tuple[list[_Staged], list[Rejection]] | None:
+        """``_stage`` by ``fastpath`` (decode and schema in one pass, the signed bytes as received), or None
+        when anything is unusual: then the full path decides (and names the problem)."""
+        if len(payload) > MAX_MESSAGE_BYTES or not payload.startswith((b'[{"signed":', b'{"signed":')):
+            return None
+        try:
+            check_nesting(payload)  # msgspec skips unknown keys' values by recursing into them
+        except RejectedError:
+            return None
+        envelopes = fastpath.decode(payload)
+        if envelopes is None or not 0 < len(envelopes) <= MAX_ENVELOPES:
+            return None
+        spans = fastpath.signed_spans(payload, envelopes)
+        if spans is None:
+            return None
+        heads: list[_Head] = []
+        for env, (a, b) in zip(envelopes, spans, strict=True):
+            s = env.signed
+            if b - a > self.settings.max_summary_bytes:
+                return None
+            heads.append(_Head(s.device_id, s.seq, s.model.name, s.model.version, s.window.start, s.window.end,
+                               s.window.count))
+        staged: list[_Staged] = []
+        rejected: list[Rejection] = []
+        for i, (env, head, (a, b)) in enumerate(zip(envelopes, heads, spans, strict=True)):
+            signed_bytes = payload[a:b]
+            item = _Staged(i, head, signed_bytes, *_fast_callables(env, signed_bytes))
+            try:
+                self._check_sender(head.device_id, f"summary [{i}]", topic_device, source)
+            except RejectedError as exc:
+                rejected.append(Rejection(i, exc.reason, str(exc), topic_device or head.device_id,
+                                          item.envelope()))
+                continue
+            staged.append(item)
         return staged, rejected
 
     def _settle(self, staged: list[_Staged], rejected: list[Rejection], stored: set[tuple[str, int]],
@@ -231,13 +301,13 @@ class Validator:
         already stored, so duplicates)."""
         accepted: list[Accepted] = []
         horizon = fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)  # normalised times compare as strings
-        for i, s, signed_bytes, env in staged:
+        for i, s, signed_bytes, signatures, exact, envelope, signatures_json in staged:
             duplicate = (s.device_id, s.seq) in stored
             try:
                 if not duplicate and s.device_id in over_rate:
                     raise self._over_rate(s.device_id)
                 what = f"summary [{i}] ({s.device_id} seq {s.seq})"
-                signed_bytes = self._verify(s.device_id, signed_bytes, env, what)
+                signed_bytes = self._verify(s.device_id, signed_bytes, signatures(what), exact, what)
                 if not self._published(s.model, s.version):
                     raise reject("unknown_model_version", f"{what}: model {s.model} version {s.version} is not "
                                                           "published; publish it before its devices report")
@@ -248,10 +318,10 @@ class Validator:
                     self._not_future([(f"{what}: window.start", t0), (f"{what}: window.end", t1)], now)
                     start, end = fmt(t0), fmt(t1)
             except RejectedError as exc:
-                rejected.append(Rejection(i, exc.reason, str(exc), topic_device or s.device_id, dump(env)))
+                rejected.append(Rejection(i, exc.reason, str(exc), topic_device or s.device_id, envelope()))
                 continue
-            accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.count,
-                                     signed_bytes.decode(), compact_json(env["signatures"]), duplicate))
+            accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.predictions,
+                                     signed_bytes.decode(), signatures_json(), duplicate))
         rejected.sort(key=lambda r: r.index or 0)
         return Checked(accepted, rejected)
 
@@ -280,8 +350,7 @@ class Validator:
                                       "summaries a minute; send fewer, larger windows (or raise "
                                       "device_rate_per_minute)")
 
-    def _check_summary(self, env: Any, i: int, topic_device: str | None,
-                       source: str) -> tuple[Summary, bytes, dict[str, Any]]:
+    def _check_summary(self, env: Any, i: int, topic_device: str | None, source: str) -> _Staged:
         what = f"summary [{i}]"
         signed = self._envelope_shape(env, what)
         signed_bytes = canonical_fast(signed)  # the bytes the device signed (see _verify)
@@ -292,13 +361,18 @@ class Validator:
             s = Summary.from_dict(signed)
         except ContractError as exc:
             raise reject("schema", f"{what}: {exc}") from None
-        if self._device_key(s.device_id) is None:
-            raise reject("unknown_device", f"{what}: device {s.device_id!r} is not enrolled; enroll it "
+        self._check_sender(s.device_id, what, topic_device, source)
+        head = _Head(s.device_id, s.seq, s.model, s.version, s.start, s.end, s.count)
+        return _Staged(i, head, signed_bytes, lambda w: self._envelope_signatures(env, w),
+                       lambda: canonical_bytes(signed), lambda: dump(env), lambda: compact_json(env["signatures"]))
+
+    def _check_sender(self, device_id: str, what: str, topic_device: str | None, source: str) -> None:
+        if self._device_key(device_id) is None:
+            raise reject("unknown_device", f"{what}: device {device_id!r} is not enrolled; enroll it "
                                            "(`fleet-server devices enroll`) before it reports")
-        if source == "mqtt" and topic_device != s.device_id:
-            raise reject("topic_mismatch", f"{what} is for device {s.device_id!r} but came on the topic of "
+        if source == "mqtt" and topic_device != device_id:
+            raise reject("topic_mismatch", f"{what} is for device {device_id!r} but came on the topic of "
                                            f"device {topic_device!r}")
-        return s, signed_bytes, env
 
     # ---- reports and heartbeats -------------------------------------------------------------------------
     def validate_report(self, payload: bytes, *, topic_device: str | None, source: str) -> ReportUpdate:
@@ -322,7 +396,9 @@ class Validator:
         if source == "mqtt" and topic_device != r.device_id:
             raise reject("topic_mismatch", f"report is for device {r.device_id!r} but came on the topic of "
                                               f"device {topic_device!r}")
-        self._verify(r.device_id, signed_bytes, env, f"report of {r.device_id}")
+        what = f"report of {r.device_id}"
+        self._verify(r.device_id, signed_bytes, self._envelope_signatures(env, what), lambda: canonical_bytes(signed),
+                     what)
         at = parse(r.at, "report.at")
         self._not_future([("report.at", at)], self.clock())
         return ReportUpdate(r.device_id, at, json.dumps(r.to_dict(), sort_keys=True, separators=(",", ":")))
@@ -379,7 +455,7 @@ class Validator:
             except Exception as exc:
                 self._refuse(sub, exc, payload, topic_device)
         try:
-            stored = self._stored([(s.device_id, s.seq) for *_, staged, _ in pending for _, s, _, _ in staged])
+            stored = self._stored([(x.head.device_id, x.head.seq) for *_, staged, _ in pending for x in staged])
         except Exception as exc:  # e.g. the store is unreadable: as for any failed check, quarantine and say why
             for sub, payload, topic_device, _, _ in pending:
                 self._refuse(sub, exc, payload, topic_device)
@@ -410,3 +486,23 @@ class Validator:
             sub.summaries, sub.rejections = checked.accepted, checked.rejected
             sub.seen = tuple(sorted({a.device_id for a in checked.accepted}))
         return sub
+
+
+def _fast_callables(env: fastpath.Envelope, signed_bytes: bytes) -> tuple[
+        Callable[[str], list[tuple[str, bytes]]], Callable[[], bytes], Callable[[], bytes], Callable[[], str]]:
+    """The signature pairs, canonical form, envelope and signatures JSON of a fast-path envelope, on demand."""
+
+    def signatures(what: str) -> list[tuple[str, bytes]]:
+        out = []
+        for sig in env.signatures:
+            try:
+                out.append((sig.keyid, base64.b64decode(sig.sig, validate=True)))
+            except binascii.Error:
+                raise reject("bad_signature", f"{what}: signature by {short(sig.keyid)} is not base64") from None
+        return out
+
+    def sigs_json() -> str:
+        return fastpath.signatures_json(env)
+
+    return (signatures, lambda: canonical_fast(parse_json(signed_bytes, MAX_MESSAGE_BYTES)),
+            lambda: b'{"signed":' + signed_bytes + b',"signatures":' + sigs_json().encode() + b"}", sigs_json)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from edgefleet_contracts.signing import Ed25519PrivateKey, generate_key, public_b64, sign_envelope
+from edgefleet_contracts.signing import Ed25519PrivateKey, envelope_json, generate_key, public_b64, sign_envelope
 from edgefleet_contracts.summary import Summary
 from edgefleet_contracts.timeutil import fmt
 from fleet_server.devices import enroll
@@ -44,7 +44,11 @@ class Device:
         return sign_envelope(make_summary(seq, self.device_id, **kw).to_dict(), signer or self.key)
 
     def message(self, seqs: range | list[int], **kw: Any) -> bytes:
-        """One JSON array of signed envelopes, as the agent's link sends it."""
+        """One JSON array of signed envelopes, as the agent's link sends it (each signed part canonical)."""
+        return b"[" + b",".join(envelope_json(self.envelope(s, **kw)) for s in seqs) + b"]"
+
+    def legacy_message(self, seqs: range | list[int], **kw: Any) -> bytes:
+        """The same envelopes as plain JSON (keys in document order, as earlier agents sent them)."""
         return json.dumps([self.envelope(s, **kw) for s in seqs], separators=(",", ":")).encode()
 
 
