@@ -502,6 +502,8 @@ class Agent:
             "feedback": self.counters.feedback, "feedback_unmatched": self.counters.feedback_unmatched,
             "windows_closed": self.counters.windows_closed, "summaries_emitted": self.summarizer.emitted,
             "windows_held_for_k": self.summarizer.held, "k": self.cfg.min_window_samples,
+            "windows_held_disk_full": self.summarizer.windows_held_disk_full,
+            "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
             "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
 

@@ -4,9 +4,11 @@ whole device folder (config, slots, prediction log, outbox), and a filler file t
 While the disk is full the agent keeps serving predictions; every write to the outbox fails with
 ``OutboxFullError`` ("the disk holding the outbox … is full"), counted (``disk_full`` in the outbox counters and
 in the heartbeat); the rows queued before stay; the link cannot mark rows as handed over, so it sends nothing
-(and says why in ``last_error``). Windows that close meanwhile cannot be stored: each is a logged, counted
-summarizer failure (the open gap written down in docs/hardening.md). When the filler is deleted, everything
-queued is delivered and stored exactly once and new windows flow again.
+(and says why in ``last_error``). Windows that close meanwhile are held in memory by the summarizer, merged
+into one summary per model version (``windows_held_disk_full``), and retried. When the filler is deleted, the
+held windows are written merged into the next stored summary, everything queued is delivered and stored exactly
+once, and the server's counts add up to every prediction the device made across the whole period: nothing is
+lost, nothing counted twice.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import OutboxFullError
 from edgefleet_contracts.topics import topic
 from tests.brokers import Subscriber
 from tests.hardening.fault_fixtures import FLEET, Rig, Traffic, device_totals, rig, server_totals, wait_until
@@ -59,14 +60,14 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_keeps_serving_counts_the_error_and_loses_no_stored_window(
+def test_a_full_disk_keeps_serving_holds_the_windows_and_loses_no_prediction(
         rig: Rig, small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     fleet = rig.fleet(1, "full", root=small_fs, window_count=10, heartbeat_seconds=0.5)
     dev = fleet.devices[0]
     fleet.start()
     agent, link = dev.runner.agent, dev.runner.link
-    outbox = agent.sink
+    outbox, summarizer = agent.sink, agent.summarizer
     heartbeats = Subscriber(rig.broker, [topic(FLEET, dev.device_id, "heartbeat")]).start()
     traffic = Traffic(fleet, rig.rows(), batch=5, pause=0.05)
     filler: Path | None = None
@@ -78,9 +79,8 @@ def test_a_full_disk_keeps_serving_counts_the_error_and_loses_no_stored_window(
         filler = fill(small_fs)
         queued = outbox.counters()["summary_rows"]
         enqueued = device_totals(dev).enqueued
-        failures = agent.summarizer.failures
         predictions = agent.counters.predictions
-        assert wait_until(lambda: agent.summarizer.failures >= failures + 2, 30, 0.05), \
+        assert wait_until(lambda: summarizer.windows_held_disk_full >= 2, 30, 0.05), \
             "no window closed while the disk was full"
         assert agent.counters.predictions >= predictions + 15  # serving goes on (two windows of 10 closed)
         rig.broker.start()
@@ -92,13 +92,16 @@ def test_a_full_disk_keeps_serving_counts_the_error_and_loses_no_stored_window(
         time.sleep(1.0)  # the link keeps trying; nothing may leave (or be lost) while rows cannot be marked
         c = outbox.counters()
         assert c["summary_rows"] == queued and device_totals(dev).enqueued == enqueued, c
-        assert c["disk_full"] >= agent.summarizer.failures - failures > 0
+        assert c["disk_full"] >= summarizer.windows_held_disk_full >= 2
         assert "is full" in (outbox.last_error or "")
-        lost = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], OutboxFullError)]
-        assert lost and "free space on that file system" in str(lost[0].exc_info[1])  # type: ignore[index]
+        st = agent.status()
+        assert st["windows_held_disk_full"] >= 2 and st["windows_lost"] == 0 and summarizer.failures == 0, st
+        held = [r for r in caplog.records if "is held in memory" in r.getMessage()]
+        assert held and "free space on that file system" in held[0].getMessage()
 
-        filler.unlink()  # space frees: the queue drains and new windows are stored again
+        filler.unlink()  # space frees: the held windows are written, the queue drains, new windows flow again
         filler = None
+        assert wait_until(lambda: summarizer.windows_held_disk_full == 0, 30, 0.05)
         assert wait_until(lambda: outbox.counters()["summary_rows"] == 0, 30, 0.1)
         assert wait_until(lambda: device_totals(dev).enqueued > enqueued + 2, 30, 0.1)
     finally:
@@ -110,11 +113,13 @@ def test_a_full_disk_keeps_serving_counts_the_error_and_loses_no_stored_window(
     fleet.flush_windows()
     assert wait_until(lambda: outbox.counters()["summary_rows"] == 0, 30, 0.1)
     dt = device_totals(dev)
-    assert wait_until(lambda: server_totals(rig.server, dev.device_id).windows == dt.enqueued, 30, 0.1)
+    assert wait_until(lambda: server_totals(rig.server, dev.device_id).rows == dt.enqueued, 30, 0.1)
     st = server_totals(rig.server, dev.device_id)
-    # Exactly once: every window the outbox took is stored once (no merging here: the bound is not reached).
-    assert st.rows == st.windows == dt.enqueued and st.seqs == list(range(1, dt.enqueued + 1))
-    # The windows that closed while the disk was full are the only ones missing, and they are counted.
-    assert dt.windows_closed - dt.enqueued - dt.summarizer_failures in (0, 1)  # 1: an empty last window
-    assert st.predictions < dt.predictions
+    # Nothing lost: the stored counts add up to every prediction the device made, the full period included.
+    assert st.predictions == dt.predictions == agent.counters.predictions
+    # Nothing twice: one stored row per summary the outbox took, seqs 1..n without a gap or a repeat.
+    assert dt.merged == 0 and st.rows == dt.enqueued and st.seqs == list(range(1, dt.enqueued + 1))
+    # Every window that held predictions is in exactly one stored row (1: an empty last window, not summarised).
+    assert dt.windows_closed - st.windows in (0, 1) and st.windows > st.rows  # held windows rode merged
+    assert summarizer.windows_recovered >= 2 and summarizer.windows_lost == 0 and dt.summarizer_failures == 0
     assert rig.server.quarantine() == []
