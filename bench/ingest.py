@@ -203,6 +203,11 @@ def _server(data: Path, broker_url: str,
     return settings, store
 
 
+def _fast_decode(payload: bytes) -> Any:
+    parsing.check_nesting(payload)
+    return fastpath.decode(payload)
+
+
 def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int, features: int,
               bins: int) -> list[tuple[str, float]]:
     """Where a 1-summary message's server CPU goes: each validation step alone, in this process, µs per
@@ -235,7 +240,7 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
     decoded = [(m, fastpath.decode(m) or []) for m in payloads]
     steps: list[tuple[str, Any, list[Any]]] = [
         ("fast path: nesting pre-scan + msgspec decode and schema in one pass",
-         lambda m: parsing.check_nesting(m) or fastpath.decode(m), payloads),
+         _fast_decode, payloads),
         ("fast path: find the signed bytes in the message", lambda md: fastpath.signed_spans(*md), decoded),
         ("full path: parse (size, nesting pre-scan, orjson.loads)", lambda m: parsing.parse_json(m, 1 << 22),
          payloads),
@@ -253,7 +258,8 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
     out.append(("whole validator: check_batch, 16 messages a batch (all of the above + look-ups, results)",
                 best(lambda i: validator.check_batch(work[i:i + 16]), list(range(0, n, 16)))))
     subs = [validator.check_batch(work[i:i + 16]) for i in range(0, n, 16)]
-    flat = [x for batch in subs for x in batch]
+    flat = [x.resolve(w[1]) for batch, i in zip(subs, range(0, n, 16), strict=True)
+            for x, w in zip(batch, work[i:i + 16], strict=True)]
     writer = IngestWriter(settings, store)
     t0 = time.perf_counter()
     for i in range(0, n, 25):

@@ -26,10 +26,12 @@ Delivery rules:
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import random
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +53,67 @@ __all__ = ["MqttIngest", "SubmitFn", "mqtt_source"]
 log = logging.getLogger(__name__)
 
 KINDS = ("summary", "report", "heartbeat")
+
+
+_READ_BYTES = 256 * 1024
+_PUBACK = 0x40
+
+
+class _IngestClient(mqtt.Client):
+    """paho's client with two costs of the ingest thread cut (``bench/ingest.py`` measures the thread):
+
+    - **Reads.** paho reads each packet with three or four ``recv()`` calls (command byte, each length byte, the
+      rest) after a ``select()``, and one packet per ``loop()``. Here one ``recv()`` takes up to 256 KB and
+      paho's small reads are served from that buffer; ``loop_read`` goes on while it holds bytes, so every
+      packet already received is handled before the next ``select()``.
+    - **Acknowledgements.** ``ack()`` queues one 4-byte PUBACK and writes it at once (a ``send()``, plus a byte
+      on paho's wake-up socket pair, which the next ``select()`` then wakes up for and reads). ``ack_many``
+      writes all acknowledgements owed at once, in one ``send()``.
+
+    Both use paho internals (``_sock_recv``, ``_out_packet``, ``loop_write``; paho is pinned to 2.x in
+    pyproject, and the ingest tests run through them); where those are missing this is plain paho.
+    """
+
+    _fast = hasattr(mqtt.Client, "_sock_recv") and hasattr(mqtt.Client, "_packet_write")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._rbuf = b""
+        self._rpos = 0
+        self._fast = self._fast and isinstance(getattr(self, "_out_packet", None), collections.deque)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if not self._fast:
+            return super()._sock_recv(bufsize)
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(_READ_BYTES)  # BlockingIOError when nothing is there: paho's "again"
+            if not data:
+                return data  # connection closed
+            self._rbuf, self._rpos = data, 0
+        chunk = self._rbuf[self._rpos:self._rpos + bufsize]
+        self._rpos += len(chunk)
+        return chunk
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) and self._sock is not None:
+            rc = super().loop_read(max_packets)
+        return rc
+
+    def ack_many(self, mids: list[int]) -> MQTTErrorCode:
+        """PUBACK each of ``mids`` (QoS 1, manual acknowledgement), in one write."""
+        if not mids:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not self._fast:
+            rcs = [self.ack(mid, 1) for mid in mids]
+            return next((rc for rc in rcs if rc != MQTTErrorCode.MQTT_ERR_SUCCESS), MQTTErrorCode.MQTT_ERR_SUCCESS)
+        packet = b"".join(struct.pack("!BBH", _PUBACK, 2, mid) for mid in mids)
+        # What ``_packet_queue`` does, without its byte on the wake-up socket pair: this client is looped by
+        # the thread calling this (no ``loop_start``), so there is no select() in another thread to wake, and
+        # that byte would only make the next select() return at once and cost two more system calls.
+        self._out_packet.append({"command": _PUBACK, "mid": 0, "qos": 0, "pos": 0, "to_process": len(packet),
+                                 "packet": packet, "info": None})
+        return self.loop_write()
 
 
 class SubmitFn(Protocol):
@@ -184,8 +247,8 @@ class MqttIngest(IngestSource):
             self._stop.wait(self._random.uniform(delay / 2, delay))
             delay = min(delay * 2, self._backoff_max)
 
-    def _new_client(self) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+    def _new_client(self) -> _IngestClient:
+        client = _IngestClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                              protocol=mqtt.MQTTv311, manual_ack=True)
         client.connect_timeout = self._connect_timeout
         if self._username:
@@ -249,20 +312,28 @@ class MqttIngest(IngestSource):
                     pass
         return was_up
 
-    def _send_acks(self, client: mqtt.Client) -> None:
+    def _send_acks(self, client: _IngestClient) -> None:
+        mids: list[int] = []
+        stale = failed = 0
         while True:
             try:
                 connection, mid, ok = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             self._outstanding -= 1
             if connection != self._connection:
-                self._count("stale_acks")  # the broker re-delivers it on this connection; acked then
+                stale += 1  # the broker re-delivers it on this connection; acked then
             elif not ok:
-                self._count("failed")
+                failed += 1
                 self._reconnect = True
-            elif client.ack(mid, 1) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                self._count("acked")
+            else:
+                mids.append(mid)
+        if mids and client.ack_many(mids) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._count("acked", len(mids))
+        if stale:
+            self._count("stale_acks", stale)
+        if failed:
+            self._count("failed", failed)
 
     # ---- callbacks (network thread, inside client.loop) ---------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,

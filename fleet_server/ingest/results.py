@@ -21,9 +21,14 @@ REASONS = ("too_large", "malformed_json", "shape", "schema", "unknown_device", "
 KINDS = ("summary", "report", "heartbeat")
 
 # ---- results --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Accepted:
-    """A summary that passed every check, ready to store."""
+    """A summary that passed every check, ready to store.
+
+    A validator process answers with ``span`` (where the signed bytes lie in the message) instead of ``body``
+    when the signature verified over the bytes as received: the process that holds the message fills ``body``
+    (``Submission.resolve``), so the 5 KB body does not travel back through the pipe.
+    """
 
     index: int  # position in its message
     device_id: str
@@ -33,11 +38,14 @@ class Accepted:
     start: str  # normalised ...Z
     end: str
     count: int
-    body: str  # canonical JSON of the signed summary document
+    body: str  # JSON of the signed summary document: the bytes that were signed (canonical for the agent)
     signatures: str = "[]"  # JSON of the envelope's signatures (to quarantine it whole if rate limited)
     duplicate: bool = False  # already stored when validated (takes no token)
+    span: tuple[int, int] | None = None  # body = message[span[0]:span[1]], until resolved
 
     def envelope(self) -> bytes:
+        if self.span is not None:
+            raise RuntimeError("Accepted.envelope() before Submission.resolve(): the body is not filled in")
         return f'{{"signed":{self.body},"signatures":{self.signatures}}}'.encode()
 
 
@@ -95,6 +103,14 @@ class Submission:
     report: ReportUpdate | None = None
     seen: tuple[str, ...] = ()  # devices whose last_seen moves (authenticated summaries, report, heartbeat)
     done: Callable[[Outcome], None] | None = None
+
+    def resolve(self, payload: bytes) -> Submission:
+        """Fill in the bodies a validator process left as spans of ``payload`` (the message it checked)."""
+        for a in self.summaries:
+            if a.span is not None:
+                a.body = payload[a.span[0]:a.span[1]].decode()
+                a.span = None
+        return self
 
     @property
     def rows(self) -> int:

@@ -154,6 +154,7 @@ class IngestService:
         if sub is None:
             sub = self.validator.check(kind, payload, topic_device=topic_device, source=source,
                                        over_rate=self.validator.limiter.over_rate())
+        sub.resolve(payload)
         sub.done = done
         self.writer.submit(self.validator.admit_submission(sub))
         with self._lock:

@@ -71,6 +71,7 @@ class _Staged(NamedTuple):
     position: int  # in the message
     head: _Head
     signed_bytes: bytes  # the bytes to verify first: canonical (full path) or as received (fast path)
+    span: tuple[int, int] | None  # where ``signed_bytes`` lie in the message (fast path)
     signatures: Callable[[str], list[tuple[str, bytes]]]  # (keyid, signature); RejectedError if malformed
     exact: Callable[[], bytes]  # the canonical form, tried when ``signed_bytes`` does not verify
     envelope: Callable[[], bytes]  # the envelope, for the quarantine
@@ -230,7 +231,9 @@ class Validator:
         self._new_batch([topic_device] if topic_device else [])
         staged, rejected = self._stage(payload, topic_device, source)
         stored = self._stored([(x.head.device_id, x.head.seq) for x in staged])
-        return self._settle(staged, rejected, stored, topic_device, over_rate, self.clock())
+        checked = self._settle(staged, rejected, stored, topic_device, over_rate, self.clock())
+        Submission("summary", source, 0.0, checked.accepted).resolve(payload)
+        return checked
 
     def _stage(self, payload: bytes, topic_device: str | None,
                source: str) -> tuple[list[_Staged], list[Rejection]]:
@@ -285,7 +288,7 @@ class Validator:
         rejected: list[Rejection] = []
         for i, (env, head, (a, b)) in enumerate(zip(envelopes, heads, spans, strict=True)):
             signed_bytes = payload[a:b]
-            item = _Staged(i, head, signed_bytes, *_fast_callables(env, signed_bytes))
+            item = _Staged(i, head, signed_bytes, (a, b), *_fast_callables(env, signed_bytes))
             try:
                 self._check_sender(head.device_id, f"summary [{i}]", topic_device, source)
             except RejectedError as exc:
@@ -301,13 +304,13 @@ class Validator:
         already stored, so duplicates)."""
         accepted: list[Accepted] = []
         horizon = fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)  # normalised times compare as strings
-        for i, s, signed_bytes, signatures, exact, envelope, signatures_json in staged:
+        for i, s, received, span, signatures, exact, envelope, signatures_json in staged:
             duplicate = (s.device_id, s.seq) in stored
             try:
                 if not duplicate and s.device_id in over_rate:
                     raise self._over_rate(s.device_id)
                 what = f"summary [{i}] ({s.device_id} seq {s.seq})"
-                signed_bytes = self._verify(s.device_id, signed_bytes, signatures(what), exact, what)
+                signed_bytes = self._verify(s.device_id, received, signatures(what), exact, what)
                 if not self._published(s.model, s.version):
                     raise reject("unknown_model_version", f"{what}: model {s.model} version {s.version} is not "
                                                           "published; publish it before its devices report")
@@ -320,8 +323,12 @@ class Validator:
             except RejectedError as exc:
                 rejected.append(Rejection(i, exc.reason, str(exc), topic_device or s.device_id, envelope()))
                 continue
-            accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.predictions,
-                                     signed_bytes.decode(), signatures_json(), duplicate))
+            if span is not None and signed_bytes is received:  # the body is a slice of the message
+                accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.predictions, "",
+                                         signatures_json(), duplicate, span))
+            else:
+                accepted.append(Accepted(i, s.device_id, s.seq, s.model, s.version, start, end, s.predictions,
+                                         signed_bytes.decode(), signatures_json(), duplicate))
         rejected.sort(key=lambda r: r.index or 0)
         return Checked(accepted, rejected)
 
@@ -363,7 +370,7 @@ class Validator:
             raise reject("schema", f"{what}: {exc}") from None
         self._check_sender(s.device_id, what, topic_device, source)
         head = _Head(s.device_id, s.seq, s.model, s.version, s.start, s.end, s.count)
-        return _Staged(i, head, signed_bytes, lambda w: self._envelope_signatures(env, w),
+        return _Staged(i, head, signed_bytes, None, lambda w: self._envelope_signatures(env, w),
                        lambda: canonical_bytes(signed), lambda: dump(env), lambda: compact_json(env["signatures"]))
 
     def _check_sender(self, device_id: str, what: str, topic_device: str | None, source: str) -> None:
@@ -429,11 +436,13 @@ class Validator:
         """Stage one (any thread or validator process): validate a message of ``kind`` into a Submission for
         the writer, taking no rate tokens (``admit_submission`` does). Never raises: a refused message
         becomes a Submission holding its quarantine row."""
-        return self.check_batch([(kind, payload, topic_device, source)], over_rate)[0]
+        return self.check_batch([(kind, payload, topic_device, source)], over_rate)[0].resolve(payload)
 
     def check_batch(self, work: Sequence[Work], over_rate: frozenset[str] = frozenset()) -> list[Submission]:
         """``check`` for several messages at once, in order: the device keys of their MQTT topics are read in
-        one query and which summaries are already stored in another. Never raises."""
+        one query and which summaries are already stored in another. Never raises. Bodies verified as received
+        are left as spans of their message: ``Submission.resolve(payload)`` fills them in where the message is
+        (the validator processes answer without sending the bodies back)."""
         self._new_batch([td for _, _, td, _ in work if td])
         now = self.clock()
         subs: list[Submission] = []

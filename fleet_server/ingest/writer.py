@@ -169,6 +169,8 @@ class IngestWriter:
             for sub in batch:
                 out = Outcome(rejected=list(sub.rejections))
                 if sub.summaries:
+                    if any(a.span is not None for a in sub.summaries):
+                        raise RuntimeError("a submission reached the writer unresolved (Submission.resolve)")
                     cur = c.executemany(_INSERT_SUMMARY, [
                         (a.device_id, a.seq, a.model, a.version, a.start, a.end, a.count, a.body, sub.received)
                         for a in sub.summaries])

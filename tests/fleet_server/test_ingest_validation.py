@@ -34,7 +34,8 @@ def test_a_batch_gets_the_same_answers_as_one_message_at_a_time(fleet: Fleet) ->
         ("summary", d2.message([6, 7]), None, "http"),
         ("nonsense", b"{}", "dev-1", "mqtt"),
     ]
-    batch = Validator(fleet.settings, fleet.store).check_batch(work)
+    batch = [sub.resolve(w[1]) for sub, w in zip(Validator(fleet.settings, fleet.store).check_batch(work), work,
+                                                   strict=True)]
     one_by_one = [Validator(fleet.settings, fleet.store).check(k, p, topic_device=t, source=s) for k, p, t, s in work]
     assert [_shape(s) for s in batch] == [_shape(s) for s in one_by_one]
     assert [a.duplicate for a in batch[0].summaries] == [True, False, False]
