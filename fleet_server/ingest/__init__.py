@@ -1,6 +1,8 @@
 """Summary, report and heartbeat ingest: one validation path for MQTT and HTTP, one batched durable writer.
 
 Modules: ``results`` (what the stages hand over, limits, reasons), ``parsing`` (untrusted bytes to JSON),
+``fastpath`` (the common well-formed summary message decided in one msgspec pass, its signed bytes verified as
+received; anything else goes to the full path, which names the problem),
 ``signatures`` (device keys, Ed25519 verification), ``validation`` (``Validator``), ``ratelimit``
 (``RateLimiter``), ``workers`` (validator processes), ``writer`` (``IngestWriter``: the durable store and the
 quarantine rows), ``counters`` (``IngestCounters``, Prometheus text), ``service`` (``IngestService``: the
@@ -52,8 +54,9 @@ callback fires only after its transaction committed: the MQTT acknowledgement an
 durability. Commits are group commits: the writer takes whatever arrived while the previous transaction
 committed, so nothing waits for a timer and no row waits longer than ``settings.ingest_flush_seconds``.
 
-Stored ``summaries.body`` is the canonical JSON (sorted keys, as signed by the device) of the summary document
-(``Summary.from_dict(json.loads(body))`` reads it back); window times are normalised to ``…Z``.
+Stored ``summaries.body`` is the JSON of the summary document exactly as the device signed it: the canonical
+form (sorted keys, no spaces) for every agent (``Summary.from_dict(json.loads(body))`` reads it back); window
+times in the row's columns are normalised to ``…Z``.
 """
 
 from .counters import IngestCounters

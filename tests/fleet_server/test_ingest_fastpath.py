@@ -148,7 +148,8 @@ def test_any_other_layout_leaves_the_fast_path(fleet: Fleet, change: str) -> Non
     signed = canonical_bytes(env["signed"])
     sigs = json.dumps(env["signatures"], separators=(",", ":")).encode()
     layouts = {
-        "escaped duplicate key": b'{"signed":' + signed + b',"sign\\u0065d":' + signed + b',"signatures":' + sigs + b"}",
+        "escaped duplicate key": b'{"signed":' + signed + b',"sign\\u0065d":' + signed + b',"signatures":' + sigs +
+                                 b"}",
         "extra envelope key": b'{"signed":' + signed + b',"x":1,"signatures":' + sigs + b"}",
         "nested signatures key": b'{"signed":' + canonical_bytes({**env["signed"], "signatures": []}) +
                                  b',"signatures":' + sigs + b"}",
