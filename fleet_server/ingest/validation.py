@@ -299,11 +299,12 @@ class Validator:
         return staged, rejected
 
     def _settle(self, staged: list[_Staged], rejected: list[Rejection], stored: set[tuple[str, int]],
-                topic_device: str | None, over_rate: frozenset[str], now: float) -> Checked:
+                topic_device: str | None, over_rate: frozenset[str], now: float, horizon: str | None = None) -> Checked:
         """The signature, model-version and timestamp checks of staged summaries (``stored``: which are
-        already stored, so duplicates)."""
+        already stored, so duplicates; ``horizon``: the latest acceptable window time, normalised)."""
         accepted: list[Accepted] = []
-        horizon = fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)  # normalised times compare as strings
+        if horizon is None:
+            horizon = _horizon(now)
         for i, s, received, span, signatures, exact, envelope, signatures_json in staged:
             duplicate = (s.device_id, s.seq) in stored
             try:
@@ -469,9 +470,10 @@ class Validator:
             for sub, payload, topic_device, _, _ in pending:
                 self._refuse(sub, exc, payload, topic_device)
             return subs
+        horizon = _horizon(now)
         for sub, payload, topic_device, staged, rejected in pending:
             try:
-                checked = self._settle(staged, rejected, stored, topic_device, over_rate, now)
+                checked = self._settle(staged, rejected, stored, topic_device, over_rate, now, horizon)
                 sub.summaries, sub.rejections = checked.accepted, checked.rejected
             except Exception as exc:
                 self._refuse(sub, exc, payload, topic_device)
@@ -495,6 +497,11 @@ class Validator:
             sub.summaries, sub.rejections = checked.accepted, checked.rejected
             sub.seen = tuple(sorted({a.device_id for a in checked.accepted}))
         return sub
+
+
+def _horizon(now: float) -> str:
+    """The latest window time accepted at ``now``, normalised (normalised times compare as strings)."""
+    return fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)
 
 
 def _fast_callables(env: fastpath.Envelope, signed_bytes: bytes) -> tuple[
