@@ -14,7 +14,9 @@ def utcnow() -> datetime:
 
 
 def fmt(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``YYYY-MM-DDTHH:MM:SSZ`` in UTC (the year zero-padded: glibc's ``%Y`` writes year 1 as ``1``)."""
+    u = t.astimezone(UTC)
+    return f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}Z"
 
 
 def parse(text: object, field: str) -> datetime:
@@ -27,7 +29,10 @@ def parse(text: object, field: str) -> datetime:
         raise SchemaError(f"{field} is not an ISO 8601 timestamp: {text!r}") from exc
     if t.tzinfo is None:
         raise SchemaError(f"{field} has no time zone: {text!r}")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before the first representable instant
+        raise SchemaError(f"{field} is outside the representable range once converted to UTC: {text!r}") from None
 
 
 def parse_duration(text: str) -> timedelta:

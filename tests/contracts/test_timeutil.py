@@ -1,0 +1,24 @@
+"""Wire timestamps: every malformed or unrepresentable one is a SchemaError naming the field, never another
+exception (the fuzzers found none of these by chance; they are listed here so they stay refused)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.timeutil import fmt, parse
+
+
+@pytest.mark.parametrize("text", [
+    "0001-01-01T00:00:00+01:00",  # before the first instant a datetime can hold, once in UTC
+    "9999-12-31T23:59:59-01:00",  # after the last
+    "2026-13-01T00:00:00Z", "2026-01-01T00:00:00", "yesterday", "", 1700000000, None, ["2026-01-01T00:00:00Z"],
+])
+def test_bad_timestamps_are_schema_errors_naming_the_field(text: object) -> None:
+    with pytest.raises(SchemaError, match="window.end"):
+        parse(text, "window.end")
+
+
+def test_good_timestamps_normalise_to_utc() -> None:
+    assert fmt(parse("2026-11-27T14:00:00+01:00", "t")) == "2026-11-27T13:00:00Z"
+    assert fmt(parse("0001-01-01T00:00:00Z", "t")) == "0001-01-01T00:00:00Z"
