@@ -82,7 +82,9 @@ def test_a_full_disk_keeps_serving_holds_the_windows_and_loses_no_prediction(
         predictions = agent.counters.predictions
         assert wait_until(lambda: summarizer.windows_held_disk_full >= 2, 30, 0.05), \
             "no window closed while the disk was full"
-        assert agent.counters.predictions >= predictions + 15  # serving goes on (two windows of 10 closed)
+        # Serving goes on: the second held window closed wholly after the snapshot (the first may have been 9/10
+        # full when it was taken), so at least 11 more predictions were made.
+        assert agent.counters.predictions >= predictions + 11
         rig.broker.start()
         heartbeats.wait_subscribed(10)
         assert wait_until(lambda: link.state == "connected" and "is full" in (link.last_error or ""), 30, 0.05), \
