@@ -103,7 +103,9 @@ class Agent:
         self._window_start = utcnow()
         self._window_t0 = time.monotonic()
         self._vstats: dict[tuple[str, str], VersionStats] = {}
-        self._busy = 0
+        self._busy = 0  # batches and contended predictions in flight (guarded by _swap_lock)
+        self._swap_lock = threading.Lock()  # taken after _lock when both are held
+        self._swap_pending = False  # a swap waits for _busy to drain: contended callers queue on _lock meanwhile
         self._reload_lock = threading.Lock()
         if model is not None:
             self._install_model(model)
@@ -144,28 +146,34 @@ class Agent:
                    cfg.prediction_log_max_rows), device_key=load_private_key(d.device_key), model_loader=loader,
                    background=background, active_probe=probe)
 
-    def _install_model(self, model: LoadedModel) -> None:
-        """Raises ModelLoadError when the model cannot serve (the loaded one, if any, keeps serving)."""
+    def _install_model(self, model: LoadedModel) -> bool:
+        """Serve ``model`` from now on; False (nothing changed) when a batch or a contended prediction is in
+        flight, whose result must land in the window of the model that made it. Raises ModelLoadError when the
+        model cannot serve (the loaded one, if any, keeps serving)."""
         with self._lock:
             vstats = self._stats_locked(model)
         hot = HotModel(model, vstats, self.log, f"{self._boot}-", self.cfg.image_stats_every)
         window = Window(model.profile, model.calibration, model.validator.lows, model.validator.highs,
                         staging=hot.staging)
-        with self._lock:
+        with self._lock, self._swap_lock:
+            if self._busy:
+                return False
             old = self._close_locked()
             self._model = model
             self._hot = hot
             self._window = window
         if old is not None:
             self.summarizer.submit(old)
+        return True
 
     def reload(self) -> bool:
         """Re-read the active slot (after an install or rollback); True when the model changed.
 
-        While a batch runs (``busy()``) the loaded model is kept and False returned: the ticker tries again
-        every second. Raises ModelLoadError when the active slot cannot be loaded (the old model keeps serving).
+        While a batch runs (``busy()`` for more than 0.2 s) the loaded model is kept and False returned: the
+        ticker tries again every second. Raises ModelLoadError when the active slot cannot be loaded (the old
+        model keeps serving).
         """
-        if self._model_loader is None or self.busy():
+        if self._model_loader is None:
             return False
         with self._reload_lock:
             cur = self._model
@@ -179,10 +187,16 @@ class Agent:
             cur = self._model
             if new is None or (cur is not None and new.slot == cur.slot and new.version == cur.version):
                 return False
-            if self.busy():
-                return False
-            self._install_model(new)
-            return True
+            # Contended predictions now queue on the lock instead of running on their own, so those in flight
+            # drain; a batch may take longer: then the ticker tries again next second.
+            self._swap_pending = True
+            try:
+                deadline = time.monotonic() + 0.2
+                while self._busy and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                return self._install_model(new)
+            finally:
+                self._swap_pending = False
 
     # ---- rollout support: per-version statistics and the busy flag --------------------------------------
     def _stats_locked(self, m: LoadedModel) -> VersionStats:
@@ -207,12 +221,12 @@ class Agent:
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Mark a batch (``with agent.batch(): …``): ``busy()`` is true inside, and ``reload()`` waits."""
-        with self._lock:
+        with self._swap_lock:
             self._busy += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._swap_lock:
                 self._busy -= 1
 
     # ---- hot path --------------------------------------------------------------------------------------
@@ -224,7 +238,9 @@ class Agent:
         t0 = time.perf_counter_ns()
         lock = self._lock
         if not lock.acquire(False):
-            return self._predict_contended(x, t0)
+            if not self._swap_pending:
+                return self._predict_contended(x, t0)
+            lock.acquire()  # a model swap is waiting for the contended predictions in flight: queue instead
         try:  # the staged path: validated into the bound input and staging rows, run in place, result staged
             hot = self._hot
             if hot is None:
@@ -279,8 +295,18 @@ class Agent:
 
     def _predict_contended(self, x: Any, t0: int) -> Prediction:
         """Another thread is inside predict: validate and run on private arrays (no waiting for the lock while
-        the model runs), then stage a copy of the result under the lock."""
-        hot = self._hot
+        the model runs), then stage a copy of the result under the lock. The agent is ``busy`` meanwhile, so a
+        model swap waits for this prediction and it is counted in its own model's window."""
+        with self._swap_lock:
+            hot = self._hot
+            self._busy += 1
+        try:
+            return self._predict_private(x, t0, hot)
+        finally:
+            with self._swap_lock:
+                self._busy -= 1
+
+    def _predict_private(self, x: Any, t0: int, hot: HotModel | None) -> Prediction:
         if hot is None:
             raise NoModelError("no model installed on this device; install one with `device-agent install`")
         sampled = None
@@ -328,7 +354,7 @@ class Agent:
                 if k + 1 == st.size:
                     w.flush()  # type: ignore[union-attr]
                 close = w.count >= self._window_count  # type: ignore[union-attr]
-            else:  # the model was swapped while this one ran: its window is closed; keep the log and the counters
+            else:  # cannot happen (a swap waits while this is busy); kept so a bug loses a window row, not a result
                 hot.vstats.observe(lat)
                 if self.log is not None:
                     self.log.record(n, time.time(), hot.log_model, ci, conf)

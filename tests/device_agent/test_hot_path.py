@@ -328,3 +328,47 @@ def test_the_prediction_log_takes_blocks_and_single_records_in_one_flush(tmp_pat
     assert log.lookup("b-4") == ("clinical", "1.0.0", 0) and log.lookup("b-6") == ("clinical", "1.0.0", 0)
     assert log.lookup("b-2") == ("clinical", "1.0.0", 1) and log.lookup("b-7") is None
     log.close()
+
+
+def test_threads_racing_model_swaps_lose_no_prediction_from_the_summaries(built, clinical, rows, tmp_path):
+    """Four threads predict while the model is swapped back and forth: every prediction is counted in the
+    window of the version that made it (a contended prediction in flight makes the swap wait for it)."""
+    v110 = load_model(extract(packages(built).v110, tmp_path / "slot110", built.keys / "root.pub"), TARGET)
+    models = [v110, clinical]
+    c = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, window_count=10**6,
+                     window_seconds=10**6)
+    agent = Agent(c, TARGET, clinical, prediction_log=PredictionLog(tmp_path / "log"), background=False,
+                  model_loader=lambda: models[0])
+    made: dict[str, int] = {"1.0.0": 0, "1.1.0": 0}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def serve() -> None:
+        local = {"1.0.0": 0, "1.1.0": 0}
+        i = 0
+        while not stop.is_set() and i < 20_000:  # bounded
+            local[agent.predict(rows[i % len(rows)]).version] += 1
+            i += 1
+        with lock:
+            for k, v in local.items():
+                made[k] += v
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    swaps = 0
+    for _ in range(20):  # swap 1.1.0 <-> 1.0.0 while the threads run
+        threading.Event().wait(0.02)
+        if agent.reload():
+            swaps += 1
+            models.reverse()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    agent.close()
+    assert swaps >= 10, f"the swap starved behind the contended predictions ({swaps} of 20)"
+    assert agent.counters.contended > 0, "the threads never contended: the race was not exercised"
+    counted: dict[str, int] = {"1.0.0": 0, "1.1.0": 0}
+    for s in agent.sink.summaries:  # type: ignore[attr-defined]
+        counted[s.version] += s.count
+    assert counted == made and sum(made.values()) == agent.counters.predictions
