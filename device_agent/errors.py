@@ -28,3 +28,9 @@ class InputError(AgentError):
         super().__init__(message)
         self.kind = kind
         self.feature = feature
+
+
+class NoModelError(AgentError):
+    """The device has no installed model yet (install one with `device-agent install`)."""
+
+    reason = "no_model"
