@@ -157,6 +157,15 @@ def prometheus_text(agent: Agent) -> str:
         "# HELP edgefleet_agent_windows_held_total Windows held back below k and merged forward.",
         "# TYPE edgefleet_agent_windows_held_total counter",
         f"edgefleet_agent_windows_held_total {st['windows_held_for_k']}",
+        "# HELP edgefleet_agent_windows_held_disk_full Windows held in memory now because the disk is full.",
+        "# TYPE edgefleet_agent_windows_held_disk_full gauge",
+        f"edgefleet_agent_windows_held_disk_full {st['windows_held_disk_full']}",
+        "# HELP edgefleet_agent_windows_recovered_total Windows written after being held for a full disk.",
+        "# TYPE edgefleet_agent_windows_recovered_total counter",
+        f"edgefleet_agent_windows_recovered_total {st['windows_recovered']}",
+        "# HELP edgefleet_agent_windows_lost_total Windows lost (held past the bound, or at shutdown on a full disk).",
+        "# TYPE edgefleet_agent_windows_lost_total counter",
+        f"edgefleet_agent_windows_lost_total {st['windows_lost']}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.config import DeviceConfig
+from device_agent.http_api import prometheus_text
 from device_agent.model import LoadedModel, load_model
 from device_agent.outbox import Outbox
 from device_agent.summarizer import Closed, Summarizer, add_laplace_noise
@@ -224,10 +225,12 @@ def test_the_agent_reports_held_windows_and_a_shutdown_on_a_full_disk_counts_the
         st = agent.status()
         assert (st["windows_held_disk_full"], st["windows_recovered"], st["windows_lost"]) == (1, 0, 0)
         assert st["summaries_emitted"] == 1 and agent.summarizer.failures == 0
+        assert "edgefleet_agent_windows_held_disk_full 1\n" in prometheus_text(agent)  # the device's /metrics
         for row in rows[16:20]:
             agent.predict(row)
         agent.close()  # the current window joins the held one; the disk is still full: both are lost
     st = agent.status()
     assert (st["windows_held_disk_full"], st["windows_lost"], agent.summarizer.predictions_lost) == (0, 2, 10)
+    assert "edgefleet_agent_windows_lost_total 2\n" in prometheus_text(agent)
     assert [r for r in caplog.records if "LOST 2 window(s)" in r.getMessage() and "shutting down" in r.getMessage()]
     assert [(g.seq, g.count) for g in stored(outbox)] == [(1, 10)]
