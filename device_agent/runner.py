@@ -30,6 +30,7 @@ from .agent import Agent
 from .config import DeviceDir
 from .desired_handler import DESIRED_FILE, DesiredHandler, HandlerOptions, read_desired_seq
 from .slots import COMPLETE_MARKER, SLOT_NAMES, SMOKE_FILE, read_manifest
+from .trust_store import TrustStore, TrustStoreError
 from .updater import Updater
 
 log = logging.getLogger("edgefleet.agent")
@@ -156,6 +157,11 @@ class DeviceRunner:
         self._report_fingerprint: tuple[Stat, ...] | None = None  # of what the last queued report was built from
         self.report_rebuilds = 0  # how often the report was built from the folder
         self._report_lock = threading.Lock()
+        self._trust: TrustStore | None = None  # housekeeping keeps its clock mark near the present
+        try:
+            self._trust = TrustStore(self.device)
+        except TrustStoreError as exc:
+            log.warning("the trust store's clock mark will only move with decisions: %s", exc)
         self._server: Any = None
         self.handler = DesiredHandler(self.device, agent=self.agent, on_change=self._update_changed,
                                       options=handler_options)
@@ -194,14 +200,21 @@ class DeviceRunner:
             log.exception("could not queue the reported state")
 
     def check_report(self) -> None:
-        """The periodic check: queue the reported state if it changed; never raises (failures are logged).
-        Does nothing once the runner is stopped."""
+        """The periodic check: queue the reported state if it changed, and move the trust store's clock mark
+        forward (``TrustStore.advance``: a write every 10 minutes at most, so a clock set back on an idle
+        device is caught against a recent time); never raises (failures are logged). Does nothing once the
+        runner is stopped."""
         if self._stop.is_set():
             return
         try:
             self.publish_report_if_changed()
         except Exception:  # never kill the agent over a report; logged
             log.exception("could not queue the reported state")
+        if self._trust is not None:
+            try:
+                self._trust.advance()
+            except TrustStoreError as exc:
+                log.warning("could not move the trust store's clock mark: %s", exc)
 
     def _housekeeping(self) -> None:
         while not self._stop.wait(self._report_check_seconds):

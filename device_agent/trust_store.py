@@ -181,6 +181,18 @@ class TrustStore:
         self._observe(wall)
         return self.state.effective_now(wall)
 
+    def advance(self) -> bool:
+        """Move the high-water mark to the wall clock when it is ``OBSERVE_STEP`` or more past it (at most one
+        write per step); True when it moved. Called periodically (the runner's housekeeping), so an idle device
+        keeps its mark close to the present: a clock set back later is caught against a recent mark, not the
+        time of the last install. A clock behind the mark is not counted here (decisions count it, once each).
+        Raises TrustStoreError when the move cannot be persisted."""
+        wall = self.clock()
+        if wall < self.state.high_water + OBSERVE_STEP:
+            return False
+        self._update(lambda s: replace(s, high_water=max(s.high_water, wall)))
+        return True
+
     def _observe(self, wall: datetime) -> None:
         if self.state.observed(wall) == self.state:
             return  # nothing to record: no write, no lock

@@ -153,3 +153,25 @@ def test_every_input_of_the_report_is_in_the_fingerprint(device: DeviceDir) -> N
         path.write_bytes(data + b" ")  # one byte longer: a different fingerprint whatever the timestamps
         assert inputs.take() != before, path
         path.write_bytes(data)
+
+
+def test_the_periodic_check_moves_an_idle_devices_clock_mark_to_the_present(device: DeviceDir) -> None:
+    """The trust store's high-water mark follows the clock on an idle device (no install, no desired state), so
+    a clock set back later is judged against a recent time."""
+    from datetime import timedelta
+
+    from device_agent.trust_store import TrustState, TrustStore
+    from edgefleet_contracts.timeutil import utcnow
+
+    old = TrustStore(device).state
+    week_ago = utcnow() - timedelta(days=7)
+    device.trust_file.write_text(TrustState(old.keyset_envelope, old.keyset_version, week_ago).to_json())
+    r = DeviceRunner(device.path, http=False, housekeeping=False, report_settle_seconds=SETTLE)
+    try:
+        r.check_report()
+    finally:
+        r.stop()
+    mark = TrustStore(device).state.high_water
+    assert mark > utcnow() - timedelta(minutes=1), mark
+    assert TrustStore(device).state.clock_went_back == 0
+    assert TrustStore(device, clock=lambda: week_ago).now() == mark  # the clock set back: judged at the mark

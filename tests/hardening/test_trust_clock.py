@@ -105,3 +105,20 @@ def test_a_stale_trust_store_object_never_undoes_a_newer_keyset(built, tmp_path)
     doc = trust_doc(dev)
     assert doc["keyset_version"] == 3 and doc["clock_went_back"] == 1
     assert TrustStore(dev).trusted_keyset().version == 3  # type: ignore[union-attr]
+
+
+def test_advance_keeps_an_idle_devices_mark_near_the_present_without_counting_anything(built, tmp_path):
+    """The runner's housekeeping calls ``advance()``: at most one write per OBSERVE_STEP, never a clock event,
+    and a clock set back afterwards is judged against the advanced mark."""
+    dev = new_device(built, tmp_path / "dev")
+    start = TrustStore(dev).state.high_water
+    ino = dev.trust_file.stat().st_ino
+    assert not TrustStore(dev, clock=lambda: start + OBSERVE_STEP - timedelta(seconds=1)).advance()
+    assert not TrustStore(dev, clock=lambda: start - timedelta(days=3)).advance()  # behind: not counted here
+    assert dev.trust_file.stat().st_ino == ino and trust_doc(dev)["clock_went_back"] == 0  # nothing written
+    later = start + timedelta(days=40)
+    assert TrustStore(dev, clock=lambda: later).advance()
+    doc = trust_doc(dev)
+    assert doc["high_water"] == fmt(later) and doc["clock_went_back"] == 0
+    assert stat.S_IMODE(dev.trust_file.stat().st_mode) == 0o600
+    assert TrustStore(dev, clock=lambda: start + timedelta(days=1)).now() == later
