@@ -121,6 +121,15 @@ def test_any_json_value_anywhere_never_slips_through(path: tuple[Any, ...], valu
         assert _full_path(json.loads(wire)[0]["signed"]) is not None, (path, value)
 
 
+def test_a_field_this_server_does_not_know_goes_to_the_full_path_however_deep() -> None:
+    """A newer agent's extra field: the full path ignores it (and refuses it past 32 levels of nesting); the fast
+    path, which needs no nesting pre-scan because it accepts known fields only, leaves it to the full path."""
+    extra = {**VALID, "future": {"a": [1, 2]}}
+    assert fastpath.decode(_wire(extra)) is None and _full_path(extra) is not None
+    deep = _wire({**VALID, "future": "here"}).replace(b'"here"', b"[" * 5000 + b"]" * 5000)
+    assert fastpath.decode(deep) is None  # no RecursionError escapes
+
+
 def _agent_message(fleet: Fleet, seqs: list[int]) -> bytes:
     return fleet["dev-1"].message(seqs)
 
