@@ -51,6 +51,11 @@ class SimConfig:
     # simulator runs the checks of all its devices from one thread instead of one thread per device.
     report_check_seconds: float = 1.0
     outbox_max_rows: int | None = None  # None: the device default
+    # onnxruntime intra-op threads of each simulated device (the ``[runtime] threads`` of its target.toml; None:
+    # the target's). A real device has the target's cores to itself; here every device shares this host's cores,
+    # and with more than one thread each of hundreds of sessions keeps a worker thread that spin-waits after every
+    # run (~6x the CPU of one thread at 2 predictions a second), starving the agents' own threads.
+    inference_threads: int | None = 1
 
 
 @dataclass
@@ -89,6 +94,8 @@ class Fleet:
                                        fleet_key=c.fleet_pub, fleet=c.fleet, broker=c.broker_url,
                                        server=c.server_url, tags=tags, package=c.first_package, force=True))
             dd = DeviceDir(folder)
+            if c.inference_threads is not None:
+                _set_target_threads(dd.target_file, c.inference_threads)
             cfg = replace(dd.load_config(), window_count=c.window_count, window_seconds=c.window_seconds,
                           min_window_samples=c.min_window_samples, heartbeat_seconds=c.heartbeat_seconds,
                           probation_seconds=c.probation_seconds, probation_predictions=c.probation_predictions)
@@ -189,6 +196,20 @@ class Fleet:
 
     def outbox_depth(self) -> int:
         return sum(d.runner.agent.sink.depth() for d in self.devices if d.runner is not None)
+
+
+def _set_target_threads(target_file: Path, threads: int) -> None:
+    """Set ``[runtime] threads`` in a device's target.toml (atomically). Raises ValueError when it has none."""
+    import re
+
+    from edgefleet_contracts.atomic import atomic_write_text
+
+    text = target_file.read_text()
+    head, sep, rest = text.partition("[runtime]")
+    new, n = re.subn(r"(?m)^threads\s*=\s*\d+", f"threads = {int(threads)}", rest, count=1)
+    if not sep or n != 1:
+        raise ValueError(f"{target_file} has no [runtime] threads to set")
+    atomic_write_text(target_file, head + sep + new)
 
 
 def rows_sampler(x: np.ndarray, seed: int = 0) -> Callable[[SimDevice, int], np.ndarray]:

@@ -22,7 +22,7 @@ class HandlerOptions:
     busy_timeout: float = 300.0  # wait this long for a running batch to end before deferring the swap
     retry_initial: float = 1.0
     retry_max: float = 60.0
-    poll: float = 0.1  # probation watch interval
+    poll: float = 0.5  # probation watch interval (the files it checks: at most once a second; see ``watch``)
 
     @classmethod
     def from_config(cls, cfg: Any) -> HandlerOptions:

@@ -9,6 +9,7 @@ the service can write the audit log; nothing here touches the store, the clock o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,8 +62,11 @@ def in_window(window: str, now: float) -> bool:
     return not window or DailyWindow.parse(window).is_open(datetime.fromtimestamp(now, UTC))
 
 
-def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | None, now: float) -> StepResult:
-    """One decision step for a running rollout. ``stage_members``: cohort devices the current stage covers."""
+def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[], Snapshot | None] | None,
+         now: float) -> StepResult:
+    """One decision step for a running rollout. ``stage_members``: cohort devices the current stage covers.
+    ``snapshot`` may be a function: it is then called only when the gates are judged (every device of the stage
+    asked to move and the bake time over), since building one reads every summary of the stage so far."""
     out = StepResult()
     if r.state in TERMINAL or r.state == "paused":
         return out
@@ -91,7 +95,10 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | None, now: f
         return out
     if now - r.stage_started < r.bake_seconds or snapshot is None:
         return out
-    results = evaluate(snapshot, r.thresholds)
+    snap = snapshot() if callable(snapshot) else snapshot
+    if snap is None:
+        return out
+    results = evaluate(snap, r.thresholds)
     evidence = {"gates": [g.to_dict() for g in results], "stage": r.stage + 1, "percent": r.stages[r.stage]}
     bad = failing(results)
     if bad:

@@ -8,6 +8,7 @@ rollout where it was.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -326,8 +327,9 @@ class RolloutService:
         for row in self.store.query("SELECT id FROM rollouts WHERE state IN ('running', 'awaiting_approval')"):
             r = get(self.store, row["id"])
             members = stage_devices(r.model, _devices(self.store), r.cohort, r.stages[r.stage])
-            snap = snapshot(self.store, r, members)
-            res = step(r, members, snap, now)
+            # built only if the gates are judged on this step: it parses every summary of the stage so far (0.4 s
+            # with 89 of 1,000 devices on the new version, growing with every device and minute)
+            res = step(r, members, functools.partial(snapshot, self.store, r, members), now)
             with self.store.write() as c:
                 _save(c, r, now)
                 for d in res.decisions:
@@ -343,13 +345,23 @@ class RolloutService:
     def publish_pending(self) -> int:
         if self.publisher is None:
             return 0
+        # Marked in batches of up to 200, not one write transaction (competing with the ingest writer) per device.
+        done: list[tuple[str, int]] = []
+
+        def mark() -> None:
+            if done:
+                with self.store.write() as c:
+                    c.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND seq = ?", done)
+                done.clear()
+
         sent = 0
         for row in self.store.query("SELECT device_id, envelope, seq FROM desired WHERE published = 0"):
             if self.publisher(topic(self.settings.fleet, row["device_id"], "desired"), row["envelope"]):
-                with self.store.write() as c:
-                    c.execute("UPDATE desired SET published = 1 WHERE device_id = ? AND seq = ?",
-                              (row["device_id"], row["seq"]))
+                done.append((row["device_id"], row["seq"]))
                 sent += 1
+                if len(done) >= 200:
+                    mark()
+        mark()
         return sent
 
     def _run(self) -> None:
