@@ -402,8 +402,19 @@ class Agent(OtherPaths):
             "windows_held_for_k": self.summarizer.held, "k": self.cfg.min_window_samples,
             "windows_held_disk_full": self.summarizer.windows_held_disk_full,
             "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
+            "summarizer_failures": self.summarizer.failures, "outbox": self._outbox_counters(),
             "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
+
+    def _outbox_counters(self) -> dict[str, int] | None:
+        """The outbox's depth and write errors (disk full), or None when the sink keeps none or is busy."""
+        counters = getattr(self.sink, "counters", None)
+        if counters is None:
+            return None
+        try:
+            return dict(counters())
+        except Exception:  # noqa: BLE001 - status must answer even if the outbox is busy or unreadable
+            return None
 
     def _epsilon_spent(self) -> float:
         try:

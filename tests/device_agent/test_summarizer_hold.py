@@ -226,6 +226,7 @@ def test_the_agent_reports_held_windows_and_a_shutdown_on_a_full_disk_counts_the
         assert (st["windows_held_disk_full"], st["windows_recovered"], st["windows_lost"]) == (1, 0, 0)
         assert st["summaries_emitted"] == 1 and agent.summarizer.failures == 0
         assert "edgefleet_agent_windows_held_disk_full 1\n" in prometheus_text(agent)  # the device's /metrics
+        assert st["outbox"]["disk_full"] >= 1 and st["summarizer_failures"] == 0  # the operator sees why
         for row in rows[16:20]:
             agent.predict(row)
         agent.close()  # the current window joins the held one; the disk is still full: both are lost
