@@ -143,7 +143,7 @@ def envelope_signatures(envelope: Any, what: str) -> tuple[dict[str, Any], list[
             raise SchemaError(f"{what}: each signature needs string 'keyid' and 'sig'")
         try:
             out.append((s["keyid"], base64.b64decode(s["sig"], validate=True)))
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: a non-ASCII character
             raise SchemaError(f"{what}: signature by {short(s['keyid'])} is not base64") from exc
     return signed, out
 

@@ -176,7 +176,15 @@ class Demo:
     def run(self) -> int:
         import logging
 
-        logging.getLogger("edgefleet").setLevel(logging.ERROR)
+        quiet = logging.getLogger("edgefleet")
+        previous = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return self._run()
+        finally:
+            quiet.setLevel(previous)  # the demo may run inside another program (the tests): leave it as found
+
+    def _run(self) -> int:
         if self.out.exists():
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True)

@@ -509,7 +509,7 @@ def _fast_callables(env: fastpath.Envelope, signed_bytes: bytes) -> tuple[
         for sig in env.signatures:
             try:
                 out.append((sig.keyid, base64.b64decode(sig.sig, validate=True)))
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
                 raise reject("bad_signature", f"{what}: signature by {short(sig.keyid)} is not base64") from None
         return out
 

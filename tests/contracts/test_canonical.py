@@ -25,3 +25,11 @@ def test_nan_cannot_be_signed():
 def test_untrusted_json_gets_a_clear_error(raw, message):
     with pytest.raises(SchemaError, match=message):
         parse_json(raw, what="summary", max_bytes=1000)
+
+
+def test_a_signature_with_a_non_ascii_character_is_a_schema_error() -> None:
+    """base64 raises ValueError (not binascii.Error) for non-ASCII text: found by the fuzzer in CI."""
+    from edgefleet_contracts.signing import envelope_signatures
+
+    with pytest.raises(SchemaError, match="not base64"):
+        envelope_signatures({"signed": {}, "signatures": [{"keyid": "k", "sig": "\x80"}]}, "desired state")

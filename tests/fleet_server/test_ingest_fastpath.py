@@ -230,3 +230,13 @@ def test_sign_envelope_and_envelope_json_carry_the_same_signature(fleet: Fleet) 
     wire = json.loads(envelope_json(env))
     assert wire == json.loads(json.dumps(env))
     assert envelope_json(env).startswith(b'{"signed":' + canonical_bytes(doc) + b',"signatures":')
+
+
+def test_a_non_ascii_signature_is_a_bad_signature_not_a_server_error(fleet: Fleet) -> None:
+    v = Validator(fleet.settings, fleet.store)
+    env = fleet["dev-1"].envelope(9)
+    env["signatures"][0]["sig"] = "é" * 88
+    payload = b"[" + envelope_json(env) + b"]"
+    assert fastpath.decode(payload) is not None  # it is the fast path that meets it
+    checked = v.validate(payload, topic_device=None, source="http")
+    assert checked.accepted == [] and [r.reason for r in checked.rejected] == ["bad_signature"]
