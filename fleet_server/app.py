@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from edgefleet_contracts.errors import ContractError
 
@@ -100,54 +101,58 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     @app.get("/api/v1/devices")
     async def list_devices(_: Viewer, tag: str | None = None) -> Any:
         t = tuple(tag.split("=", 1)) if tag and "=" in tag else None
-        return devices.list_devices(store, t)  # type: ignore[arg-type]
+        return await run_in_threadpool(devices.list_devices, store, t)  # type: ignore[arg-type]
 
     @app.get("/api/v1/devices/{device_id}")
     async def get_device(device_id: str, _: Viewer) -> Any:
-        return devices.get(store, device_id)
+        return await run_in_threadpool(devices.get, store, device_id)
 
     @app.post("/api/v1/devices")
     async def enroll_device(request: Request, _: Operator) -> Any:
         b = await _json(request)
         if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("device_id", "public_key")):
             raise RequestError("body must be {device_id, public_key (base64), tags?}")
-        return devices.enroll(store, settings.fleet, b["device_id"], b["public_key"], b.get("tags") or {},
-                              replace=bool(b.get("replace")))
+        return await run_in_threadpool(lambda: devices.enroll(store, settings.fleet, b["device_id"], b["public_key"],
+                                                              b.get("tags") or {}, replace=bool(b.get("replace"))))
 
     @app.post("/api/v1/enrollment-tokens")
     async def enrollment_token(request: Request, _: Operator) -> Any:
         b = await _json(request)
-        return {"token": devices.create_enrollment_token(store, (b or {}).get("tags") or {},
-                                                         float((b or {}).get("ttl_seconds", 86400)))}
+        return {"token": await run_in_threadpool(devices.create_enrollment_token, store, (b or {}).get("tags") or {},
+                                                   float((b or {}).get("ttl_seconds", 86400)))}
 
     @app.post("/api/v1/enroll")
     async def self_enroll(request: Request) -> Any:
         b = await _json(request)
         if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("token", "device_id", "public_key")):
             raise RequestError("body must be {token, device_id, public_key}")
-        return devices.self_enroll(store, settings.fleet, b["token"], b["device_id"], b["public_key"])
+        return await run_in_threadpool(devices.self_enroll, store, settings.fleet, b["token"], b["device_id"],
+                                       b["public_key"])
 
     @app.put("/api/v1/devices/{device_id}/tags")
     async def put_tags(device_id: str, request: Request, _: Operator) -> Any:
         b = await _json(request)
         if not isinstance(b, dict):
             raise RequestError("body must be an object of tag -> value")
-        return devices.set_tags(store, device_id, b)
+        return await run_in_threadpool(devices.set_tags, store, device_id, b)
 
     # ---- models ------------------------------------------------------------------------------------------
     @app.get("/api/v1/models")
     async def list_models(_: Viewer) -> Any:
-        return [registry.show(store, r["name"]) for r in store.query("SELECT name FROM models ORDER BY name")]
+        def show_all() -> list[Any]:
+            return [registry.show(store, r["name"]) for r in store.query("SELECT name FROM models ORDER BY name")]
+
+        return await run_in_threadpool(show_all)
 
     @app.get("/api/v1/models/{name}")
     async def show_model(name: str, _: Viewer) -> Any:
-        return registry.show(store, name)
+        return await run_in_threadpool(registry.show, store, name)
 
     @app.get("/packages/{name}/{version}")
     async def download(name: str, version: str, range: Annotated[str | None, Header()] = None) -> Response:
         """Package download for devices (packages are signed: integrity does not depend on this channel).
         Supports a single Range for resumable downloads over poor links."""
-        row = registry.version_row(store, name, version)
+        row = await run_in_threadpool(registry.version_row, store, name, version)
         path, length = Path(row["path"]), int(row["length"])
         try:
             span = registry.parse_range(range, length)

@@ -132,3 +132,44 @@ def test_cli_devices_and_tokens(server, tmp_path, capsys):
     shutil.rmtree(tmp_path / "nowhere", ignore_errors=True)
     assert (settings.fleet_key.stat().st_mode & 0o777) == 0o600
 
+
+
+def test_a_slow_store_read_in_a_route_does_not_stall_the_other_requests(server, built, monkeypatch):
+    """Routes read SQLite in the thread pool: a package look-up held up (a busy disk, a long checkpoint) must
+    not stop the event loop, or every device's download and every API call waits behind it."""
+    settings, store, _ = server
+    assert fleet_cli(["models", "publish", str(built.package), "--data", str(settings.data_dir), "--owner",
+                      "clinical-ml", "--oncall", "http://127.0.0.1:9/page"]) == 0
+    with TestClient(create_app(settings, store)) as client:  # one event loop for every request, as served
+        _check_not_stalled(client, store, monkeypatch)
+
+
+def _check_not_stalled(client, store, monkeypatch):
+    import threading
+
+    from fleet_server import registry
+
+    held, release = threading.Event(), threading.Event()
+    real = registry.version_row
+
+    def slow_version_row(*args, **kwargs):
+        held.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "version_row", slow_version_row)
+    answers: list[int] = []
+    download = threading.Thread(target=lambda: answers.append(client.get("/packages/clinical/1.0.0").status_code))
+    download.start()
+    try:
+        assert held.wait(10)
+        viewer = create_token(store, "viewer")
+        # Answered while the download's look-up is still held. On a blocked event loop they would be answered
+        # only after it is let go (10 s later), when the download has its answer too.
+        assert client.get("/api/v1/models/clinical", headers=_auth(viewer)).status_code == 200
+        assert client.get("/healthz").status_code == 200
+        assert not answers
+    finally:
+        release.set()
+        download.join(10)
+    assert answers == [200]
