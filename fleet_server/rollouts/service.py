@@ -345,7 +345,8 @@ class RolloutService:
     def publish_pending(self) -> int:
         if self.publisher is None:
             return 0
-        # Marked in batches of up to 200, not one write transaction (competing with the ingest writer) per device.
+        # Published and marked in batches of up to 200, not one write transaction (competing with the ingest
+        # writer) per device.
         done: list[tuple[str, int]] = []
 
         def mark() -> None:
@@ -354,14 +355,16 @@ class RolloutService:
                     c.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND seq = ?", done)
                 done.clear()
 
+        rows = self.store.query("SELECT device_id, envelope, seq FROM desired WHERE published = 0")
+        many = getattr(self.publisher, "publish_many", None)  # MqttPublisher: a batch in flight at once
         sent = 0
-        for row in self.store.query("SELECT device_id, envelope, seq FROM desired WHERE published = 0"):
-            if self.publisher(topic(self.settings.fleet, row["device_id"], "desired"), row["envelope"]):
-                done.append((row["device_id"], row["seq"]))
-                sent += 1
-                if len(done) >= 200:
-                    mark()
-        mark()
+        for i in range(0, len(rows), 200):
+            chunk = rows[i:i + 200]
+            messages = [(topic(self.settings.fleet, r["device_id"], "desired"), r["envelope"]) for r in chunk]
+            oks = many(messages) if many is not None else [self.publisher(t, p) for t, p in messages]
+            done.extend((r["device_id"], r["seq"]) for r, ok in zip(chunk, oks, strict=True) if ok)
+            sent += sum(oks)
+            mark()
         return sent
 
     def _run(self) -> None:

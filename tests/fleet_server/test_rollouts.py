@@ -21,6 +21,7 @@ from fleet_server.rollouts import service
 from fleet_server.rollouts.plan import position, stage_devices
 from fleet_server.settings import ServerSettings
 from fleet_server.store import Store
+from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +207,36 @@ def test_rollout_cli(fleet, capsys):
     assert fleet_cli(["rollout", "abort", rid, "--data", d]) == 0
     assert fleet_cli(["rollback", "clinical", "--to", "1.0.0", "--data", d, "--cohort", "site=b"]) == 0
     assert fleet_cli(["rollout", "list", "--data", d]) == 0
+
+
+def test_desired_states_are_published_retained_as_a_batch_and_kept_pending_while_the_broker_is_down(
+        fleet, mosquitto):
+    from edgefleet_contracts.topics import subscription
+    from fleet_server.rollouts.publisher import MqttPublisher
+    from tests.brokers import Subscriber
+
+    settings, store, svc = fleet
+    for i in range(20, 320):  # 320 devices in all
+        devmod.enroll(store, "default", f"dev-{i:03d}", public_b64(generate_key().public_key()), {"site": "a"})
+        _report(store, f"dev-{i:03d}", "1.0.0")
+    svc.publisher = MqttPublisher(mosquitto.url, timeout=2.0)
+    try:
+        service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[100], bake_seconds=0)
+        svc.tick()  # every device is asked to move and its desired state published
+        rows = store.query("SELECT device_id, envelope, published FROM desired")
+        assert len(rows) == 320 and all(r["published"] == 1 for r in rows)
+        with Subscriber(mosquitto, [subscription("default", "desired")]) as sub:  # retained: delivered now
+            assert sub.wait_for(lambda m: len(m) >= 320, 10), len(sub.messages())
+            got = {m.topic.split("/")[-2]: m.payload.decode() for m in sub.messages() if m.retain}
+        assert got == {r["device_id"]: r["envelope"] for r in rows}
+
+        mosquitto.stop()  # a new desired state cannot be published: it stays pending
+        service.rollback(store, svc.signer, "clinical", "1.0.0", {"site": "b"}, "test")
+        assert svc.publish_pending() == 0
+        pending = store.query("SELECT device_id FROM desired WHERE published = 0")
+        assert {r["device_id"] for r in pending} == {f"dev-{i:02d}" for i in range(12, 20)}
+        mosquitto.start()
+        assert wait_until(lambda: svc.publish_pending() == 8, 20)
+        assert store.query("SELECT device_id FROM desired WHERE published = 0") == []
+    finally:
+        svc.publisher.close()
