@@ -34,17 +34,24 @@ They are stored as the summary's body.
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.signing import short
 from edgefleet_contracts.summary import LATENCY_EDGES_MS, SUMMARY_SPEC, SUMMARY_TYPE
 from edgefleet_contracts.timeutil import parse
 from edgefleet_contracts.topics import check_id
 
-__all__ = ["Envelope", "SignedSummary", "decode", "signatures_json", "signed_spans"]
+from .parsing import canonical_fast, parse_json
+from .results import MAX_MESSAGE_BYTES, reject
+
+__all__ = ["Envelope", "SignedSummary", "decode", "on_demand", "signatures_json", "signed_spans"]
 
 # Counts are non-negative and fit SQLite's signed 64-bit integers (orjson, on the full path, reads larger
 # integers as floats and the schema check refuses them; here they are refused outright).
@@ -193,3 +200,24 @@ def signed_spans(payload: bytes, envelopes: list[Envelope]) -> list[tuple[int, i
 def signatures_json(env: Envelope) -> str:
     """The envelope's signatures as compact JSON (as ``envelope_json`` writes them)."""
     return _SIGNATURES.encode(env.signatures).decode()
+
+
+def on_demand(env: Envelope, signed_bytes: bytes) -> tuple[
+        Callable[[str], list[tuple[str, bytes]]], Callable[[], bytes], Callable[[], bytes], Callable[[], str]]:
+    """The signature pairs (RejectedError ``bad_signature`` if one is not base64), canonical form, envelope and
+    signatures JSON of a fast-path envelope, each computed only when the validator needs it."""
+
+    def signatures(what: str) -> list[tuple[str, bytes]]:
+        out = []
+        for sig in env.signatures:
+            try:
+                out.append((sig.keyid, base64.b64decode(sig.sig, validate=True)))
+            except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
+                raise reject("bad_signature", f"{what}: signature by {short(sig.keyid)} is not base64") from None
+        return out
+
+    def sigs_json() -> str:
+        return signatures_json(env)
+
+    return (signatures, lambda: canonical_fast(parse_json(signed_bytes, MAX_MESSAGE_BYTES)),
+            lambda: b'{"signed":' + signed_bytes + b',"signatures":' + sigs_json().encode() + b"}", sigs_json)

@@ -3,8 +3,6 @@ for the checks, their order and their reason tokens."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
@@ -284,7 +282,7 @@ class Validator:
         rejected: list[Rejection] = []
         for i, (env, head, (a, b)) in enumerate(zip(envelopes, heads, spans, strict=True)):
             signed_bytes = payload[a:b]
-            item = _Staged(i, head, signed_bytes, (a, b), *_fast_callables(env, signed_bytes))
+            item = _Staged(i, head, signed_bytes, (a, b), *fastpath.on_demand(env, signed_bytes))
             try:
                 self._check_sender(head.device_id, f"summary [{i}]", topic_device, source)
             except RejectedError as exc:
@@ -356,11 +354,7 @@ class Validator:
 
     def _check_summary(self, env: Any, i: int, topic_device: str | None, source: str) -> _Staged:
         what = f"summary [{i}]"
-        signed = self._envelope_shape(env, what)
-        signed_bytes = canonical_fast(signed)  # the bytes the device signed (see _verify)
-        if len(signed_bytes) > self.settings.max_summary_bytes:
-            raise reject("too_large", f"{what} is {len(signed_bytes)} bytes, over the "
-                                      f"{self.settings.max_summary_bytes}-byte summary limit")
+        signed, signed_bytes = self._signed_part(env, what)
         try:
             s = Summary.from_dict(signed)
         except ContractError as exc:
@@ -370,7 +364,18 @@ class Validator:
         return _Staged(i, head, signed_bytes, None, lambda w: self._envelope_signatures(env, w),
                        lambda: canonical_bytes(signed), lambda: dump(env), lambda: compact_json(env["signatures"]))
 
+    def _signed_part(self, env: Any, what: str) -> tuple[dict[str, Any], bytes]:
+        """The signed part of an envelope (summary or report) and its canonical bytes: what the device signed
+        (see ``_verify``), within ``settings.max_summary_bytes``."""
+        signed = self._envelope_shape(env, what)
+        signed_bytes = canonical_fast(signed)
+        if len(signed_bytes) > self.settings.max_summary_bytes:
+            raise reject("too_large", f"{what} is {len(signed_bytes)} bytes, over the "
+                                      f"{self.settings.max_summary_bytes}-byte limit for a signed document")
+        return signed, signed_bytes
+
     def _check_sender(self, device_id: str, what: str, topic_device: str | None, source: str) -> None:
+        """The device is enrolled, and (MQTT) it is the device of the topic the document came on."""
         if self._device_key(device_id) is None:
             raise reject("unknown_device", f"{what}: device {device_id!r} is not enrolled; enroll it "
                                            "(`fleet-server devices enroll`) before it reports")
@@ -386,20 +391,12 @@ class Validator:
 
     def _report(self, payload: bytes, topic_device: str | None, source: str) -> ReportUpdate:
         env = parse_json(payload, MAX_MESSAGE_BYTES)
-        signed = self._envelope_shape(env, "report")
-        signed_bytes = canonical_fast(signed)
-        if len(signed_bytes) > self.settings.max_summary_bytes:
-            raise reject("too_large", f"report is {len(signed_bytes)} bytes, over the "
-                                         f"{self.settings.max_summary_bytes}-byte limit")
+        signed, signed_bytes = self._signed_part(env, "report")
         try:
             r = Report.from_dict(signed)
         except ContractError as exc:
-            raise reject("schema", str(exc)) from None
-        if self._device_key(r.device_id) is None:
-            raise reject("unknown_device", f"report: device {r.device_id!r} is not enrolled")
-        if source == "mqtt" and topic_device != r.device_id:
-            raise reject("topic_mismatch", f"report is for device {r.device_id!r} but came on the topic of "
-                                              f"device {topic_device!r}")
+            raise reject("schema", f"report: {exc}") from None
+        self._check_sender(r.device_id, "report", topic_device, source)
         what = f"report of {r.device_id}"
         self._verify(r.device_id, signed_bytes, self._envelope_signatures(env, what), lambda: canonical_bytes(signed),
                      what)
@@ -498,23 +495,3 @@ class Validator:
 def _horizon(now: float) -> str:
     """The latest window time accepted at ``now``, normalised (normalised times compare as strings)."""
     return fmt(datetime.fromtimestamp(now, UTC) + FUTURE_SKEW)
-
-
-def _fast_callables(env: fastpath.Envelope, signed_bytes: bytes) -> tuple[
-        Callable[[str], list[tuple[str, bytes]]], Callable[[], bytes], Callable[[], bytes], Callable[[], str]]:
-    """The signature pairs, canonical form, envelope and signatures JSON of a fast-path envelope, on demand."""
-
-    def signatures(what: str) -> list[tuple[str, bytes]]:
-        out = []
-        for sig in env.signatures:
-            try:
-                out.append((sig.keyid, base64.b64decode(sig.sig, validate=True)))
-            except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
-                raise reject("bad_signature", f"{what}: signature by {short(sig.keyid)} is not base64") from None
-        return out
-
-    def sigs_json() -> str:
-        return fastpath.signatures_json(env)
-
-    return (signatures, lambda: canonical_fast(parse_json(signed_bytes, MAX_MESSAGE_BYTES)),
-            lambda: b'{"signed":' + signed_bytes + b',"signatures":' + sigs_json().encode() + b"}", sigs_json)
