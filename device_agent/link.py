@@ -47,6 +47,7 @@ from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.signing import envelope_json
 from edgefleet_contracts.timeutil import fmt, utcnow
 from edgefleet_contracts.topics import topic
+from edgefleet_contracts.transport import secure_client
 
 from .config import DeviceConfig, DeviceDir
 from .errors import AgentError
@@ -290,13 +291,11 @@ class MqttLink:
         client.connect_timeout = self._connect_timeout
         client.max_inflight_messages_set(self._inflight.limit)
         client.max_queued_messages_set(self._inflight.limit)
-        if self.cfg.mqtt_username:
-            client.username_pw_set(self.cfg.mqtt_username, self._password)
-        if self.address.tls:
-            try:
-                client.tls_set(ca_certs=self.cfg.mqtt_tls_ca or None)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise LinkConfigError(f"TLS setup failed (mqtt_tls_ca {self.cfg.mqtt_tls_ca!r}): {exc}") from exc
+        try:
+            secure_client(client, username=self.cfg.mqtt_username, password=self._password, tls=self.address.tls,
+                          ca_certs=self.cfg.mqtt_tls_ca or None)
+        except ValueError as exc:
+            raise LinkConfigError(f"{exc} (device config mqtt_tls_ca)") from exc
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -25,6 +25,7 @@ from typing import Any
 from edgefleet_contracts.manifest import MANIFEST_NAME
 from edgefleet_contracts.report import Report
 from edgefleet_contracts.timeutil import fmt, utcnow
+from edgefleet_contracts.transport import graceful_server
 
 from .agent import Agent
 from .config import DeviceDir
@@ -106,32 +107,6 @@ class ReportInputs:
         if any(st is not None and (st[2] >= recent or st[3] >= recent) for st in stats):
             return None
         return tuple(stats)
-
-
-def _server_class() -> Any:
-    import contextlib
-    from collections.abc import Iterator
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after its own shutdown, which would kill the process before the agent
-        closes its window and stops its link; here the signal only asks the server to exit."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server
-
-
-def _Server(config: Any) -> Any:  # noqa: N802 - reads like the class it builds
-    return _server_class()(config)
 
 
 class DeviceRunner:
@@ -242,7 +217,7 @@ class DeviceRunner:
                 app = create_app(self.agent)
                 config = uvicorn.Config(app, host=self.cfg.http_host, port=self.http_port, log_level="warning",
                                         access_log=False, lifespan="off")
-                self._server = _Server(config)
+                self._server = graceful_server(config)  # the agent closes its window, stops its link
                 self._server.run()  # SIGTERM/SIGINT stop it gracefully; we then clean up below
             else:
                 for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.topics import parse_topic, subscription
+from edgefleet_contracts.transport import secure_client
 
 from .errors import ConfigError
 from .ingest import IngestService, IngestSource, Outcome
@@ -251,13 +252,11 @@ class MqttIngest(IngestSource):
         client = _IngestClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                              protocol=mqtt.MQTTv311, manual_ack=True)
         client.connect_timeout = self._connect_timeout
-        if self._username:
-            client.username_pw_set(self._username, self._password)
-        if self.tls:
-            try:
-                client.tls_set(ca_certs=self._tls_ca)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"TLS setup for {self.url} failed: {exc}") from exc
+        try:
+            secure_client(client, username=self._username, password=self._password, tls=self.tls,
+                          ca_certs=self._tls_ca)
+        except ValueError as exc:
+            raise ConfigError(f"{self.url}: {exc}") from exc
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect

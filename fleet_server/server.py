@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
+
+from edgefleet_contracts.transport import graceful_server
 
 from .app import create_app
 from .broker import EmbeddedBroker
@@ -44,29 +43,12 @@ def serve(settings: ServerSettings) -> int:
     print(f"fleet-server: HTTP on http://{settings.http_host}:{settings.http_port}  MQTT {settings.broker_url()}"
           f"  data {settings.data_dir}  dashboard http://{settings.http_host}:{settings.http_port}/ui/",
           flush=True)
-    server = _graceful_server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                                             log_level="warning", access_log=False))
+    # SIGTERM: a graceful exit whose lifespan shutdown flushes ingest
+    server = graceful_server(uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                                            log_level="warning", access_log=False))
     try:
         server.run()
     finally:
         if broker is not None:
             broker.stop()
     return 0
-
-
-def _graceful_server(config: Any) -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """SIGTERM asks for a graceful exit (lifespan shutdown flushes ingest) without uvicorn re-raising it."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server(config)
