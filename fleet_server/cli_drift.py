@@ -1,6 +1,6 @@
 """`fleet-server drift` and `fleet-server alerts`: work directly on the data folder's SQLite (server up or down).
 
-    fleet-server drift NAME [--version V] [--by TAG] [--since 24h] [--until T] [--devices compact|full|none]
+    fleet-server drift NAME [--version V] [--by TAG ...] [--since 24h] [--until T] [--devices compact|full|none]
                             --data DIR [--json]
     fleet-server alerts list [--state open|acknowledged|resolved|active] [--model M] --data DIR [--json]
     fleet-server alerts ack ID [--by NAME] --data DIR
@@ -74,6 +74,9 @@ def _report_text(r: dict[str, Any]) -> str:
     lines += _scope_text("fleet", r["fleet"])
     for value, h in (r.get("cohorts") or {}).items():
         lines += _scope_text(f"{r['by']}={value}", h, top=3)
+    for key, cohorts in (r.get("cohorts_by") or {}).items():
+        for value, h in cohorts.items():
+            lines += _scope_text(f"{key}={value}", h, top=3)
     devs = r.get("devices") or []
     if devs:
         lines.append(f"devices (worst first, {len(devs)}):")
@@ -95,7 +98,8 @@ def run_drift(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(json.dumps(r, indent=2) if args.json else _report_text(r))
-    scopes = [r["fleet"], *(r.get("cohorts") or {}).values()]
+    scopes = [r["fleet"], *(r.get("cohorts") or {}).values(),
+              *(h for cohorts in (r.get("cohorts_by") or {}).values() for h in cohorts.values())]
     return 3 if any(s["input_drift"]["drifted"] or s["output_drift"]["drifted"] for s in scopes) else 0
 
 
@@ -172,7 +176,7 @@ def add_drift_commands(sub: Any) -> None:
                        epilog="exit status: 0 healthy, 3 input or output drift in the fleet or a cohort, 1 error")
     p.add_argument("name", help="model name")
     p.add_argument("--version", help="model version (default: the newest published)")
-    p.add_argument("--by", help="also per value of this device tag (cohorts)")
+    p.add_argument("--by", action="append", help="also per value of this device tag (cohorts); repeatable")
     p.add_argument("--since", help="ISO time or duration back from now such as 24h, 7d (default 24h)")
     p.add_argument("--until", help="ISO time or duration back from now (default now)")
     p.add_argument("--devices", default="compact", choices=["compact", "full", "none"])

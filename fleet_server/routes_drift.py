@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
 from fastapi import FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -184,16 +184,17 @@ def register_drift_routes(app: FastAPI, ctx: Any) -> None:
     operator = get_args(app.state.roles["operator"])[1]
     store: Store = ctx.store
 
-    def _drift(model: str, version: str | None, by: str | None, since: str | None, until: str | None,
+    def _drift(model: str, version: str | None, by: list[str], since: str | None, until: str | None,
                devices: str) -> dict[str, Any]:
         rules = alerts.rules_for(store, model)
-        return health.report(store, model, version, since=since, until=until, by=by or None, policy=rules.health,
+        return health.report(store, model, version, since=since, until=until, by=by, policy=rules.health,
                              devices=devices)
 
     @app.get("/api/v1/drift", dependencies=[viewer])
-    async def drift(model: str, version: str | None = None, by: str | None = None, since: str | None = None,
-                     until: str | None = None, devices: str = "compact") -> Any:
-        return await run_in_threadpool(_drift, model, version, by, since, until, devices)
+    async def drift(model: str, version: str | None = None, by: Annotated[list[str] | None, Query()] = None,
+                    since: str | None = None, until: str | None = None, devices: str = "compact") -> Any:
+        """``by`` a tag key (cohorts per value); repeated (``by=site&by=hw``), every key's cohorts in one pass."""
+        return await run_in_threadpool(_drift, model, version, by or [], since, until, devices)
 
     @app.get("/api/v1/alerts", dependencies=[viewer])
     async def list_alerts(state: str | None = None, model: str | None = None,

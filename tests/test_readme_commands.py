@@ -213,7 +213,7 @@ SPECS: dict[str, Spec] = {
                          why="--drift-interval 1: the page arrives within seconds instead of 30 s"),
     "fleet-server models show clinical --data srv":
         Spec(expect=("owner: clinical-ml", "paged at: {pager}", "retraining: every 30 days", "due ")),
-    "fleet-server drift clinical --data srv --by site": Spec(
+    "fleet-server drift clinical --data srv --by site --by hw": Spec(
         exit=3, expect=("site=north", "DRIFT on", "output drift", "operations", "accuracy"),
         why="exit 3 means drift found (as the README says): site north's inputs were shifted"),
     "fleet-server alerts list --data srv": Spec(expect=("input_drift",), capture={"alert_id": r"^\s*(\d+)\s+open\s"}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import NotFoundError, RequestError
@@ -34,10 +35,14 @@ def latest_version(store: Store, model: str) -> str:
 
 
 def report(store: Store, model: str, version: str | None = None, *, since: str | float | None = None,
-           until: str | float | None = None, by: str | None = None, policy: HealthPolicy | None = None,
-           devices: str = "compact", now: float | None = None) -> dict[str, Any]:
+           until: str | float | None = None, by: str | Sequence[str] | None = None,
+           policy: HealthPolicy | None = None, devices: str = "compact", now: float | None = None) -> dict[str, Any]:
     """Health of ``model`` ``version`` (default: the newest published) fleet-wide, per value of tag ``by``,
     and per device (``devices``: ``compact`` | ``full`` | ``none``), worst first.
+
+    ``by`` one tag key: ``by`` and ``cohorts`` (value -> health). Several keys (the dashboard asks for every
+    key at once): ``by`` the list and ``cohorts_by`` (key -> value -> health), all from one read of the
+    summaries instead of one per key.
 
     Raises NotFoundError (unknown model/version) or RequestError (bad time range or parameter)."""
     if devices not in ("compact", "full", "none"):
@@ -53,9 +58,15 @@ def report(store: Store, model: str, version: str | None = None, *, since: str |
         "policy": policy.to_dict(), "skipped_summaries": agg.skipped,
         "fleet": _scope(agg, ids, policy),
     }
-    if by:
-        out["by"] = by
-        out["cohorts"] = {value: _scope(agg, members, policy) for value, members in agg.cohorts(by).items()}
+    keys = [by] if isinstance(by, str) else list(dict.fromkeys(by or []))
+    keys = [k for k in keys if k]
+    if len(keys) == 1:
+        out["by"] = keys[0]
+        out["cohorts"] = {value: _scope(agg, members, policy) for value, members in agg.cohorts(keys[0]).items()}
+    elif keys:
+        out["by"] = keys
+        out["cohorts_by"] = {k: {value: _scope(agg, members, policy) for value, members in agg.cohorts(k).items()}
+                             for k in keys}
     if devices != "none":
         per = []
         for d in ids:

@@ -66,6 +66,9 @@ def test_model_page_charts_show_the_drifted_feature_of_the_shifted_cohort(page: 
     cohorts = page.get_by_test_id("cohorts-table")
     assert cohorts.locator("tr[data-cohort='site=north']").get_attribute("data-drifted") == "true"
     assert cohorts.locator("tr[data-cohort='site=east']").get_attribute("data-drifted") == "false"
+    assert cohorts.locator("tr[data-cohort^='hw=']").count() >= 1  # every tag key's cohorts...
+    drift_calls = [u for u in page.requests if "/api/v1/drift" in u]
+    assert len(drift_calls) == 1 and "by=site" in drift_calls[0] and "by=hw" in drift_calls[0]  # ...in one request
     shot(page, "model-north")
     page.get_by_test_id(f"feature-{first}").click()
     hist = page.get_by_test_id("histogram")

@@ -31,6 +31,7 @@ from fleet_server.auth import create_token
 from fleet_server.cli import main as fleet_cli
 from fleet_server.devices import enroll
 from fleet_server.errors import NotFoundError, RequestError
+from fleet_server.health.aggregate import UNTAGGED
 from fleet_server.registry import publish
 from fleet_server.routes_drift import DriftService, attach_drift
 from fleet_server.settings import ServerSettings
@@ -245,6 +246,14 @@ def test_drift_api_needs_a_viewer_and_the_cli_reads_the_data_folder(drift_fleet,
     body = r.json()
     assert body["cohorts"]["south"]["input_drift"]["drifted_features"] == [_names(f.model)[SHIFTED]]
     assert body["fleet"]["count"] == 900
+    # Every tag key at once (the dashboard's one request): the same cohorts as asked one key at a time.
+    both = client.get("/api/v1/drift", params=[("model", "clinical"), ("by", "site"), ("by", "hw"),
+                                              ("since", "2h"), ("devices", "none")], headers=viewer).json()
+    assert both["by"] == ["site", "hw"] and "cohorts" not in both
+    assert both["cohorts_by"]["site"] == body["cohorts"]
+    hw = client.get("/api/v1/drift", params={"model": "clinical", "by": "hw", "since": "2h", "devices": "none"},
+                    headers=viewer).json()
+    assert both["cohorts_by"]["hw"] == hw["cohorts"] and list(hw["cohorts"]) == [UNTAGGED]  # no device has hw
     r = client.get("/api/v1/drift", params={"model": "nope"}, headers=viewer)
     assert r.status_code == 404 and "known: clinical" in r.json()["detail"]
     r = client.get("/api/v1/drift", params={"model": "clinical", "devices": "all"}, headers=viewer)

@@ -63,9 +63,13 @@ export async function signalsPage(params, name, version) {
 
   // 0. which cohorts drift: one row per value of each tag key, linking to the filtered page
   const cohortRows = [];
-  for (const key of Object.keys(s.tags)) {
-    const r = await api(`/api/v1/drift${qs({ model: name, version, by: key, since, devices: "none" })}`);
-    for (const [value, c] of Object.entries(r.cohorts || {})) {
+  const keys = Object.keys(s.tags);
+  // One request for every tag key (the server reads the summaries once): ...&by=k1&by=k2 (model is always set)
+  const byParams = keys.map((k) => `&by=${encodeURIComponent(k)}`).join("");
+  const r = keys.length ? await api(`/api/v1/drift${qs({ model: name, version, since, devices: "none" })}${byParams}`) : {};
+  const byKey = keys.length === 1 ? { [keys[0]]: r.cohorts || {} } : (r.cohorts_by || {});
+  for (const key of keys) {
+    for (const [value, c] of Object.entries(byKey[key] || {})) {
       const feats = c.input_drift.drifted_features;
       cohortRows.push(h("tr", { "data-cohort": `${key}=${value}`, "data-drifted": String(c.input_drift.drifted) },
         h("td", {}, h("a", { href: `#/models/${encodeURIComponent(name)}/${encodeURIComponent(version)}${qs({
