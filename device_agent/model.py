@@ -53,7 +53,8 @@ def load_model(slot: Path, target: Target, threads: int | None = None) -> Loaded
     except (OSError, KeyError, TypeError, ValueError, ContractError) as exc:
         raise ModelLoadError(f"slot {slot} is not a complete model: {exc}") from exc
     runtime = open_runtime(manifest.runtime, slot / manifest.model_file, manifest.output.probabilities,
-                           threads=threads or target.threads, graph_optimization=target.graph_optimization)
+                           threads=threads or target.threads, graph_optimization=target.graph_optimization,
+                           allow_spinning=target.allow_spinning)
     try:
         with np.load(slot / "golden.npz", allow_pickle=False) as g:
             warm = np.asarray(g["x"][:1], dtype=np.float32)

@@ -56,13 +56,16 @@ class Runtime(Protocol):
 class OnnxRuntime:
     name = "onnxruntime"
 
-    def __init__(self, path: Path, probabilities: str, *, threads: int = 1, graph_optimization: str = "all") -> None:
-        """Raises ModelLoadError when onnxruntime cannot load the file or it lacks the output."""
+    def __init__(self, path: Path, probabilities: str, *, threads: int = 1, graph_optimization: str = "all",
+                 allow_spinning: bool = False) -> None:
+        """Raises ModelLoadError when onnxruntime cannot load the file or it lacks the output. ``allow_spinning``:
+        the intra-op threads spin-wait after each run (the target's ``[runtime] allow_spinning``)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel(_GRAPH_OPT.get(graph_optimization, 99))
         opts.log_severity_level = 3
         try:
@@ -217,11 +220,13 @@ class LiteRtRuntime:
 
 
 def open_runtime(
-    runtime: str, path: Path, probabilities: str, *, threads: int = 1, graph_optimization: str = "all"
+    runtime: str, path: Path, probabilities: str, *, threads: int = 1, graph_optimization: str = "all",
+    allow_spinning: bool = False,
 ) -> Runtime:
     """Open the named backend ("onnxruntime" or "litert"). Raises ModelLoadError."""
     if runtime == "onnxruntime":
-        return OnnxRuntime(path, probabilities, threads=threads, graph_optimization=graph_optimization)
+        return OnnxRuntime(path, probabilities, threads=threads, graph_optimization=graph_optimization,
+                           allow_spinning=allow_spinning)
     if runtime == "litert":
         return LiteRtRuntime(path, threads=threads)
     raise ModelLoadError(f"unknown runtime {runtime!r}; known: onnxruntime, litert")
