@@ -26,21 +26,33 @@ def _check_tags(tags: dict[str, str]) -> dict[str, str]:
 def enroll(store: Store, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str] | None = None,
            *, replace: bool = False) -> dict[str, Any]:
     """Enroll a device by its Ed25519 public key (base64 raw). Raises RequestError or ConflictError."""
+    tags = _checked(device_id, public_key_b64, tags)
+    with store.write() as c:
+        _enroll_in(c, fleet, device_id, public_key_b64, tags, replace=replace)
+    return get(store, device_id)
+
+
+def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -> dict[str, str]:
+    """The tags, once the id, key and tags are valid. Raises RequestError."""
     try:
         check_id(device_id, "device id")
         public_from_b64(public_key_b64)
     except SchemaError as exc:
         raise RequestError(str(exc)) from None
-    tags = _check_tags(tags or {})
-    existing = store.one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+    return _check_tags(tags or {})
+
+
+def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str], *,
+               replace: bool) -> None:
+    """Inside a write transaction, so the check and the write are one step (two concurrent enrollments of one
+    device id with different keys: the second is refused, not silently replacing the first)."""
+    existing = c.execute("SELECT public_key FROM devices WHERE device_id = ?", (device_id,)).fetchone()
     if existing is not None and existing["public_key"] != public_key_b64 and not replace:
         raise ConflictError(f"device {device_id} is already enrolled with another key; re-enroll with --replace")
-    with store.write() as c:
-        c.execute(
-            "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags",
-            (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time()))
-    return get(store, device_id)
+    c.execute(
+        "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags",
+        (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time()))
 
 
 def create_enrollment_token(store: Store, tags: dict[str, str] | None = None, ttl_seconds: float = 86400) -> str:
@@ -53,18 +65,25 @@ def create_enrollment_token(store: Store, tags: dict[str, str] | None = None, tt
 
 
 def self_enroll(store: Store, fleet: str, token: str, device_id: str, public_key_b64: str) -> dict[str, Any]:
-    """A device enrolls itself with a one-time token. Raises AuthError when the token is unknown/used/expired."""
+    """A device enrolls itself with a one-time token. Raises AuthError when the token is unknown/used/expired
+    (RequestError, ConflictError as ``enroll``).
+
+    The token is taken and the device enrolled in one write transaction: of two requests racing with one
+    token, exactly one enrolls; a refused enrollment (a device id enrolled with another key) leaves the token
+    unused."""
     h = hashlib.sha256(token.encode()).hexdigest()
-    row = store.one("SELECT tags, expires, used_by FROM enrollment_tokens WHERE hash = ?", (h,))
-    if row is None:
-        raise AuthError("unknown enrollment token")
-    if row["used_by"] is not None:
-        raise AuthError(f"enrollment token already used by {row['used_by']}")
-    if row["expires"] < time.time():
-        raise AuthError("enrollment token expired")
+    _checked(device_id, public_key_b64, None)
     with store.write() as c:
+        row = c.execute("SELECT tags, expires, used_by FROM enrollment_tokens WHERE hash = ?", (h,)).fetchone()
+        if row is None:
+            raise AuthError("unknown enrollment token")
+        if row["used_by"] is not None:
+            raise AuthError(f"enrollment token already used by {row['used_by']}")
+        if row["expires"] < time.time():
+            raise AuthError("enrollment token expired")
         c.execute("UPDATE enrollment_tokens SET used_by = ? WHERE hash = ? AND used_by IS NULL", (device_id, h))
-    return enroll(store, fleet, device_id, public_key_b64, json.loads(row["tags"]))
+        _enroll_in(c, fleet, device_id, public_key_b64, json.loads(row["tags"]), replace=False)
+    return get(store, device_id)
 
 
 def _doc(r: Any) -> dict[str, Any]:

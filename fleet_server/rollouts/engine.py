@@ -40,6 +40,7 @@ class Rollout:
     approved: list[int] = field(default_factory=list)
     targeted: dict[str, float] = field(default_factory=dict)  # device -> time its desired state was set
     kind: str = "rollout"  # or "rollback"
+    updated: float = 0.0  # when the stored row last changed (a step saves only over the row it read)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def _load(row: Any) -> Rollout:
         max_per_minute=row["max_per_minute"], window=row["maint_window"], thresholds=json.loads(row["thresholds"]),
         approve_stages=json.loads(row["approve_stages"]), state=row["state"], stage=row["stage"],
         stage_started=row["stage_started"], approved=json.loads(row["approved"]),
-        targeted=json.loads(row["targeted"]), kind=row["kind"],
+        targeted=json.loads(row["targeted"]), kind=row["kind"], updated=row["updated"],
     )
 
 
@@ -130,10 +130,6 @@ def start(store: Store, *, model: str, version: str, cohort: dict[str, str], sta
             in_window(window, now)
         except ValueError:
             raise RequestError(f"--window {window!r} must be HH:MM-HH:MM (UTC)") from None
-    active = store.one("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
-                       "'awaiting_approval')", (model,))
-    if active is not None:
-        raise ConflictError(f"rollout {active['id']} of {model} is still active; pause, abort or wait for it")
     if previous is None:
         reported = _reported(store)
         versions = Counter(
@@ -143,7 +139,11 @@ def start(store: Store, *, model: str, version: str, cohort: dict[str, str], sta
         versions.pop(None, None)
         previous = versions.most_common(1)[0][0] if versions else None
     rid = "r-" + secrets.token_hex(4)
-    with store.write() as c:
+    with store.write() as c:  # the check and the insert in one transaction: two racing starts, one rollout
+        active = c.execute("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
+                           "'awaiting_approval')", (model,)).fetchone()
+        if active is not None:
+            raise ConflictError(f"rollout {active['id']} of {model} is still active; pause, abort or wait for it")
         c.execute("INSERT INTO rollouts VALUES (?, 'rollout', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 0, ?, '[]', "
                   "'{}', ?, ?, ?)",
                   (rid, model, version, previous, json.dumps(cohort, sort_keys=True), json.dumps(stages),
@@ -156,9 +156,24 @@ def start(store: Store, *, model: str, version: str, cohort: dict[str, str], sta
 
 def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str, actor: str,
               now: float | None = None) -> dict[str, Any]:
-    """pause | resume | abort | approve. Abort sends every moved device back to the previous version."""
+    """pause | resume | abort | approve. Abort sends every moved device back to the previous version.
+
+    Read, checked and saved in one write transaction, so two operators' actions (or an action and the engine's
+    tick) cannot overwrite each other."""
     now = now or time.time()
-    r = get(store, rollout_id)
+    with store.write() as c:
+        r = get(store, rollout_id)  # this thread's connection: read inside the transaction
+        revert = _apply(r, rollout_id, action)
+        _save(c, r, now)
+        detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
+        _decide(c, r.id, Decision(action, detail, actor=actor), now)
+    if revert and r.previous:
+        set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
+    return status(store, rollout_id)
+
+
+def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
+    """Change ``r`` for ``action``; the devices to send back (abort). Raises ConflictError, RequestError."""
     if r.state in TERMINAL:
         raise ConflictError(f"rollout {rollout_id} is {r.state}; nothing to {action}")
     revert: list[str] = []
@@ -178,13 +193,7 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
         revert = sorted(r.targeted)
     else:
         raise RequestError(f"unknown action {action!r}; pause, resume, abort or approve")
-    with store.write() as c:
-        _save(c, r, now)
-        detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
-        _decide(c, r.id, Decision(action, detail, actor=actor), now)
-    if revert and r.previous:
-        set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
-    return status(store, rollout_id)
+    return revert
 
 
 def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: dict[str, str], actor: str,
@@ -201,12 +210,12 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
                    json.dumps({d: now for d in devices}), now, actor, now))
         _decide(c, rid, Decision("rollback", f"{actor} rolled {model} back to {to_version} on {len(devices)} "
                                  "device(s)", actor=actor, evidence={"devices": devices}), now)
-    # Devices on another model are left alone; aborting active rollouts of this model keeps them from undoing it.
-    for row in store.query("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
-                           "'awaiting_approval')", (model,)):
-        r = get(store, row["id"])
-        r.state = "aborted"
-        with store.write() as c:
+        # Devices on another model are left alone; aborting active rollouts of this model (in the same
+        # transaction) keeps them from undoing it.
+        for row in c.execute("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
+                             "'awaiting_approval')", (model,)).fetchall():
+            r = get(store, row["id"])
+            r.state = "aborted"
             _save(c, r, now)
             _decide(c, r.id, Decision("abort", f"superseded by rollback {rid}", actor=actor), now)
     set_desired(store, signer, devices, model, to_version, rid, f"rollback by {actor}", now)
@@ -331,9 +340,14 @@ class RolloutService:
             # with 89 of 1,000 devices on the new version, growing with every device and minute)
             res = step(r, members, functools.partial(snapshot, self.store, r, members), now)
             with self.store.write() as c:
-                _save(c, r, now)
-                for d in res.decisions:
-                    _decide(c, r.id, d, now)
+                stored = c.execute("SELECT updated FROM rollouts WHERE id = ?", (r.id,)).fetchone()
+                current = stored is not None and stored["updated"] == r.updated
+                if current:  # else an operator acted since it was read: judged again on the next tick
+                    _save(c, r, now)
+                    for d in res.decisions:
+                        _decide(c, r.id, d, now)
+            if not current:
+                continue
             if res.to_target:
                 set_desired(self.store, self.signer, res.to_target, r.model, r.version, r.id,
                             f"rollout {r.id} stage {r.stage + 1}", now)

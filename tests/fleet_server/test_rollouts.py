@@ -240,3 +240,47 @@ def test_desired_states_are_published_retained_as_a_batch_and_kept_pending_while
         assert store.query("SELECT device_id FROM desired WHERE published = 0") == []
     finally:
         svc.publisher.close()
+
+
+def test_two_racing_starts_of_one_model_make_one_rollout(fleet):
+    import threading
+
+    settings, store, svc = fleet
+    for _ in range(30):
+        made: list[str] = []
+        refused: list[str] = []
+        gate = threading.Barrier(2)
+
+        def begin(made: list[str] = made, refused: list[str] = refused, gate: threading.Barrier = gate) -> None:
+            gate.wait()
+            try:
+                made.append(service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[50, 100],
+                                          bake_seconds=0))
+            except ConflictError as exc:
+                refused.append(str(exc))
+
+        threads = [threading.Thread(target=begin) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(made) == 1 and len(refused) == 1 and "still active" in refused[0], (made, refused)
+        service.set_state(store, svc.signer, made[0], "abort", "test")
+
+
+def test_an_operator_action_during_a_tick_is_not_overwritten_by_it(fleet, monkeypatch):
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={"site": "a"}, stages=[10, 50, 100],
+                        bake_seconds=0, thresholds={"min_predictions": 10})
+    real_step = service.step
+
+    def step_while_an_operator_pauses(r, members, snap, now):
+        result = real_step(r, members, snap, now)
+        service.set_state(store, svc.signer, rid, "pause", "olivia")  # lands between the tick's read and write
+        return result
+
+    monkeypatch.setattr(service, "step", step_while_an_operator_pauses)
+    svc.tick()
+    st = service.status(store, rid)
+    assert st["state"] == "paused" and st["decisions"][-1]["kind"] == "pause"
+    assert _desired(store) == {}  # the tick's step was dropped with its targets: judged again after resume
