@@ -15,6 +15,7 @@ from edgefleet_contracts.errors import ContractError
 
 from . import devices, registry
 from .auth import authenticate, require
+from .bodies import body_object, number, string, strings
 from .errors import FleetError, RequestError, TooLargeError
 from .settings import ServerSettings
 from .store import Store
@@ -109,17 +110,16 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     @app.post("/api/v1/devices")
     async def enroll_device(request: Request, _: Operator) -> Any:
-        b = await _json(request)
-        if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("device_id", "public_key")):
-            raise RequestError("body must be {device_id, public_key (base64), tags?}")
-        return await run_in_threadpool(lambda: devices.enroll(store, settings.fleet, b["device_id"], b["public_key"],
-                                                              b.get("tags") or {}, replace=bool(b.get("replace"))))
+        b = body_object(await _json(request), "{device_id, public_key (base64), tags?, replace?}")
+        device_id, key, tags = string(b, "device_id"), string(b, "public_key"), strings(b, "tags")
+        return await run_in_threadpool(lambda: devices.enroll(store, settings.fleet, device_id, key, tags,
+                                                              replace=bool(b.get("replace"))))
 
     @app.post("/api/v1/enrollment-tokens")
     async def enrollment_token(request: Request, _: Operator) -> Any:
-        b = await _json(request)
-        return {"token": await run_in_threadpool(devices.create_enrollment_token, store, (b or {}).get("tags") or {},
-                                                   float((b or {}).get("ttl_seconds", 86400)))}
+        b = body_object(await _json(request) or {}, "{tags?, ttl_seconds?}")
+        tags, ttl = strings(b, "tags"), number(b, "ttl_seconds", 86400, lo=1, hi=366 * 86400)
+        return {"token": await run_in_threadpool(devices.create_enrollment_token, store, tags, ttl)}
 
     @app.post("/api/v1/enroll")
     async def self_enroll(request: Request) -> Any:
@@ -179,7 +179,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
                                  media_type="application/octet-stream")
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    def metrics() -> Response:  # a plain function: the drift and alert gauges read SQLite (thread pool)
         parts = [m() for m in ctx.metrics]
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
 

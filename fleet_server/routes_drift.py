@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Annotated, Any, get_args
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from . import alerts, health, retraining
@@ -178,6 +178,9 @@ class DriftService:
         return "\n".join(lines) + "\n"
 
 
+AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]  # SQLite's integer range: larger ids are a 422, not a 500
+
+
 def register_drift_routes(app: FastAPI, ctx: Any) -> None:
     """Add the drift, alert and alert-rule routes (they work with or without the service running)."""
     viewer = get_args(app.state.roles["viewer"])[1]  # the Depends of each role
@@ -202,15 +205,15 @@ def register_drift_routes(app: FastAPI, ctx: Any) -> None:
         return await run_in_threadpool(alerts.list_alerts, store, state, model, limit)
 
     @app.get("/api/v1/alerts/{alert_id}", dependencies=[viewer])
-    async def get_alert(alert_id: int) -> Any:
+    async def get_alert(alert_id: AlertId) -> Any:
         return await run_in_threadpool(alerts.get_alert, store, alert_id)
 
     @app.post("/api/v1/alerts/{alert_id}/ack")
-    async def ack(alert_id: int, who: tuple[str, str] = operator) -> Any:
+    async def ack(alert_id: AlertId, who: tuple[str, str] = operator) -> Any:
         return await run_in_threadpool(alerts.acknowledge, store, alert_id, who[0])
 
     @app.post("/api/v1/alerts/{alert_id}/resolve")
-    async def resolve(alert_id: int, who: tuple[str, str] = operator) -> Any:
+    async def resolve(alert_id: AlertId, who: tuple[str, str] = operator) -> Any:
         return await run_in_threadpool(alerts.resolve, store, alert_id, who[0])
 
     @app.get("/api/v1/models/{name}/alert-rules", dependencies=[viewer])

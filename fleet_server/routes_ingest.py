@@ -106,7 +106,8 @@ def register_ingest_routes(app: FastAPI, ctx: Any) -> None:
 
     @app.get("/api/v1/quarantine", dependencies=[viewer])
     async def quarantine(reason: str | None = None, device_id: str | None = None,
-                         limit: int = Query(100, ge=1, le=1000), before: int | None = None) -> Any:
+                         limit: int = Query(100, ge=1, le=1000),
+                         before: int | None = Query(None, ge=0, le=2**63 - 1)) -> Any:
         if reason is not None and reason not in REASONS:
             raise RequestError(f"unknown reason {reason!r}; reasons: {', '.join(REASONS)}")
         where: list[str] = []

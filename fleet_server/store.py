@@ -6,6 +6,7 @@ see FIELD-NOTES). The schema is versioned by an ordered list of migrations appli
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -99,6 +100,14 @@ class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only: it holds token hashes, enrollment tokens and device keys. SQLite gives the -wal and -shm
+        # files the database file's mode; a database made before this is tightened here.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        if self.path.stat().st_mode & 0o077:
+            self.path.chmod(0o600)
+        for extra in (self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm")):
+            if extra.exists() and extra.stat().st_mode & 0o077:
+                extra.chmod(0o600)
         self._local = threading.local()
         self.migrate()
 

@@ -134,7 +134,8 @@ def signals(store: Store, model: str, version: str | None = None, *, since: str 
     rows = _rows(store, ref, layout, a, b, cohort)
     t0, t1 = _epoch(a), _epoch(b)
     if rows and since is None:  # default range: start at the first data, so the buckets are not mostly empty
-        t0 = max(t0, min(t for _, t, _ in rows) - 1.0)
+        # (rows are selected by window overlap, so the first end may lie at or past ``t1``: keep a range)
+        t0 = min(max(t0, min(t for _, t, _ in rows) - 1.0), t1 - 1.0)
     width = (t1 - t0) / buckets
     sums = [np.zeros(layout.size) for _ in range(buckets)]
     members: list[set[str]] = [set() for _ in range(buckets)]

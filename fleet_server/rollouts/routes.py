@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..app import Operator, Viewer, read_json
+from ..bodies import body_object, floats, integer, integers, number, string, strings
 from ..errors import RequestError
 from . import service
 from .plan import parse_stages
@@ -32,19 +33,25 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
 
     @app.post("/api/v1/rollouts")
     async def start(request: Request, who: Operator) -> Any:
-        b = await _json(request)
-        if not isinstance(b, dict) or not isinstance(b.get("model"), str) or not isinstance(b.get("version"), str):
-            raise RequestError("body needs model and version")
+        b = body_object(await _json(request), "{model, version, stages?, cohort?, bake_seconds?, max_per_minute?, "
+                                              "window?, thresholds?, approve_stages?}")
         try:
-            stages = parse_stages(str(b.get("stages", "1,10,50,100")))
+            stages = parse_stages(string(b, "stages", "1,10,50,100"))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        kwargs = dict(model=b["model"], version=b["version"], cohort=dict(b.get("cohort") or {}), stages=stages,
-                      bake_seconds=float(b.get("bake_seconds", 600)), max_per_minute=int(b.get("max_per_minute", 0)),
-                      window=str(b.get("window", "")),
-                      thresholds={k: float(v) for k, v in (b.get("thresholds") or {}).items()},
-                      approve_stages=[int(s) for s in b.get("approve_stages") or []], actor=who[0])
-        return await run_in_threadpool(lambda: service.status(store, service.start(store, **kwargs)))
+        model, version, cohort = string(b, "model"), string(b, "version"), strings(b, "cohort")
+        bake, per_minute = number(b, "bake_seconds", 600, lo=0, hi=365 * 86400), integer(b, "max_per_minute", 0,
+                                                                                        hi=10**9)
+        window, thresholds = string(b, "window", ""), floats(b, "thresholds")
+        approve = integers(b, "approve_stages", lo=1, hi=len(stages))
+
+        def begin() -> Any:
+            rid = service.start(store, model=model, version=version, cohort=cohort, stages=stages, bake_seconds=bake,
+                                max_per_minute=per_minute, window=window, thresholds=thresholds,
+                                approve_stages=approve, actor=who[0])
+            return service.status(store, rid)
+
+        return await run_in_threadpool(begin)
 
     @app.post("/api/v1/rollouts/{rid}/{action}")
     def act(rid: str, action: str, who: Operator) -> Any:
@@ -52,11 +59,10 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
 
     @app.post("/api/v1/rollbacks")
     async def rollback(request: Request, who: Operator) -> Any:
-        b = await _json(request)
-        if not isinstance(b, dict) or not isinstance(b.get("model"), str) or not isinstance(b.get("to"), str):
-            raise RequestError("body needs model and to (version)")
+        b = body_object(await _json(request), "{model, to (version), cohort?}")
+        model, to, cohort = string(b, "model"), string(b, "to"), strings(b, "cohort")
         return await run_in_threadpool(lambda: service.status(store, service.rollback(
-            store, svc.signer, b["model"], b["to"], dict(b.get("cohort") or {}), who[0])))
+            store, svc.signer, model, to, cohort, who[0])))
 
     def _start() -> None:
         if publish and ctx.settings.broker != "none":
