@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -44,6 +45,8 @@ from .predlog import PredictionLog
 from .probation import StatsSnapshot
 from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
+
+log = logging.getLogger("edgefleet.agent")
 
 __all__ = ["Agent", "FeedbackError", "NoModelError", "Prediction", "VersionStats"]
 
@@ -106,6 +109,7 @@ class Agent(OtherPaths):
         if model is not None:
             self._install_model(model)
         self.reload_failures = 0
+        self.tick_failures = 0  # ticks that raised something unexpected (the ticker logs it and goes on)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         if background:
@@ -378,8 +382,16 @@ class Agent(OtherPaths):
             self.reload_failures += 1
 
     def _tick_loop(self) -> None:
+        """Ticks every second until stopped. A tick that raises (a full disk under the prediction log's model
+        map, a bug) is logged and counted, never the end of the ticker: without it windows would stop closing by
+        time and new slots would not be picked up, silently."""
         while not self._stop.wait(1.0):
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                self.tick_failures += 1
+                if self.tick_failures in (1, 10, 100) or self.tick_failures % 1000 == 0:
+                    log.exception("agent tick failed (%d so far); the ticker goes on", self.tick_failures)
 
     # ---- status and shutdown ---------------------------------------------------------------------------
     def sign(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -403,6 +415,7 @@ class Agent(OtherPaths):
             "windows_held_disk_full": self.summarizer.windows_held_disk_full,
             "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
             "summarizer_failures": self.summarizer.failures, "outbox": self._outbox_counters(),
+            "reload_failures": self.reload_failures, "tick_failures": self.tick_failures,
             "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
 

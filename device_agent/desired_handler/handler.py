@@ -389,6 +389,8 @@ class DesiredHandler:
             self.agent.reload()
         except AgentError as exc:
             log.warning("the agent cannot load the active slot: %s", exc)
+        except Exception:  # an OS error (disk full) must not end the handler's thread; the next tick retries
+            log.exception("reloading the agent failed unexpectedly; its ticker retries every second")
 
     def _clean_downloads(self, keep: str | None) -> None:
         """Delete downloads other than those of sha256 ``keep`` (None: the accepted one, if it is still wanted)."""
