@@ -174,7 +174,7 @@ class MqttLink:
         self._written: tuple[str, str | None] | None = None
         self._counters = {"sent": 0, "acked": 0, "messages_sent": 0, "messages_acked": 0, "publish_errors": 0,
                           "connects": 0, "reconnects": 0, "heartbeats": 0, "subscribed": 0, "desired_received": 0,
-                          "desired_errors": 0, "link_file_errors": 0}
+                          "desired_errors": 0, "link_file_errors": 0, "stale_reads": 0}
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -464,7 +464,9 @@ class MqttLink:
                     return
                 rows, tpc, payload, retain = nxt
                 ids = [r.id for r in rows]
-                self.outbox.mark_sent(ids)
+                if not self.outbox.claim(rows):  # merged or replaced since read: read the queue again
+                    self._count("stale_reads")
+                    continue
             except Exception as exc:  # a row that cannot be read or signed, a locked outbox: keep, report, retry
                 self._count("publish_errors")
                 self._set_state(CONNECTED, f"cannot prepare outbox rows: {exc!r}")

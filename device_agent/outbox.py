@@ -319,6 +319,27 @@ class Outbox:
             self._write(lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?",
                                                 [(i,) for i in id_list]))
 
+    def claim(self, rows: list[OutboxRow]) -> bool:
+        """Mark ``rows`` (as read by ``peek``) as being handed to the broker, in one transaction, only if every one
+        is still stored unchanged; False (nothing marked) when one was merged away or replaced since it was read.
+
+        Between ``peek`` and this, the summarizer may merge never-sent rows (the row bound) or replace an unsent
+        report: sending the rows as read would send a window twice (alone, and again inside the merged row), so
+        the caller reads again instead. From a successful claim on, the rows are never merged."""
+        if not rows:
+            return True
+
+        def check_and_mark(c: sqlite3.Connection) -> bool:
+            ids = [r.id for r in rows]
+            marks = ",".join("?" * len(ids))
+            stored = dict(c.execute(f"SELECT id, body FROM outbox WHERE id IN ({marks})", ids).fetchall())
+            if any(stored.get(r.id) != r.body for r in rows):
+                return False
+            c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", [(i,) for i in ids])
+            return True
+
+        return self._write(check_and_mark)
+
     def ack(self, ids: Iterable[int]) -> int:
         """Delete acknowledged rows; returns how many existed (a replaced report may already be gone)."""
         id_list = list(ids)

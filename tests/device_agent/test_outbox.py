@@ -111,6 +111,36 @@ def test_rows_handed_to_the_broker_are_never_merged(tmp_path: Path, make_summary
         assert [(s.seq, s.windows) for s in summaries_in(ob)] == [(1, 1), (2, 1), (4, 2)]
 
 
+def test_rows_merged_or_replaced_after_they_were_read_are_not_claimed_for_sending(
+        tmp_path: Path, make_summary: SummaryFactory) -> None:
+    # The link reads rows, signs them, then claims them. A merge in between (the row bound) would otherwise send
+    # window 1 alone and again inside the merged row: the server would count its predictions twice.
+    with Outbox(tmp_path / "o.sqlite", max_rows=2) as ob:
+        with ob.transaction() as tx:
+            tx.put_summary(make_summary(1))
+            tx.put_summary(make_summary(2))
+        read = ob.peek(10)
+        with ob.transaction() as tx:
+            tx.put_summary(make_summary(3))  # over the bound: rows 1 and 2 merge
+        assert not ob.claim(read)
+        assert [(s.seq, s.windows) for s in summaries_in(ob)] == [(2, 2), (3, 1)]
+        fresh = ob.peek(10)
+        assert ob.claim(fresh)  # unchanged since read: claimed, and from now on never merged
+        with ob.transaction() as tx:
+            tx.put_summary(make_summary(4))
+        assert [(s.seq, s.windows) for s in summaries_in(ob)] == [(2, 2), (3, 1), (4, 1)]
+        assert ob.counters()["overflow_unmergeable"] == 1
+
+    with Outbox(tmp_path / "r.sqlite", max_rows=10) as ob:
+        with ob.transaction() as tx:
+            tx.put_report({"device_id": "dev-1", "n": 1})
+        read = ob.peek(10)
+        with ob.transaction() as tx:
+            tx.put_report({"device_id": "dev-1", "n": 2})  # replaces the unsent one
+        assert not ob.claim(read)
+        assert ob.claim(ob.peek(10)) and ob.peek(10)[0].document()["n"] == 2
+
+
 def test_a_new_report_replaces_the_queued_one(tmp_path: Path, make_summary: SummaryFactory) -> None:
     with Outbox(tmp_path / "o.sqlite", max_rows=10) as ob:
         with ob.transaction() as tx:
