@@ -229,6 +229,11 @@ class Updater:
             result = self._result("deferred", exc.reason, str(exc), m, package=pkg)
         except (AgentError, OSError) as exc:
             result = self._result("failed", getattr(exc, "reason", "io_error"), str(exc), m, package=pkg)
+        except Exception as exc:  # a signed but malformed package (an IndexError deep in a check): a final failure,
+            # never a state left half-way that the worker would retry for ever
+            log.exception("installing %s failed unexpectedly", pkg.name)
+            result = self._result("failed", "package_broken", f"the install failed unexpectedly: {exc!r}", m,
+                                  package=pkg)
         if not result.ok:
             self.slots.discard(tmp)
         self._enter(rec, S.IDLE, f"{result.status} ({result.reason})", package=None, candidate=None,

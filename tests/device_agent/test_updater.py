@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from datetime import timedelta
@@ -13,6 +14,7 @@ import pytest
 
 from device_agent.cli import main
 from device_agent.config import DeviceDir
+from device_agent.desired_handler import RETRYABLE
 from device_agent.slots import BusyError, Slots
 from device_agent.trust_store import TrustStore, TrustStoreError
 from device_agent.updater import (
@@ -389,3 +391,23 @@ def test_last_result_survives_in_update_json_for_status(built, tmp_path, dev, ca
     last = _last(dev)
     # never-verified contents are not recorded as fact: no name or version, only the file
     assert last["name"] is None and last["package"] == str(tmp_path / "wt.efpkg")
+
+
+@pytest.mark.parametrize(("golden", "reason"), [
+    (b"PK\x03\x04 a torn zip archive", "smoke_test_failed"),  # zipfile.BadZipFile got past the except
+    ("wrong-shape", None),  # golden rows the model cannot take: onnxruntime's own error from the smoke run
+])
+def test_a_signed_but_malformed_package_ends_as_a_final_failure_not_a_half_way_state(built, tmp_path, upgraded,
+                                                                                      golden, reason):
+    if golden == "wrong-shape":
+        buf = io.BytesIO()
+        np.savez(buf, x=np.zeros((3,), np.float32), probabilities=np.zeros((3,), np.float32), tolerance=1e-4)
+        golden = buf.getvalue()
+    bad = repack(packages(built).v200, tmp_path / "bad.efpkg", signing_key(built.keys), files={"golden.npz": golden})
+    r = Updater(upgraded).install(bad)
+    assert r.status == "failed" and r.reason not in RETRYABLE, r
+    if reason is not None:
+        assert r.reason == reason
+    assert Updater(upgraded).record().state == "idle"  # not stuck in smoke_test, retried for ever
+    assert _versions(upgraded) == ("1.1.0", "1.0.0") and serve(upgraded) == "1.1.0"
+    assert only_slots_left(upgraded)
