@@ -118,6 +118,11 @@ class UpdateRecord:
             return cls()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise UpdateError(f"{path} is unreadable ({exc!r})") from None
+        wrong = [name for name, value, kind in (("package", rec.package, str), ("candidate", rec.candidate, dict),
+                                                ("last_result", rec.last_result, dict))
+                 if value is not None and not isinstance(value, kind)]
+        if wrong or not all(isinstance(h, dict) for h in rec.history):
+            raise UpdateError(f"{path} is unreadable (wrong type for {', '.join(wrong) or 'history'})")
         return rec
 
 

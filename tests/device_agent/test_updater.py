@@ -411,3 +411,17 @@ def test_a_signed_but_malformed_package_ends_as_a_final_failure_not_a_half_way_s
     assert Updater(upgraded).record().state == "idle"  # not stuck in smoke_test, retried for ever
     assert _versions(upgraded) == ("1.1.0", "1.0.0") and serve(upgraded) == "1.1.0"
     assert only_slots_left(upgraded)
+
+
+@pytest.mark.parametrize("field", ["candidate", "last_result", "package", "history"])
+def test_a_hand_edited_update_record_is_recovered_to_idle_not_a_crash_at_start(built, upgraded, field):
+    doc = json.loads(upgraded.update_file.read_text())
+    doc.update(state="probation", **{field: [1] if field != "package" else {"x": 1}})
+    if field == "history":
+        doc["history"] = [1, 2]
+    upgraded.update_file.write_text(json.dumps(doc))
+    actions = Updater(upgraded).recover()  # the agent's start runs this; it raised AttributeError
+    assert any("interrupted" in a for a in actions), actions
+    rec = Updater(upgraded).record()
+    assert rec.state == "idle" and rec.last_result is not None and rec.last_result["reason"] == "interrupted"
+    assert serve(upgraded) == "1.1.0"
