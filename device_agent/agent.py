@@ -47,6 +47,7 @@ from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
 log = logging.getLogger("edgefleet.agent")
+SMALL_K = 10  # below this k, opening a device warns: the summaries' exact sums come close to the raw inputs
 
 __all__ = ["Agent", "FeedbackError", "NoModelError", "Prediction", "VersionStats"]
 
@@ -129,6 +130,10 @@ class Agent(OtherPaths):
 
         d = DeviceDir(Path(device_dir))
         cfg = d.load_config()
+        if cfg.min_window_samples < SMALL_K:
+            log.warning("min_window_samples is %d: a summary of so few predictions gives away the inputs through its "
+                        "exact sums (noise covers the histogram counts only); keep it at %d or more on a device that "
+                        "serves people", cfg.min_window_samples, SMALL_K * 2)
         target = load_device_target(d.target_file)
         updater = Updater(d)
         updater.recover()

@@ -46,3 +46,20 @@ def test_a_tick_that_raises_is_counted_and_the_ticker_goes_on(agent, built, monk
     closed = agent.status()["windows_closed"]
     assert wait_until(lambda: agent.status()["windows_closed"] > closed, 10), "windows stopped closing by time"
     assert calls["n"] >= 2
+
+
+def test_opening_a_device_with_a_small_k_warns_that_sums_give_inputs_away(built, tmp_path, caplog):
+    from dataclasses import replace
+
+    from tests.device_agent import new_device
+
+    dev = new_device(built, tmp_path / "dev", package=built.package)
+    dev.save_config(replace(dev.load_config(), min_window_samples=2))
+    with caplog.at_level("WARNING", logger="edgefleet.agent"):
+        Agent.open(dev.path, background=False).close()
+    assert any("min_window_samples is 2" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    dev.save_config(replace(dev.load_config(), min_window_samples=20))
+    with caplog.at_level("WARNING", logger="edgefleet.agent"):
+        Agent.open(dev.path, background=False).close()
+    assert not any("min_window_samples" in r.getMessage() for r in caplog.records)
