@@ -7,8 +7,10 @@
     GET  /v1/precomputed/{key}   a prediction precomputed by `device-agent batch` (when a store is configured)
     GET  /metrics      Prometheus text format
 
-Bad input is a 422 whose body names the problem (``error`` kind, ``detail``, ``feature``); it is counted in
-the window and never stops the service. Bodies over ``max_body_bytes`` are refused with 413 before parsing.
+Bad input is a 4xx whose body names the problem (``error`` kind, ``detail``, ``feature``); it is counted in
+the window and the ``rejected`` counters and never stops the service. Bodies over ``max_body_bytes`` are refused
+with 413 before parsing: by ``Content-Length`` when sent, else while the body streams in (chunked uploads), so an
+oversized body is never buffered whole. JSON nested too deeply for the parser is a 400, not a crash.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import base64
 import binascii
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from .agent import Agent, FeedbackError, NoModelError
 from .batch import KVStore
@@ -29,30 +33,70 @@ from .errors import AgentError, InferenceError, InputError
 
 MAX_BODY_BYTES = 25 * 1024 * 1024
 MAX_INSTANCES = 1024
+# A class index sent as a string: ASCII digits only (str.isdigit also takes "²", which int() refuses), and short
+# enough for int() (Python refuses over 4300 digits) — any longer is out of range for every model anyway.
+_INDEX = re.compile(r"-?[0-9]{1,18}")
+
+
+class _TooLarge(Exception):
+    """The request body passed ``max_body_bytes`` while streaming in."""
 
 
 def _error(status: int, kind: str, detail: str, feature: str | None = None) -> JSONResponse:
     return JSONResponse({"error": kind, "detail": detail, "feature": feature}, status_code=status)
 
 
+def _too_large(agent: Agent, limit: int) -> JSONResponse:
+    agent._reject("too_large", None)
+    return _error(413, "too_large", f"request body over {limit} bytes")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, read as it streams in. Raises _TooLarge as soon as it passes ``limit`` bytes (the rest is
+    never read), whether or not the client declared a Content-Length."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loads(raw: bytes) -> Any:
+    """Parse a JSON body. Raises ValueError for anything that is not JSON, including nesting too deep for the
+    parser (RecursionError) and integers with too many digits to convert."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _bad(agent: Agent, detail: str, kind: str) -> InputError:
+    """An InputError found here, before the agent sees the input: counted here like the agent counts its own."""
+    agent._reject(kind, None)
+    return InputError(detail, kind=kind)
+
+
 def _one(agent: Agent, inst: Any) -> Any:
     if not isinstance(inst, dict):
-        raise InputError("each instance must be an object with 'features', 'inputs' or 'image_b64'",
-                         kind="invalid_input")
+        raise _bad(agent, "each instance must be an object with 'features', 'inputs' or 'image_b64'",
+                   "invalid_input")
     keys = {"features", "inputs", "image_b64"} & set(inst)
     if len(keys) != 1:
-        raise InputError("give exactly one of 'features', 'inputs' or 'image_b64'", kind="invalid_input")
+        raise _bad(agent, "give exactly one of 'features', 'inputs' or 'image_b64'", "invalid_input")
     if "features" in inst:
         return agent.predict(inst["features"])
     if "inputs" in inst:
         v = inst["inputs"]
         if not isinstance(v, list) or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in v):
-            raise InputError("'inputs' must be a list of numbers", kind="wrong_shape")
+            raise _bad(agent, "'inputs' must be a list of numbers", "wrong_shape")
         return agent.predict(v)
     try:
         data = base64.b64decode(inst["image_b64"], validate=True)
     except (binascii.Error, TypeError, ValueError):
-        raise InputError("'image_b64' is not valid base64", kind="bad_image") from None
+        raise _bad(agent, "'image_b64' is not valid base64", "bad_image") from None
     return agent.predict(data)
 
 
@@ -62,26 +106,30 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Response:
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return _error(413, "too_large", f"request body over {max_body_bytes} bytes")
+        if length is not None and (not length.isascii() or not length.isdigit()
+                                   or len(length) > 18 or int(length) > max_body_bytes):
+            return _too_large(agent, max_body_bytes)
         response: Response = await call_next(request)
         return response
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            return _error(413, "too_large", f"request body over {max_body_bytes} bytes")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            raw = await _read_body(request, max_body_bytes)
+        except _TooLarge:
+            return _too_large(agent, max_body_bytes)
+        except ClientDisconnect:
+            return _error(400, "disconnected", "the client went away before sending the whole body")
+        try:
+            body = _loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
             agent._reject("invalid_input", None)
-            return _error(400, "invalid_json", "request body is not JSON")
+            return _error(400, "invalid_json", f"request body is not JSON ({exc})")
         try:
             if isinstance(body, dict) and "instances" in body:
                 items = body["instances"]
                 if not isinstance(items, list) or len(items) > MAX_INSTANCES:
-                    raise InputError(f"'instances' must be a list of at most {MAX_INSTANCES}", kind="invalid_input")
+                    raise _bad(agent, f"'instances' must be a list of at most {MAX_INSTANCES}", "invalid_input")
                 out = []
                 for inst in items:
                     try:
@@ -100,12 +148,24 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Response:
         try:
-            body = json.loads(await request.body())
+            raw = await _read_body(request, max_body_bytes)
+        except _TooLarge:
+            return _too_large(agent, max_body_bytes)
+        except ClientDisconnect:
+            return _error(400, "disconnected", "the client went away before sending the whole body")
+        try:
+            body = _loads(raw)
             pid, label = body["prediction_id"], body["label"]
             if not isinstance(pid, str) or not isinstance(label, int | str) or isinstance(label, bool):
                 raise TypeError
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            agent._reject("invalid_feedback", None)
             return _error(400, "invalid_feedback", "body must be {\"prediction_id\": str, \"label\": class or index}")
+        if isinstance(label, str) and label.lstrip("-").isdigit() and not _INDEX.fullmatch(label):
+            # The agent reads a string of digits as a class index; only plain ASCII ones are (see _INDEX).
+            agent._reject("invalid_feedback", None)
+            return _error(422, "invalid_feedback", f"label {label!r} is neither a class name nor a class index "
+                          "(a class index is an integer written in ASCII digits)")
         try:
             agent.feedback(pid, label)
         except FeedbackError as exc:

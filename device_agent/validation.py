@@ -59,6 +59,8 @@ class Validator:
         if type(x) is not np.ndarray or x.dtype != np.float32:
             try:
                 x = np.asarray(x, dtype=np.float32)
+            except OverflowError:  # a Python int beyond float range (JSON allows any number of digits)
+                raise self._overflow(x) from None
             except (TypeError, ValueError):
                 raise InputError(f"input is not numeric: expected {self.width} numbers", kind="wrong_shape") from None
         if x.shape != (1, self.width):
@@ -77,6 +79,8 @@ class Validator:
         """A batch ``[N, F]``: the valid rows and, per input row, None or its error (errors do not stop others)."""
         try:
             a = np.asarray(x, dtype=np.float32)
+        except OverflowError:
+            raise self._overflow(x) from None
         except (TypeError, ValueError):
             raise InputError("batch is not a numeric [N, F] array", kind="wrong_shape") from None
         if a.ndim != 2 or a.shape[1] != self.width:
@@ -89,6 +93,25 @@ class Validator:
             except InputError as exc:
                 errors[int(i)] = exc
         return a[ok], errors
+
+    def _overflow(self, x: Any) -> InputError:
+        """The error for an input holding an integer too large for a float: named after its feature when the
+        input is one row (or a batch) of ``F`` values, else for the input as a whole."""
+        rows = x if isinstance(x, list | tuple) and x and all(isinstance(r, list | tuple) for r in x) else [x]
+        for r in rows:
+            if not isinstance(r, list | tuple) or len(r) != self.width:
+                continue
+            for j, v in enumerate(r):
+                try:
+                    float(v)
+                except OverflowError:
+                    return InputError(
+                        f"feature {self.names[j]!r} is a number too large to represent, outside its valid range "
+                        f"[{float(self.lows[j]):.6g}, {float(self.highs[j]):.6g}]",
+                        kind="out_of_range", feature=self.names[j])
+                except (TypeError, ValueError):
+                    continue
+        return InputError("input holds a number too large to represent", kind="out_of_range")
 
     def _explain(self, r: np.ndarray) -> None:
         nan = np.flatnonzero(np.isnan(r))
