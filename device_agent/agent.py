@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from edgefleet_contracts.timeutil import fmt, utcnow
 
 from .agent_paths import OtherPaths
 from .config import DeviceConfig, DeviceDir
-from .errors import AgentError, InferenceError, InputError, NoModelError
+from .errors import AgentError, FeedbackError, InferenceError, InputError, NoModelError
 from .hotpath import HotModel, Prediction, VersionStats
 from .model import LoadedModel, load_model
 from .predlog import PredictionLog
@@ -47,15 +48,10 @@ from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
 log = logging.getLogger("edgefleet.agent")
+_INDEX = re.compile(r"-?[0-9]{1,18}")  # a label given as a class index (ASCII digits: int() takes others too)
 SMALL_K = 10  # below this k, opening a device warns: the summaries' exact sums come close to the raw inputs
 
 __all__ = ["Agent", "FeedbackError", "NoModelError", "Prediction", "VersionStats"]
-
-
-class FeedbackError(AgentError):
-    """Label feedback for an unknown prediction id or an unknown class."""
-
-    reason = "feedback"
 
 
 @dataclass
@@ -320,12 +316,16 @@ class Agent(OtherPaths):
             raise FeedbackError("feedback needs an installed model and the prediction log")
         with self._lock:
             self._flush_locked()  # a prediction still in the staging rows is not in the log yet
-        found = self.log.lookup(prediction_id)
+        try:
+            found = self.log.lookup(prediction_id)
+        except FeedbackError:  # a malformed id
+            self.counters.feedback_unmatched += 1
+            raise
         if found is None:
             self.counters.feedback_unmatched += 1
             raise FeedbackError(f"unknown prediction id {prediction_id!r} (never made, or rotated out of the log)")
         model, version, predicted = found
-        if isinstance(label, str) and not label.lstrip("-").isdigit():
+        if isinstance(label, str) and not _INDEX.fullmatch(label):
             if label not in m.classes:
                 raise FeedbackError(f"unknown class {label!r}; classes: {list(m.classes)}")
             true = m.classes.index(label)
@@ -421,6 +421,7 @@ class Agent(OtherPaths):
             "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
             "summarizer_failures": self.summarizer.failures, "outbox": self._outbox_counters(),
             "reload_failures": self.reload_failures, "tick_failures": self.tick_failures,
+            "prediction_log": self.log.counters() if self.log is not None else None,
             "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
 

@@ -34,3 +34,10 @@ class NoModelError(AgentError):
     """The device has no installed model yet (install one with `device-agent install`)."""
 
     reason = "no_model"
+
+
+class FeedbackError(AgentError):
+    """Label feedback for an unknown or malformed prediction id, an unknown class, or a prediction already
+    labelled."""
+
+    reason = "feedback"

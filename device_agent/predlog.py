@@ -3,62 +3,218 @@
 Hot path: the agent hands over its staged predictions as one block of records (``record_many``, every
 few dozen predictions; ``record`` appends one tuple) to an in-memory deque: no I/O. A background thread
 swaps the deque out once a second and appends it to the current segment as fixed-size binary records
-(``np.ndarray.tofile``: one write per flush, ~0.5 µs of interpreter time per row; an SQLite insert per row
-cost ~20x more and, sharing the interpreter lock, slowed the hot path measurably). Segments hold
-``segment_rows`` records; the oldest are deleted when the total exceeds ``max_rows``.
+(one buffered write of the records' bytes per flush; an SQLite insert per row cost ~20x more and, sharing
+the interpreter lock, slowed the hot path measurably). Segments hold ``segment_rows`` records; the oldest
+are deleted when the total exceeds ``max_rows``.
 
 Layout: ``<dir>/<boot>-<n>.bin`` segments of records (counter, time, model index, predicted class, confidence)
 and ``<dir>/models.json`` mapping model indexes to (name, version). Fed-back labels go to ``labels.jsonl``.
 Prediction ids are ``<boot>-<counter>``; ``lookup`` scans that boot's segments (feedback is not a hot path).
+
+Faults: nothing here stops the agent or its log thread.
+
+* ``models.json`` is written atomically (fsync). A map that cannot be read at start (a power cut under the
+  old writer left it empty) is replaced by an empty one, rebuilt as models load; the segments it described
+  are deleted, since their model indexes no longer say which version made them. A failed write of the map
+  is retried on every flush, and no record is written until the map naming its model is on disk.
+* A failed segment write (a full disk) keeps the unwritten records in memory for the next flush, at most
+  ``max_pending_rows`` of the newest; older ones are dropped and counted. Any other exception in the log
+  thread is logged and counted, and the thread goes on.
+* ``labels.jsonl`` holds one label per prediction (a second label is refused, see ``set_label``) and is
+  rewritten without the labels of rotated-out predictions once it holds more than ``max_rows`` labels.
+
+Counters for the agent's status (``counters()``): ``write_errors``, ``dropped``, ``corrupt_files``,
+``flush_failures``, ``pending``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import stat
 import threading
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from edgefleet_contracts.atomic import atomic_write_text
+
+from .errors import FeedbackError
+
+log = logging.getLogger("edgefleet.agent")
 
 RECORD = np.dtype([("counter", "<i8"), ("at", "<f8"), ("model", "<i4"), ("predicted", "<i4"),
                    ("confidence", "<f4")])
 
+# A boot is the agent's "<device id>.<hex>" (device ids are [A-Za-z0-9_.-]); the counter follows the last '-'.
+_BOOT = re.compile(r"[A-Za-z0-9_.-]{1,100}", re.ASCII)
+_PREDICTION_ID = re.compile(r"([A-Za-z0-9_.-]{1,100})-([0-9]{1,19})", re.ASCII)
+_SEGMENT_NAME = re.compile(r"([A-Za-z0-9_.-]{1,100})-([0-9]{1,19})\.bin", re.ASCII)
+_MAX_COUNTER = 2**63 - 1
+_EMPTY = np.empty(0, dtype=RECORD)
+
+Record = tuple[int, float, int, int, float]
+
+
+class _Segment(NamedTuple):
+    mtime_ns: int
+    name: str
+    boot: str
+    rows: int
+    path: Path
+
+
+def _parse_id(pid: object) -> tuple[str, int] | None:
+    m = _PREDICTION_ID.fullmatch(pid) if isinstance(pid, str) else None
+    if m is None or int(m[2]) > _MAX_COUNTER:
+        return None
+    return m[1], int(m[2])
+
+
+def parse_prediction_id(pid: object) -> tuple[str, int]:
+    """(boot, counter) of a prediction id ``<boot>-<counter>``.
+
+    Raises FeedbackError (a 404 at the HTTP API) when ``pid`` is not of that form: the boot is 1-100 letters,
+    digits, '_', '.' or '-', the counter 1-19 ASCII digits. Nothing else reaches a file name, so a client's
+    id is never a path or a glob pattern.
+    """
+    parsed = _parse_id(pid)
+    if parsed is None:
+        shown = pid if not isinstance(pid, str) or len(pid) <= 120 else pid[:120] + "..."
+        raise FeedbackError(f"unknown prediction id {shown!r}: ids are '<boot>-<counter>' exactly as a prediction "
+                              "returned them (letters, digits, '_', '.', '-', then '-' and digits)")
+    return parsed
+
 
 class PredictionLog:
+    """Bounded, rotating log of predictions under ``directory`` (see the module docstring).
+
+    ``max_pending_rows`` caps the records held in memory while writes fail (default: ``max_rows``, at most
+    100,000); beyond it the oldest are dropped and counted in ``dropped``.
+    """
+
     def __init__(self, directory: Path, max_rows: int = 100_000, *, segment_rows: int = 10_000,
-                 flush_seconds: float = 1.0) -> None:
+                 flush_seconds: float = 1.0, max_pending_rows: int | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_rows = max_rows
         self.segment_rows = max(1, min(segment_rows, max_rows))
-        self._queue: deque[tuple[int, float, int, int, float] | np.ndarray] = deque()
+        self.max_pending_rows = max(1, min(max_rows, 100_000) if max_pending_rows is None else max_pending_rows)
+        self._queue: deque[Record | np.ndarray] = deque()
+        self._pending = _EMPTY  # records a failed write left behind, oldest first, at most max_pending_rows
         self._lock = threading.Lock()
-        self._models_file = self.dir / "models.json"
-        self._models: list[list[str]] = (
-            json.loads(self._models_file.read_text()) if self._models_file.exists() else []
-        )
-        self._model_index = {(n, v): i for i, (n, v) in enumerate(self._models)}
+        self.write_errors = 0  # failed writes of segments, models.json or labels.jsonl (a full disk)
+        self.dropped = 0  # records given up: over max_pending_rows while writes fail, or malformed
+        self.corrupt_files = 0  # unreadable models.json / labels.jsonl found at start
+        self.flush_failures = 0  # unexpected exceptions in the log thread (logged; the thread goes on)
+        self._failing = False  # inside a run of failed segment writes (logged when it starts and ends)
+        self._boot = "boot"
         self._segment: Path | None = None
         self._segment_count = 0
-        self.write_errors = 0
+        self._models_file = self.dir / "models.json"
+        self._models_dirty = False  # the in-memory map is not on disk yet: flush writes it before any record
+        self._models = self._load_models()
+        self._model_index = {(n, v): i for i, (n, v) in enumerate(self._models)}
+        self._labels_file = self.dir / "labels.jsonl"
+        self._labels_torn = False  # the file may end in a partial line: the next append starts a new one
+        self._labels = self._load_labels()
+        self._labels_limit = max(1, self.max_rows)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(flush_seconds,), name="prediction-log", daemon=True)
         self._thread.start()
 
-    def model_index(self, name: str, version: str) -> int:
-        """Stable small integer for a model version (called when a model is loaded, not per prediction)."""
-        key = (name, version)
-        if key not in self._model_index:
-            with self._lock:
-                self._models.append([name, version])
-                self._model_index[key] = len(self._models) - 1
-                tmp = self._models_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self._models))
-                os.replace(tmp, self._models_file)
-        return self._model_index[key]
+    # ---- start-up ----------------------------------------------------------------------------------------
+    def _load_models(self) -> list[list[str]]:
+        try:
+            doc = json.loads(self._models_file.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = str(exc) or type(exc).__name__
+        else:
+            if isinstance(doc, list) and all(isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e)
+                                             for e in doc):
+                return [[n, v] for n, v in doc]
+            problem = "not a list of [name, version] pairs"
+        self.corrupt_files += 1
+        self._models_dirty = True
+        stale = 0
+        for seg in self._scan():  # their model indexes point into the lost map: they cannot be attributed
+            try:
+                seg.path.unlink()
+                stale += seg.rows
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("prediction log: cannot delete %s (%s)", seg.path, exc)
+        log.warning("prediction log: %s is unreadable (%s); starting with an empty model map (rebuilt as models "
+                    "load) and deleting %d logged predictions whose model versions it held",
+                    self._models_file, problem, stale)
+        return []
 
+    def _load_labels(self) -> dict[str, int]:
+        try:
+            text = self._labels_file.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            self.corrupt_files += 1
+            self._labels_torn = True
+            log.warning("prediction log: cannot read %s (%s); earlier labels are not known", self._labels_file, exc)
+            return {}
+        labels: dict[str, int] = {}
+        bad = 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                pid, label = doc["id"], doc["label"]
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            if _parse_id(pid) is None or not isinstance(label, int) or isinstance(label, bool):
+                bad += 1
+                continue
+            labels.setdefault(pid, label)  # the first label is the one that was counted (old files repeat ids)
+        self._labels_torn = bool(text) and not text.endswith("\n")
+        if bad:
+            self.corrupt_files += 1
+            log.warning("prediction log: skipped %d unreadable lines of %s", bad, self._labels_file)
+        return labels
+
+    # ---- models ------------------------------------------------------------------------------------------
+    def model_index(self, name: str, version: str) -> int:
+        """Stable small integer for a model version (called when a model is loaded, not per prediction).
+
+        Never raises for I/O: when ``models.json`` cannot be written the index still holds in memory, the
+        write is retried on every flush, and no record is written to disk until it succeeds.
+        """
+        with self._lock:
+            key = (name, version)
+            i = self._model_index.get(key)
+            if i is None:
+                self._models.append([name, version])
+                i = self._model_index[key] = len(self._models) - 1
+                self._models_dirty = True
+                self._save_models_locked()
+            return i
+
+    def _save_models_locked(self) -> bool:
+        try:
+            atomic_write_text(self._models_file, json.dumps(self._models))
+        except OSError as exc:
+            self.write_errors += 1
+            log.warning("prediction log: cannot write %s (%s); retrying on the next flush", self._models_file, exc)
+            return False
+        self._models_dirty = False
+        return True
+
+    # ---- recording (hot path: no I/O) ---------------------------------------------------------------------
     def record(self, counter: int, at: float, model: int, predicted: int, confidence: float) -> None:
         self._queue.append((counter, at, model, predicted, confidence))
 
@@ -73,83 +229,263 @@ class PredictionLog:
         block["confidence"] = confidence
         self._queue.append(block)
 
+    # ---- writing -----------------------------------------------------------------------------------------
     def flush(self, boot: str = "") -> None:
+        """Append the queued records to the current segment (the log thread calls this every ``flush_seconds``).
+
+        Does not raise for I/O: a failed write counts ``write_errors`` and keeps the unwritten records for the
+        next flush, at most ``max_pending_rows`` of the newest (older ones are counted in ``dropped``).
+        """
         with self._lock:
-            q: list[tuple[int, float, int, int, float] | np.ndarray] = []
+            if boot:
+                self._set_boot_locked(boot)
+            items: list[Record | np.ndarray] = []
             while self._queue:  # drain in place: popleft and append are atomic, so nothing appended meanwhile is lost
-                q.append(self._queue.popleft())
-            if not q:
+                items.append(self._queue.popleft())
+            if not items and not len(self._pending) and not self._models_dirty:
                 return
-            singles = [r for r in q if isinstance(r, tuple)]
-            blocks: list[np.ndarray] = [r for r in q if isinstance(r, np.ndarray)]
-            if singles:
-                blocks.append(np.array(singles, dtype=RECORD))
-            rows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-            self._boot = boot or getattr(self, "_boot", "boot")
+            rows = self._rows(items)
+            if self._models_dirty and not self._save_models_locked():
+                self._keep(rows)  # the records name model indexes that are not on disk yet
+                return
             i = 0
-            while i < len(rows):
-                if self._segment is None or self._segment_count >= self.segment_rows:
-                    self._new_segment()
-                assert self._segment is not None
-                take = min(len(rows) - i, self.segment_rows - self._segment_count)
-                try:
+            try:
+                while i < len(rows):
+                    if self._segment is None or self._segment_count >= self.segment_rows:
+                        self._new_segment()
+                    assert self._segment is not None
+                    take = min(len(rows) - i, self.segment_rows - self._segment_count)
                     with open(self._segment, "ab") as fh:
-                        rows[i : i + take].tofile(fh)
-                except OSError:
-                    self.write_errors += 1
-                    self._queue.extendleft(reversed(q))  # keep them for the next attempt
-                    return
-                self._segment_count += take
-                i += take
+                        fh.write(rows[i : i + take].tobytes())
+                    self._segment_count += take
+                    i += take
+            except OSError as exc:
+                self._write_failed(exc)
+                self._keep(rows[i:])
+                return
+            except Exception:
+                self._keep(rows[i:])
+                raise
+            self._pending = _EMPTY
+            if self._failing:
+                self._failing = False
+                log.warning("prediction log: writing works again (%d failed writes, %d records dropped so far)",
+                            self.write_errors, self.dropped)
             self._rotate()
 
-    def _segments(self) -> list[Path]:
-        return sorted(self.dir.glob("*.bin"), key=lambda p: p.stat().st_mtime_ns)
+    def _rows(self, items: list[Record | np.ndarray]) -> np.ndarray:
+        """The pending records and ``items`` as one array, in queue order; malformed records are dropped."""
+        parts: list[np.ndarray] = [self._pending] if len(self._pending) else []
+        run: list[Record] = []
+        for item in [*items, _EMPTY]:  # the empty block ends the last run of single records
+            if isinstance(item, tuple):
+                run.append(item)
+                continue
+            if run:
+                parts.append(self._singles(run))
+                run = []
+            if len(item):
+                parts.append(item)
+        if not parts:
+            return _EMPTY
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _singles(self, run: list[Record]) -> np.ndarray:
+        try:
+            return np.array(run, dtype=RECORD)
+        except (TypeError, ValueError, OverflowError):
+            good: list[np.ndarray] = []
+            for r in run:
+                try:
+                    good.append(np.array([r], dtype=RECORD))
+                except (TypeError, ValueError, OverflowError):
+                    self.dropped += 1
+                    log.error("prediction log: dropped malformed record %r", r)
+            return np.concatenate(good) if good else _EMPTY
+
+    def _keep(self, rows: np.ndarray) -> None:
+        """Hold ``rows`` (oldest first) for the next flush, at most ``max_pending_rows`` of the newest."""
+        over = len(rows) - self.max_pending_rows
+        if over > 0:
+            self.dropped += over
+            rows = rows[over:]
+        self._pending = rows.copy()  # a copy: a view would keep the whole drained array alive
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        seg = self._segment
+        if seg is not None:  # cut a partly written record off, or later records would be read misaligned
+            try:
+                if seg.exists() and seg.stat().st_size != self._segment_count * RECORD.itemsize:
+                    os.truncate(seg, self._segment_count * RECORD.itemsize)
+            except OSError:
+                self._segment = None  # leave it as it is (reads ignore a partial last record); start a new one
+        if not self._failing:
+            self._failing = True
+            log.warning("prediction log: cannot write to %s (%s); keeping up to %d records in memory and retrying "
+                        "every flush", self.dir, exc, self.max_pending_rows)
+
+    def _scan(self) -> list[_Segment]:
+        """The segments on disk, oldest first; entries that vanish or are not regular files are left out."""
+        out: list[_Segment] = []
+        with os.scandir(self.dir) as it:
+            for entry in it:
+                m = _SEGMENT_NAME.fullmatch(entry.name)
+                if m is None:
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    out.append(_Segment(st.st_mtime_ns, entry.name, m[1], st.st_size // RECORD.itemsize,
+                                        Path(entry.path)))
+        out.sort()
+        return out
 
     def _new_segment(self) -> None:
-        n = len(list(self.dir.glob(f"{self._boot}-*.bin")))
-        self._segment = self.dir / f"{self._boot}-{n:06d}.bin"
+        """Start the next segment of this boot: one past the highest number on disk, never an existing one."""
+        numbers = [int(m[2]) for name in os.listdir(self.dir)
+                   if (m := _SEGMENT_NAME.fullmatch(name)) is not None and m[1] == self._boot]
+        self._segment = self.dir / f"{self._boot}-{max(numbers, default=-1) + 1:06d}.bin"
         self._segment_count = 0
 
     def _rotate(self) -> None:
-        segs = self._segments()
-        total = sum(p.stat().st_size for p in segs) // RECORD.itemsize
-        while segs and total - segs[0].stat().st_size // RECORD.itemsize >= self.max_rows and segs[0] != self._segment:
-            total -= segs[0].stat().st_size // RECORD.itemsize
-            segs.pop(0).unlink()
+        segs = self._scan()
+        total = sum(s.rows for s in segs)
+        for seg in segs:
+            if total - seg.rows < self.max_rows or seg.path == self._segment:
+                break
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self.write_errors += 1
+                log.warning("prediction log: cannot delete %s (%s)", seg.path, exc)
+                break
+            total -= seg.rows
 
     def set_boot(self, boot: str) -> None:
-        self._boot = boot
-
-    def lookup(self, pid: str) -> tuple[str, str, int] | None:
-        """(model, version, predicted class) of a logged prediction, or None if unknown or rotated out."""
-        boot, _, num = pid.rpartition("-")
-        if not boot or not num.isdigit():
-            return None
-        self.flush()
-        counter = int(num)
+        """Name the segments (and so the prediction ids) of this run. Raises ValueError for a boot that is not
+        1-100 letters, digits, '_', '.' or '-'."""
         with self._lock:
-            for seg in self.dir.glob(f"{boot}-*.bin"):
-                rows = np.fromfile(seg, dtype=RECORD)
+            self._set_boot_locked(boot)
+
+    def _set_boot_locked(self, boot: str) -> None:
+        if not _BOOT.fullmatch(boot):
+            raise ValueError(f"boot {boot!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        if boot != self._boot:
+            self._boot = boot
+            self._segment = None  # this boot's records go to this boot's segments
+
+    # ---- feedback ----------------------------------------------------------------------------------------
+    def lookup(self, pid: str) -> tuple[str, str, int] | None:
+        """(model, version, predicted class) of a logged prediction, or None if unknown or rotated out.
+
+        Raises FeedbackError when ``pid`` is not a well-formed id (see ``parse_prediction_id``); it is checked
+        before any file is touched.
+        """
+        boot, counter = parse_prediction_id(pid)
+        self.flush()
+        with self._lock:
+            tables: list[np.ndarray] = [self._pending] if boot == self._boot and len(self._pending) else []
+            for seg in self._scan():
+                if seg.boot != boot:
+                    continue
+                try:
+                    tables.append(np.fromfile(seg.path, dtype=RECORD))
+                except OSError as exc:
+                    log.warning("prediction log: cannot read %s (%s)", seg.path, exc)
+            for rows in tables:
                 hit = np.flatnonzero(rows["counter"] == counter)
                 if hit.size:
                     r = rows[hit[0]]
-                    name, version = self._models[int(r["model"])]
+                    model = int(r["model"])
+                    if not 0 <= model < len(self._models):
+                        return None
+                    name, version = self._models[model]
                     return name, version, int(r["predicted"])
         return None
 
     def set_label(self, pid: str, label: int) -> None:
-        with self._lock, open(self.dir / "labels.jsonl", "a") as fh:
-            fh.write(json.dumps({"id": pid, "label": label}) + "\n")
+        """Append the fed-back class of a logged prediction to ``labels.jsonl``.
 
+        A prediction is labelled once: a second label for the same id (in this run or an earlier one) is
+        refused with FeedbackError and nothing is recorded, so a caller that counts after this returns counts
+        each prediction once. (Letting the latest label win would mean taking the first one back out of a
+        window that may already have been sent.) Raises FeedbackError for a malformed id too, and OSError when
+        the file cannot be written (then nothing is recorded, and the label can be sent again).
+
+        The file keeps only what deduplication needs: once it holds more than ``max_rows`` labels it is
+        rewritten without those whose predictions have rotated out of the log.
+        """
+        parse_prediction_id(pid)
+        with self._lock:
+            old = self._labels.get(pid)
+            if old is not None:
+                raise FeedbackError(f"prediction {pid!r} already has a label (class index {old}); a prediction is "
+                                      "labelled once, so this label was not recorded or counted")
+            line = json.dumps({"id": pid, "label": label}) + "\n"
+            try:
+                with open(self._labels_file, "a", encoding="utf-8") as fh:
+                    fh.write("\n" + line if self._labels_torn else line)
+            except OSError:
+                self.write_errors += 1
+                self._labels_torn = True
+                raise
+            self._labels_torn = False
+            self._labels[pid] = label
+            if len(self._labels) > self._labels_limit:
+                self._compact_labels_locked()
+
+    def _compact_labels_locked(self) -> None:
+        """Rewrite ``labels.jsonl`` with the labels of predictions still in the log (a prediction that has
+        rotated out cannot be looked up, so it cannot be labelled again)."""
+        live: dict[str, set[int]] = {}
+        for seg in self._scan():
+            try:
+                live.setdefault(seg.boot, set()).update(np.fromfile(seg.path, dtype=RECORD)["counter"].tolist())
+            except OSError:
+                return  # not knowing what is live, keep everything
+        if len(self._pending):
+            live.setdefault(self._boot, set()).update(self._pending["counter"].tolist())
+        keep: dict[str, int] = {}
+        for pid, label in self._labels.items():
+            parsed = _parse_id(pid)
+            if parsed is not None and parsed[1] in live.get(parsed[0], ()):
+                keep[pid] = label
+        try:
+            atomic_write_text(self._labels_file,
+                              "".join(json.dumps({"id": p, "label": lab}) + "\n" for p, lab in keep.items()))
+        except OSError as exc:
+            self.write_errors += 1
+            log.warning("prediction log: cannot rewrite %s (%s)", self._labels_file, exc)
+            return
+        self._labels = keep
+        self._labels_torn = False
+        self._labels_limit = max(self.max_rows, 2 * len(keep))  # rewrites stay rare even when most are live
+
+    # ---- status and shutdown -----------------------------------------------------------------------------
     def count(self) -> int:
         self.flush()
         with self._lock:
-            return sum(p.stat().st_size for p in self._segments()) // RECORD.itemsize
+            return sum(s.rows for s in self._scan())
+
+    def counters(self) -> dict[str, int]:
+        """write_errors, dropped, corrupt_files, flush_failures, and pending (records held after a failed write)."""
+        return {"write_errors": self.write_errors, "dropped": self.dropped, "corrupt_files": self.corrupt_files,
+                "flush_failures": self.flush_failures, "pending": len(self._pending)}
 
     def _run(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # the log must outlive a bug: log it, count it, flush again next time
+                self.flush_failures += 1
+                if self.flush_failures in (1, 10, 100) or self.flush_failures % 1000 == 0:
+                    log.exception("prediction log flush failed (%d so far); the log thread goes on",
+                                  self.flush_failures)
 
     def close(self) -> None:
         self._stop.set()

@@ -136,16 +136,20 @@ def test_feedback_fills_the_confusion_matrix(clinical, holdout, tmp_path):
     preds = [agent.predict(row) for row in x[:30]]
     for p, label in zip(preds, y[:30], strict=True):
         agent.feedback(p.prediction_id, int(label))
-    agent.feedback(preds[0].prediction_id, clinical.classes[0])
+    with pytest.raises(FeedbackError, match="already has a label"):  # counted once, not twice
+        agent.feedback(preds[0].prediction_id, clinical.classes[0])
     with pytest.raises(FeedbackError, match="unknown prediction id"):
         agent.feedback("nope", 1)
+    with pytest.raises(FeedbackError, match="unknown prediction id"):
+        agent.feedback("*-5", 1)  # not a glob
     with pytest.raises(FeedbackError, match="unknown class 'maybe'"):
         agent.feedback(preds[0].prediction_id, "maybe")
     agent.close_window(wait=True)
     s = agent.sink.summaries[0]  # type: ignore[attr-defined]
-    assert s.confusion is not None and sum(map(sum, s.confusion)) == 31
+    assert s.confusion is not None and sum(map(sum, s.confusion)) == 30
     correct = sum(int(p.class_index == t) for p, t in zip(preds, y[:30], strict=True))
-    assert s.confusion[0][0] + s.confusion[1][1] >= correct
+    assert s.confusion[0][0] + s.confusion[1][1] == correct
+    assert agent.status()["feedback_unmatched"] == 2 and agent.status()["prediction_log"]["dropped"] == 0
     agent.close()
 
 
