@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -92,6 +93,9 @@ def show(store: Store, name: str) -> dict[str, Any]:
     }
 
 
+_RANGE_NUMBERS = re.compile(r"[0-9]{0,18}-[0-9]{0,18}")
+
+
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> inclusive (start, end); None for no Range.
 
@@ -101,15 +105,14 @@ def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
     if not header.startswith("bytes=") or "," in header:
         raise RequestError(f"unsupported Range {header!r}; use a single bytes=start-end range")
     a, _, b = header[6:].partition("-")
-    try:
-        if a == "":
-            n = int(b)
-            start, end = max(0, length - n), length - 1
-        else:
-            start = int(a)
-            end = int(b) if b else length - 1
-    except ValueError:
-        raise RequestError(f"malformed Range {header!r}") from None
+    if not _RANGE_NUMBERS.fullmatch(f"{a}-{b}") or (a == "" and b == ""):
+        # RFC 9110: ASCII digits only (int() would also take '1_0', ' 5' or Arabic-Indic digits)
+        raise RequestError(f"malformed Range {header!r}")
+    if a == "":
+        start, end = max(0, length - int(b)), length - 1
+    else:
+        start = int(a)
+        end = int(b) if b else length - 1
     end = min(end, length - 1)
     if start > end or start >= length:
         raise RequestError(f"Range {header!r} is outside the {length}-byte package")

@@ -14,8 +14,8 @@ from edgefleet_contracts.signing import generate_key, public_b64, save_public_ke
 from fleet_server.app import create_app
 from fleet_server.auth import create_token
 from fleet_server.cli import main as fleet_cli
-from fleet_server.errors import ConflictError
-from fleet_server.registry import publish
+from fleet_server.errors import ConflictError, RequestError
+from fleet_server.registry import parse_range, publish
 from fleet_server.settings import ServerSettings
 from fleet_server.store import Store
 
@@ -83,6 +83,10 @@ def test_publish_verifies_against_the_root_and_serves_ranges(server, built, tmp_
     tail = client.get("/packages/clinical/1.0.0", headers={"Range": f"bytes={len(data) - 10}-"})
     assert tail.content == data[-10:]
     assert client.get("/packages/clinical/1.0.0", headers={"Range": f"bytes={len(data)}-"}).status_code == 416
+    for odd in ("bytes=1_0-20", "bytes= 5-9", "bytes=-", "bytes=0-9,20-29"):  # int() took the first two
+        assert client.get("/packages/clinical/1.0.0", headers={"Range": odd}).status_code == 416, odd
+    with pytest.raises(RequestError, match="malformed Range"):
+        parse_range("bytes=\u0661-", len(data))  # Arabic-Indic one: int() reads it as 1
     assert client.get("/packages/clinical/9.9.9").status_code == 404
     assert hashlib.sha256(full.content).hexdigest() == shown["versions"][0]["sha256"]
     capsys.readouterr()
