@@ -112,14 +112,20 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
         response: Response = await call_next(request)
         return response
 
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> Response:
+    async def body_of(request: Request) -> bytes | Response:
+        """The body, read no further than the limit; or the error answer (413 counted, 400 on a disconnect)."""
         try:
-            raw = await _read_body(request, max_body_bytes)
+            return await _read_body(request, max_body_bytes)
         except _TooLarge:
             return _too_large(agent, max_body_bytes)
         except ClientDisconnect:
             return _error(400, "disconnected", "the client went away before sending the whole body")
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> Response:
+        raw = await body_of(request)
+        if isinstance(raw, Response):
+            return raw
         try:
             body = _loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -147,12 +153,9 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> Response:
-        try:
-            raw = await _read_body(request, max_body_bytes)
-        except _TooLarge:
-            return _too_large(agent, max_body_bytes)
-        except ClientDisconnect:
-            return _error(400, "disconnected", "the client went away before sending the whole body")
+        raw = await body_of(request)
+        if isinstance(raw, Response):
+            return raw
         try:
             body = _loads(raw)
             pid, label = body["prediction_id"], body["label"]

@@ -1,17 +1,24 @@
-"""Device-agent fixtures: a real Mosquitto per test, a summary factory, a device key."""
+"""Device-agent fixtures: a real Mosquitto per test, a summary factory, a device key, an agent."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from device_agent.agent import Agent
+from device_agent.config import DeviceConfig
+from device_agent.model import load_model
+from device_agent.predlog import PredictionLog
 from edgefleet_contracts.signing import Ed25519PrivateKey, generate_key
 from edgefleet_contracts.summary import LATENCY_EDGES_MS, FeatureWindow, Summary
+from edgefleet_contracts.targets import get_target
 from edgefleet_contracts.timeutil import fmt
 from tests.brokers import Mosquitto
+from tests.conftest import extract
 
 SummaryFactory = Callable[..., Summary]
 
@@ -65,3 +72,14 @@ def make_summary() -> SummaryFactory:
 @pytest.fixture
 def device_key() -> Ed25519PrivateKey:
     return generate_key()
+
+
+@pytest.fixture()
+def agent(built: Any, tmp_path: Path) -> Iterator[Agent]:
+    """An agent serving the session's clinical package (k = 1: every window is summarised; no ticker thread)."""
+    target = get_target("x86_64-avx2")
+    model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), target)
+    cfg = DeviceConfig(device_id="dev-1", target=target.name, min_window_samples=1)
+    a = Agent(cfg, target, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
+    yield a
+    a.close()

@@ -25,20 +25,10 @@ from device_agent.config import DeviceConfig
 from device_agent.errors import InputError
 from device_agent.http_api import create_app
 from device_agent.model import load_model
-from device_agent.predlog import PredictionLog
 from edgefleet_contracts.targets import get_target
 from tests.conftest import extract
 
 TARGET = get_target("x86_64-avx2")
-
-
-@pytest.fixture()
-def agent(built, tmp_path) -> Iterator[Agent]:
-    model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), TARGET)
-    cfg = DeviceConfig(device_id="dev-limits", target=TARGET.name, min_window_samples=1)
-    a = Agent(cfg, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
-    yield a
-    a.close()
 
 
 @pytest.fixture()

@@ -16,12 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from device_agent.agent import Agent, FeedbackError
-from device_agent.config import DeviceConfig
 from device_agent.http_api import create_app
-from device_agent.model import load_model
 from device_agent.predlog import RECORD, PredictionLog
 from edgefleet_contracts.targets import get_target
-from tests.conftest import extract
 
 TARGET = get_target("x86_64-avx2")
 
@@ -245,15 +242,6 @@ def test_a_second_label_for_a_prediction_is_refused_also_after_a_restart(tmp_pat
         reopened.set_label("b-1", 1)
     reopened.close()
     assert (folder / "labels.jsonl").read_text().splitlines() == ['{"id": "b-1", "label": 1}']
-
-
-@pytest.fixture()
-def agent(built, tmp_path) -> Iterator[Agent]:
-    model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), TARGET)
-    cfg = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1)
-    a = Agent(cfg, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
-    yield a
-    a.close()
 
 
 @pytest.fixture()
