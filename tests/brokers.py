@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,8 +59,31 @@ def find_mosquitto() -> str:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A loopback port that is free now, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out for binding to 0 comes from the ephemeral range, which every outgoing
+    connection (paho clients, httpx) also draws from: between this call and the server binding it, one of
+    them could take it ("address already in use", seen in CI). Ports below that range are not handed out
+    implicitly, so only another explicit bind can race for it."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # everything below was taken: fall back
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

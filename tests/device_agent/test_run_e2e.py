@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,7 @@ from device_agent.config import DeviceDir
 from edgefleet_contracts.signing import generate_key, key_id, load_public_key, save_public_key, verify_envelope
 from edgefleet_contracts.summary import Summary
 from edgefleet_contracts.topics import topic
-from tests.brokers import Mosquitto, Subscriber
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.brokers import Mosquitto, Subscriber, free_port
 
 
 def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
@@ -58,7 +51,7 @@ def test_running_agent_serves_http_and_delivers_signed_summaries_through_a_broke
     # sends right after the broker restarts are kept for the subscriber even if it reconnects second.
     mosquitto = Mosquitto(tmp_path / "mosquitto", persistence=True).start()
     dd = _device(built, tmp_path, mosquitto.url)
-    port = _free_port()
+    port = free_port()
     sub = Subscriber(mosquitto, [topic("default", "clinic-7", "summary"), topic("default", "clinic-7", "report")],
                      client_id="fleet-server-test", clean_session=False)
     sub.start()
