@@ -312,13 +312,6 @@ class Outbox:
                                       (after_id, limit)).fetchall()
         return [OutboxRow(int(i), str(k), None if s is None else int(s), str(b)) for i, k, s, b in rows]
 
-    def mark_sent(self, ids: Iterable[int]) -> None:
-        """Record that these rows are being handed to the broker: from now on they are never merged."""
-        id_list = list(ids)
-        if id_list:
-            self._write(lambda c: c.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?",
-                                                [(i,) for i in id_list]))
-
     def claim(self, rows: list[OutboxRow]) -> bool:
         """Mark ``rows`` (as read by ``peek``) as being handed to the broker, in one transaction, only if every one
         is still stored unchanged; False (nothing marked) when one was merged away or replaced since it was read.

@@ -30,19 +30,6 @@ class MqttPublisher:
         self.client.connect_async(u.hostname or "127.0.0.1", u.port or 1883, keepalive=30)
         self.client.loop_start()
 
-    def __call__(self, topic: str, payload: str) -> bool:
-        """True once the broker acknowledged the retained message; False (retry later) otherwise."""
-        if not self._connected.wait(self.timeout):
-            return False
-        info = self.client.publish(topic, payload, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        try:
-            info.wait_for_publish(self.timeout)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
-
     def publish_many(self, messages: list[tuple[str, str]]) -> list[bool]:
         """Publish every ``(topic, payload)`` (retained, QoS 1), then wait for their acknowledgements together,
         bounded by ``timeout`` in all. True where the broker acknowledged; the others are retried later."""

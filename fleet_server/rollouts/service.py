@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from ..store import Store
 from .engine import TERMINAL, Decision, Rollout, step
 from .gates import DEFAULT_THRESHOLDS, GroupStats, Snapshot
 from .plan import in_cohort, stage_devices
+
+if TYPE_CHECKING:
+    from .publisher import MqttPublisher
 
 log = logging.getLogger("edgefleet.rollouts")
 DESIRED_LIFETIME = timedelta(days=7)
@@ -325,7 +328,7 @@ class RolloutService:
         self.settings = settings
         self.store = store
         self.tick_seconds = tick_seconds
-        self.publisher: Any = None
+        self.publisher: MqttPublisher | None = None  # set when the app starts with a broker
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
@@ -370,12 +373,11 @@ class RolloutService:
                 done.clear()
 
         rows = self.store.query("SELECT device_id, envelope, seq FROM desired WHERE published = 0")
-        many = getattr(self.publisher, "publish_many", None)  # MqttPublisher: a batch in flight at once
         sent = 0
         for i in range(0, len(rows), 200):
             chunk = rows[i:i + 200]
             messages = [(topic(self.settings.fleet, r["device_id"], "desired"), r["envelope"]) for r in chunk]
-            oks = many(messages) if many is not None else [self.publisher(t, p) for t, p in messages]
+            oks = self.publisher.publish_many(messages)  # the batch in flight at once
             done.extend((r["device_id"], r["seq"]) for r, ok in zip(chunk, oks, strict=True) if ok)
             sent += sum(oks)
             mark()

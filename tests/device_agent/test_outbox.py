@@ -101,7 +101,7 @@ def test_rows_handed_to_the_broker_are_never_merged(tmp_path: Path, make_summary
         with ob.transaction() as tx:
             tx.put_summary(make_summary(1))
             tx.put_summary(make_summary(2))
-        ob.mark_sent([r.id for r in ob.peek(10)])
+        assert ob.claim(ob.peek(10))
         with ob.transaction() as tx:
             tx.put_summary(make_summary(3))
         assert [(s.seq, s.windows) for s in summaries_in(ob)] == [(1, 1), (2, 1), (3, 1)]
