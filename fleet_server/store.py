@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +97,13 @@ def statements(script: str) -> list[str]:
     return out
 
 
+class _Connection(sqlite3.Connection):
+    """A connection the store can hold weakly (``sqlite3.Connection`` itself takes no weak references)."""
+
+
 class Store:
+    """The server's SQLite file. One connection per thread; ``close`` closes every thread's connection."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,19 +116,28 @@ class Store:
             if extra.exists() and extra.stat().st_mode & 0o077:
                 extra.chmod(0o600)
         self._local = threading.local()
+        # Every thread's connection, held weakly (a finished thread's connection goes with it), so ``close`` can
+        # close them all: the last one to close checkpoints the WAL into the database file and removes the
+        # ``-wal``/``-shm`` files, leaving one self-contained file after a clean stop.
+        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+        self._open_lock = threading.Lock()
+        self._generation = 0
         self.migrate()
 
     def conn(self) -> sqlite3.Connection:
         """One connection per thread (sqlite3 connections are not shared across threads here)."""
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+        if c is None or getattr(self._local, "generation", -1) != self._generation:
+            c = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False,
+                                factory=_Connection)
             c.row_factory = sqlite3.Row
             c.execute("PRAGMA journal_mode=WAL")
             c.execute("PRAGMA synchronous=NORMAL")
             c.execute("PRAGMA busy_timeout=30000")
             c.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = c
+            self._local.conn, self._local.generation = c, self._generation
+            with self._open_lock:
+                self._open.add(c)
         return c
 
     @contextmanager
@@ -165,7 +181,15 @@ class Store:
         return len(MIGRATIONS)
 
     def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
+        """Close every thread's connection (call once the threads using the store have stopped; one that uses
+        it later gets a new connection). The last to close checkpoints the WAL into the database file."""
+        with self._open_lock:
+            conns = list(self._open)
+            self._open = weakref.WeakSet()
+            self._generation += 1
+        self._local.conn = None
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:  # e.g. in use by a thread that did not stop: it closes when that thread ends
+                continue
