@@ -396,12 +396,19 @@ def test_last_result_survives_in_update_json_for_status(built, tmp_path, dev, ca
 @pytest.mark.parametrize(("golden", "reason"), [
     (b"PK\x03\x04 a torn zip archive", "smoke_test_failed"),  # zipfile.BadZipFile got past the except
     ("wrong-shape", None),  # golden rows the model cannot take: onnxruntime's own error from the smoke run
+    # golden x as a 0-d array: an IndexError that no typed check catches, so the install's last resort
+    # (``package_broken``) ends it
+    ("zero-d", "package_broken"),
 ])
 def test_a_signed_but_malformed_package_ends_as_a_final_failure_not_a_half_way_state(built, tmp_path, upgraded,
                                                                                       golden, reason):
     if golden == "wrong-shape":
         buf = io.BytesIO()
         np.savez(buf, x=np.zeros((3,), np.float32), probabilities=np.zeros((3,), np.float32), tolerance=1e-4)
+        golden = buf.getvalue()
+    elif golden == "zero-d":
+        buf = io.BytesIO()
+        np.savez(buf, x=np.float32(0), probabilities=np.zeros((1, 2), np.float32), tolerance=1e-4)
         golden = buf.getvalue()
     bad = repack(packages(built).v200, tmp_path / "bad.efpkg", signing_key(built.keys), files={"golden.npz": golden})
     r = Updater(upgraded).install(bad)
