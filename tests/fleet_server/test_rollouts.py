@@ -242,6 +242,40 @@ def test_desired_states_are_published_retained_as_a_batch_and_kept_pending_while
         svc.publisher.close()
 
 
+def test_publish_many_has_the_batch_in_flight_at_once_not_one_message_per_round_trip(mosquitto):
+    import threading
+
+    from fleet_server.rollouts.publisher import MqttPublisher
+
+    pub = MqttPublisher(mosquitto.url, timeout=10.0)
+    lock = threading.Lock()
+    sent = acked = most = 0
+    publish = pub.client.publish
+
+    def counting_publish(*a, **kw):  # how many were unacknowledged when each message went out
+        nonlocal sent, most
+        with lock:
+            most = max(most, sent - acked)
+            sent += 1
+        return publish(*a, **kw)
+
+    def on_publish(*a):
+        nonlocal acked
+        with lock:
+            acked += 1
+
+    pub.client.publish = counting_publish  # type: ignore[method-assign]
+    pub.client.on_publish = on_publish
+    try:
+        oks = pub.publish_many([(f"edgefleet/publish-many-test/dev-{i:03d}/desired", "{}") for i in range(300)])
+        assert oks == [True] * 300
+        # One message per round trip would never have one unacknowledged when the next goes out.
+        assert most >= 2, most
+        assert acked == 300
+    finally:
+        pub.close()
+
+
 def test_two_racing_starts_of_one_model_make_one_rollout(fleet):
     import threading
 
