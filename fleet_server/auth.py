@@ -1,12 +1,22 @@
-"""Operator bearer tokens with roles (viewer < operator < admin). Only a token's sha256 is stored."""
+"""Operator bearer tokens with roles (viewer < operator < admin). Only a token's sha256 is stored.
+
+Tokens are made, listed and revoked from the command line only (``fleet-server tokens create|list|revoke``):
+whoever holds the data folder administers access, and no API token can mint or revoke another. Each token has
+a short public id (shown by ``create`` and ``list``) by which it is revoked; the secret itself also works, for
+the case where only a leaked value is known. A revocation applies to the next request (every request looks the
+token up), and creations and revocations are recorded as ``token`` events (``fleet-server alerts events --kind
+token``).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
+from typing import Any
 
-from .errors import AuthError, ForbiddenError, RequestError
+from .errors import AuthError, ForbiddenError, NotFoundError, RequestError
 from .store import Store
 
 ROLES = ("viewer", "operator", "admin")
@@ -24,10 +34,55 @@ def create_token(store: Store, role: str, name: str = "", ttl_seconds: float | N
     token = "eft_" + secrets.token_urlsafe(32)
     now = time.time()
     expires = now + ttl_seconds if ttl_seconds else None
+    token_id = secrets.token_hex(6)
     with store.write() as c:
         c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, 0)",
-                  (secrets.token_hex(6), name or role, role, _hash(token), now, expires))
+                  (token_id, name or role, role, _hash(token), now, expires))
+        _event(c, now, token_id, {"action": "created", "name": name or role, "role": role, "expires": expires})
     return token
+
+
+def _event(c: Any, at: float, token_id: str, detail: dict[str, Any]) -> None:
+    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, 'token', ?, ?)",
+              (at, token_id, json.dumps(detail, sort_keys=True)))
+
+
+def _doc(row: Any, now: float) -> dict[str, Any]:
+    state = ("revoked" if row["revoked"] else
+             "expired" if row["expires"] is not None and row["expires"] < now else "active")
+    return {"id": row["id"], "name": row["name"], "role": row["role"], "created": row["created"],
+            "expires": row["expires"], "state": state}
+
+
+def token_id(store: Store, token: str) -> str | None:
+    """The public id of a token given its secret value (None when unknown)."""
+    row = store.one("SELECT id FROM tokens WHERE hash = ?", (_hash(token.strip()),))
+    return None if row is None else str(row["id"])
+
+
+def list_tokens(store: Store) -> list[dict[str, Any]]:
+    """Every token (never its secret: only the hash is stored), oldest first, with its state."""
+    now = time.time()
+    return [_doc(r, now) for r in store.query("SELECT * FROM tokens ORDER BY created, id")]
+
+
+def revoke_token(store: Store, which: str, by: str = "cli") -> dict[str, Any]:
+    """Revoke a token by its id or by its secret value (``eft_…``); revoking a revoked token changes nothing.
+    Returns the token's listing. Raises NotFoundError when no token matches."""
+    which = which.strip()
+    column, value = ("hash", _hash(which)) if which.startswith("eft_") else ("id", which)
+    now = time.time()
+    with store.write() as c:
+        # ``column`` is one of two fixed names, never input
+        row = c.execute(f"SELECT * FROM tokens WHERE {column} = ?", (value,)).fetchone()
+        if row is None:
+            shown = "that token value" if column == "hash" else f"id {which!r}"
+            raise NotFoundError(f"no token with {shown}; `fleet-server tokens list` shows the ids")
+        if not row["revoked"]:
+            c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", (row["id"],))
+            _event(c, now, row["id"], {"action": "revoked", "name": row["name"], "role": row["role"], "by": by})
+        row = c.execute("SELECT * FROM tokens WHERE id = ?", (row["id"],)).fetchone()
+    return _doc(row, now)
 
 
 def authenticate(store: Store, header: str | None) -> tuple[str, str]:

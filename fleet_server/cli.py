@@ -22,7 +22,7 @@ from edgefleet_contracts.signing import generate_key, load_public_key, public_b6
 from edgefleet_contracts.timeutil import parse_duration
 
 from . import devices, registry
-from .auth import create_token
+from .auth import create_token, list_tokens, revoke_token, token_id
 from .errors import ConfigError, FleetError
 from .settings import ServerSettings
 from .store import Store
@@ -86,9 +86,28 @@ def _serve(args: argparse.Namespace) -> int:
 def _tokens_create(args: argparse.Namespace) -> int:
     s = _settings(args)
     ttl = parse_duration(args.ttl).total_seconds() if args.ttl else None
-    token = create_token(Store(s.db_path), args.role, args.name or "", ttl)
+    store = Store(s.db_path)
+    token = create_token(store, args.role, args.name or "", ttl)
     print(token)
-    print(f"(a {args.role} token; shown once — store it as a secret)", file=sys.stderr)
+    print(f"(a {args.role} token, id {token_id(store, token)}; shown once — store it as a secret; revoke it with "
+          f"`fleet-server tokens revoke {token_id(store, token)}`)", file=sys.stderr)
+    return 0
+
+
+def _tokens_list(args: argparse.Namespace) -> int:
+    def at(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+    docs = list_tokens(Store(_settings(args).db_path))
+    _print(docs, args.json, lambda ts: "\n".join(
+        f"{t['id']}  {t['role']:<8} {t['state']:<8} {t['name']}  created {at(t['created'])}"
+        + (f"  expires {at(t['expires'])}" if t["expires"] is not None else "") for t in ts) or "no tokens")
+    return 0
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    doc = revoke_token(Store(_settings(args).db_path), args.token)
+    print(f"token {doc['id']} ({doc['role']}, {doc['name']}) is {doc['state']}")
     return 0
 
 
@@ -285,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name")
     p.add_argument("--ttl", help="lifetime such as 90d (default: no expiry)")
     p.set_defaults(func=_tokens_create)
+    p = tsub.add_parser("list", help="every token's id, role, state (active, expired, revoked) and name")
+    _data(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_tokens_list)
+    p = tsub.add_parser("revoke", help="revoke a token at once (by its id, or by its value if that is all you have)")
+    _data(p)
+    p.add_argument("token", help="the token's id (from `tokens list`) or its eft_… value")
+    p.set_defaults(func=_tokens_revoke)
 
     d = sub.add_parser("devices", help="enroll and list devices")
     dsub = d.add_subparsers(dest="devices_cmd", required=True)

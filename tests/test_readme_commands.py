@@ -126,6 +126,17 @@ def write_simulator_rows(ws: Workspace) -> None:
     np.savez(ws.root / "holdout.npz", x=x.astype(np.float32), y=y)
 
 
+def create_spare_token(ws: Workspace) -> None:
+    from fleet_server.auth import create_token, token_id
+    from fleet_server.store import Store
+
+    store = Store(ws.root / "srv" / "fleet.sqlite")
+    try:
+        ws.vars["spare_token_id"] = str(token_id(store, create_token(store, "viewer", name="spare")))
+    finally:
+        store.close()
+
+
 def publish_second_version(ws: Workspace) -> None:
     ws.run_derived(PUBLISH, {"clinical-1.0.0.efpkg": "clinical-1.1.0.efpkg", "https://pager.example/hooks/clinical":
                              "{pager}", "CMD": "{hook}"}, note="set-up: publish 1.1.0 for the rollout walkthrough")
@@ -200,6 +211,11 @@ SPECS: dict[str, Spec] = {
                   expect=("published clinical 1.0.0 for rpi4-aarch64", "owner clinical-ml, paging {pager}"),
                   why="CMD: a hook that leaves a file, so the walkthrough can see it run on drift"),
     "fleet-server tokens create --data srv --role operator": Spec(capture={"token": r"^(\S{20,})$"}),
+    "fleet-server tokens list --data srv": Spec(expect=("operator", "active")),
+    "fleet-server tokens revoke ID --data srv": Spec(
+        subs={"ID": "{spare_token_id}"}, before=create_spare_token, expect=("is revoked",),
+        why="ID: a spare viewer token made for this, as the walkthrough's operator token is used later"),
+    "fleet-server alerts events --kind token --data srv": Spec(expect=('"action": "revoked"', '"action": "created"')),
     "fleet-server devices enroll --data srv --device-id clinic-7 --public-key /srv/dev-7/keys/device.pub "
     "--tag site=north": Spec(expect=("enrolled clinic-7",)),
     "fleet-server serve --data srv": Spec(
