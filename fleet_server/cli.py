@@ -72,6 +72,16 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from .backup import backup
+
+    doc = backup(_settings(args), Path(args.to))
+    rows = doc["rows"]
+    print(f"backed up {args.data} to {args.to}: {rows.get('devices', 0)} devices, {rows.get('summaries', 0)} "
+          f"summaries, {len(doc['packages'])} packages, keys and server.toml (checked; see backup.json)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
@@ -295,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-url", help="how devices reach this server over HTTP (package downloads)")
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift evaluations")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("backup", help="copy the data folder (database, keys, packages) while the server runs")
+    _data(p)
+    p.add_argument("--to", required=True, help="a new folder for the backup (restore: serve with --data on it)")
+    p.set_defaults(func=_backup)
 
     t = sub.add_parser("tokens", help="operator API tokens")
     tsub = t.add_subparsers(dest="tokens_cmd", required=True)

@@ -234,6 +234,7 @@ SPECS: dict[str, Spec] = {
         why="exit 3 means drift found (as the README says): site north's inputs were shifted"),
     "fleet-server alerts list --data srv": Spec(expect=("input_drift",), capture={"alert_id": r"^\s*(\d+)\s+open\s"}),
     "fleet-server alerts ack ID --data srv": Spec(subs={"ID": "{alert_id}"}, expect=("acknowledged",)),
+    "fleet-server backup --data srv --to srv-backup": Spec(expect=("backed up srv to srv-backup: 1 devices",)),
     "fleet-server simulate --server http://127.0.0.1:8480 --broker mqtt://127.0.0.1:1884 --token TOKEN --root-key "
     "keys/root.pub --fleet-key srv/keys/fleet.pub --rows holdout.npz --dir sim --devices 200 --package "
     "clinical-1.0.0.efpkg --target rpi4-aarch64 --duration 60": Spec(
