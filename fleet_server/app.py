@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +40,25 @@ def _role(needed: str) -> Callable[..., tuple[str, str]]:
 Viewer = Annotated[tuple[str, str], Depends(_role("viewer"))]
 Operator = Annotated[tuple[str, str], Depends(_role("operator"))]
 Admin = Annotated[tuple[str, str], Depends(_role("admin"))]
+
+
+# List routes are keyset-paged: ``?limit=`` rows per page (422 naming ``limit`` outside 1..MAX_LIMIT) and an
+# exclusive cursor named for the list's direction (``after`` ascending, ``before`` newest-first).
+DEFAULT_LIMIT, MAX_LIMIT = 1000, 10_000
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"rows per page (1..{MAX_LIMIT})")]
+
+
+def page(request: Request, response: Response, rows: list[dict[str, Any]], limit: int, cursor: str,
+         key: str) -> list[dict[str, Any]]:
+    """The first ``limit`` of ``rows`` (read with ``limit + 1``). When there was one more, ``response`` gets an
+    RFC 8288 ``Link: <URL>; rel="next"`` header (GitHub's convention): this request's path and query, so the same
+    filters and limit, with ``cursor`` set to the last row's ``key``. No header on the last page."""
+    if len(rows) <= limit:
+        return rows
+    rows = rows[:limit]
+    url = request.url.include_query_params(limit=limit, **{cursor: rows[-1][key]})
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+    return rows
 
 
 async def read_json(request: Request) -> Any:
@@ -100,9 +119,14 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     # ---- devices -----------------------------------------------------------------------------------------
     @app.get("/api/v1/devices")
-    async def list_devices(_: Viewer, tag: str | None = None) -> Any:
-        t = tuple(tag.split("=", 1)) if tag and "=" in tag else None
-        return await run_in_threadpool(devices.list_devices, store, t)  # type: ignore[arg-type]
+    async def list_devices(request: Request, response: Response, _: Viewer, tag: str | None = None,
+                           limit: Limit = DEFAULT_LIMIT, after: str | None = None) -> Any:
+        """Enrolled devices in device id order, ``limit`` per page; ``after`` is the last device id of the
+        previous page (exclusive). ``tag=key=value`` keeps the devices with that tag (422 when it is not
+        key=value). ``Link: <...>; rel="next"`` gives the next page while there is one."""
+        t = devices.parse_tag(tag) if tag is not None else None
+        rows = await run_in_threadpool(lambda: devices.list_devices(store, t, limit=limit + 1, after=after))
+        return page(request, response, rows, limit, "after", "device_id")
 
     @app.get("/api/v1/devices/{device_id}")
     async def get_device(device_id: str, _: Viewer) -> Any:
@@ -138,11 +162,12 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     # ---- models ------------------------------------------------------------------------------------------
     @app.get("/api/v1/models")
-    async def list_models(_: Viewer) -> Any:
-        def show_all() -> list[Any]:
-            return [registry.show(store, r["name"]) for r in store.query("SELECT name FROM models ORDER BY name")]
-
-        return await run_in_threadpool(show_all)
+    async def list_models(request: Request, response: Response, _: Viewer, limit: Limit = DEFAULT_LIMIT,
+                          after: str | None = None) -> Any:
+        """Models (each as ``/api/v1/models/{name}``) in name order, ``limit`` per page; ``after`` is the last
+        name of the previous page (exclusive). ``Link: <...>; rel="next"`` gives the next page while there is one."""
+        rows = await run_in_threadpool(lambda: registry.list_models(store, limit=limit + 1, after=after))
+        return page(request, response, rows, limit, "after", "name")
 
     @app.get("/api/v1/models/{name}")
     async def show_model(name: str, _: Viewer) -> Any:

@@ -99,11 +99,33 @@ def get(store: Store, device_id: str) -> dict[str, Any]:
     return _doc(r)
 
 
-def list_devices(store: Store, tag: tuple[str, str] | None = None) -> list[dict[str, Any]]:
-    docs = [_doc(r) for r in store.query("SELECT * FROM devices ORDER BY device_id")]
+def parse_tag(text: str) -> tuple[str, str]:
+    """A ``key=value`` tag filter as (key, value); the value may hold ``=``. Raises RequestError naming the filter."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise RequestError(f"tag filter {text!r} must be key=value, e.g. tag=site=north")
+    return key, value
+
+
+def list_devices(store: Store, tag: tuple[str, str] | None = None, *, limit: int | None = None,
+                 after: str | None = None) -> list[dict[str, Any]]:
+    """Devices in device id order: those whose tag ``tag[0]`` is ``tag[1]`` when given, past the device id
+    ``after`` (exclusive), at most ``limit`` of them (all when None). The tag and the cursor are matched in SQL."""
+    where: list[str] = []
+    args: list[Any] = []
+    if after is not None:
+        where.append("device_id > ?")
+        args.append(after)
     if tag is not None:
-        docs = [d for d in docs if d["tags"].get(tag[0]) == tag[1]]
-    return docs
+        # json_each rather than json_extract: a JSON path cannot quote a key holding '"' (SQLite has no escape in
+        # path labels) and would read '.' or '[' in a key as path syntax; here key and value are plain bound text.
+        where.append("EXISTS (SELECT 1 FROM json_each(devices.tags) WHERE key = ? AND type = 'text' AND value = ?)")
+        args.extend(tag)
+    sql = "SELECT * FROM devices" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY device_id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return [_doc(r) for r in store.query(sql, tuple(args))]
 
 
 def set_tags(store: Store, device_id: str, tags: dict[str, str]) -> dict[str, Any]:

@@ -73,19 +73,48 @@ def version_row(store: Store, name: str, version: str) -> Any:
     return row
 
 
+# the lineage is read out of the manifest by SQLite: the rest of the signed manifest is not decoded per version
+_VERSION_COLUMNS = ("name, version, target, sha256, length, published,"
+                    " json_extract(manifest, '$.lineage') AS lineage")
+
+
 def show(store: Store, name: str) -> dict[str, Any]:
+    """One model: owner, on-call route, retraining cadence, alert rules and its versions. Raises NotFoundError."""
     m = store.one("SELECT * FROM models WHERE name = ?", (name,))
     if m is None:
         known = [r["name"] for r in store.query("SELECT name FROM models ORDER BY name")]
         raise NotFoundError(f"unknown model {name!r}; known: {', '.join(known) or 'none'}")
-    versions = [
-        {"version": r["version"], "target": r["target"], "sha256": r["sha256"], "length": r["length"],
-         "published": r["published"], "lineage": json.loads(r["manifest"]).get("lineage", {})}
-        for r in store.query("SELECT * FROM model_versions WHERE name = ? ORDER BY published", (name,))
-    ]
+    return _model_doc(m, [_version_doc(r) for r in store.query(
+        f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE name = ? ORDER BY published", (name,))])
+
+
+def list_models(store: Store, *, limit: int | None = None, after: str | None = None) -> list[dict[str, Any]]:
+    """Models as ``show`` gives them, in name order, past the name ``after`` (exclusive), at most ``limit`` (all
+    when None). Two queries for the whole page, not two per model."""
+    sql = "SELECT * FROM models" + (" WHERE name > ?" if after is not None else "") + " ORDER BY name"
+    args: tuple[Any, ...] = () if after is None else (after,)
+    if limit is not None:
+        sql, args = sql + " LIMIT ?", (*args, limit)
+    models = store.query(sql, args)
+    if not models:
+        return []
+    versions: dict[str, list[dict[str, Any]]] = {}
+    # the page is a contiguous run of names: its versions are one range of the (name, version) key
+    for r in store.query(f"SELECT {_VERSION_COLUMNS} FROM model_versions WHERE name BETWEEN ? AND ?"
+                         " ORDER BY name, published", (models[0]["name"], models[-1]["name"])):
+        versions.setdefault(r["name"], []).append(_version_doc(r))
+    return [_model_doc(m, versions.get(m["name"], [])) for m in models]
+
+
+def _version_doc(r: Any) -> dict[str, Any]:
+    return {"version": r["version"], "target": r["target"], "sha256": r["sha256"], "length": r["length"],
+            "published": r["published"], "lineage": json.loads(r["lineage"]) if r["lineage"] else {}}
+
+
+def _model_doc(m: Any, versions: list[dict[str, Any]]) -> dict[str, Any]:
     due = (m["last_retrained"] + m["retrain_every_s"]) if m["retrain_every_s"] and m["last_retrained"] else None
     return {
-        "name": name, "owner": m["owner"], "oncall": m["oncall"], "retrain_every_s": m["retrain_every_s"],
+        "name": m["name"], "owner": m["owner"], "oncall": m["oncall"], "retrain_every_s": m["retrain_every_s"],
         "last_retrained": m["last_retrained"], "retrain_due": due,
         "retrain_overdue": bool(due is not None and due < time.time()), "retrain_hook": m["retrain_hook"],
         "retrain_on_drift": bool(m["retrain_on_drift"]), "alert_rules": json.loads(m["alert_rules"]),
@@ -124,4 +153,4 @@ def profile_of(store: Store, name: str, version: str) -> tuple[dict[str, Any], d
     return json.loads(row["profile"]), json.loads(row["calibration"])
 
 
-__all__ = ["ContractError", "parse_range", "profile_of", "publish", "show", "version_row"]
+__all__ = ["ContractError", "list_models", "parse_range", "profile_of", "publish", "show", "version_row"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..app import Operator, Viewer, read_json
+from ..app import DEFAULT_LIMIT, Limit, Operator, Viewer, page, read_json
 from ..bodies import body_object, floats, integer, integers, number, string, strings
 from ..errors import RequestError
 from . import service
@@ -24,8 +24,14 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
     # Routes that only read or write the store are plain functions (FastAPI runs them in its thread pool), and
     # those that await the body hand the store work to the pool: SQLite must not stall the event loop.
     @app.get("/api/v1/rollouts")
-    def list_rollouts(_: Viewer) -> Any:
-        return service.list_rollouts(store)
+    def list_rollouts(request: Request, response: Response, _: Viewer, limit: Limit = DEFAULT_LIMIT,
+                      before: str | None = None) -> Any:
+        """Rollouts and rollbacks newest first, ``limit`` per page. The list runs backwards in time, so its
+        cursor is ``before`` (as ``/api/v1/quarantine``): the id of the last, oldest rollout of the previous page
+        (exclusive; 422 when it is not a rollout id). ``Link: <...>; rel="next"`` gives the next, older page
+        while there is one."""
+        return page(request, response, service.list_rollouts(store, limit=limit + 1, before=before), limit,
+                    "before", "id")
 
     @app.get("/api/v1/rollouts/{rid}")
     def rollout_status(rid: str, _: Viewer) -> Any:

@@ -99,10 +99,23 @@ def status(store: Store, rollout_id: str) -> dict[str, Any]:
     }
 
 
-def list_rollouts(store: Store) -> list[dict[str, Any]]:
+def list_rollouts(store: Store, *, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
+    """Rollouts and rollbacks newest first (by creation, then id), those after the rollout ``before`` in that
+    order (exclusive: older than it), at most ``limit`` (all when None). Raises RequestError when ``before`` is not
+    a rollout id."""
+    where = ""
+    args: tuple[Any, ...] = ()
+    if before is not None:
+        cursor = store.one("SELECT created FROM rollouts WHERE id = ?", (before,))
+        if cursor is None:
+            raise RequestError(f"before={before!r} is not a rollout id; pass the id of the last rollout of a page")
+        where, args = " WHERE (created, id) < (?, ?)", (cursor["created"], before)
+    sql = ("SELECT id, kind, model, version, state, stage, stages, created FROM rollouts" + where
+           + " ORDER BY created DESC, id DESC" + (" LIMIT ?" if limit is not None else ""))
+    # named columns: ``targeted`` (every moved device) is not read for a list
     return [{"id": r["id"], "kind": r["kind"], "model": r["model"], "version": r["version"], "state": r["state"],
              "stage": r["stage"] + 1, "stages": json.loads(r["stages"]), "created": r["created"]}
-            for r in store.query("SELECT * FROM rollouts ORDER BY created DESC")]
+            for r in store.query(sql, args if limit is None else (*args, limit))]
 
 
 def _reported(store: Store) -> dict[str, dict[str, Any]]:

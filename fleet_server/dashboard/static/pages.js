@@ -78,6 +78,8 @@ export async function overviewPage() {
 }
 
 export async function modelsPage() {
+  // One page: a fleet has a handful of models, far under the list's default page of 1000 (rollouts.js, whose
+  // history does grow past a page, follows the Link header instead).
   const models = await api("/api/v1/models");
   const days = (s) => (s ? `${Math.round(s / 86400)} d` : "–");
   return h("div", {}, heading("Models"), simpleTable(["model", "owner", "on-call route", "retrain every",

@@ -3,7 +3,7 @@
 "use strict";
 
 import { fmt, h } from "./charts.js";
-import { actionButton, api, badge, heading, link, refresh, session, simpleTable, when } from "./core.js";
+import { actionButton, api, ApiError, badge, heading, link, refresh, session, simpleTable, when } from "./core.js";
 
 const TERMINAL = ["completed", "aborted", "rolled_back", "failed"];
 
@@ -13,8 +13,34 @@ function stateBadge(state) {
   return badge(state.replace("_", " "), kind);
 }
 
+// The URL of an RFC 8288 `Link` header's rel="next" target, or null on the last page.
+function nextLink(header) {
+  const m = /<([^>]*)>\s*;\s*rel="?next"?/.exec(header || "");
+  return m ? m[1] : null;
+}
+
+// Every row of a paged list route, following its Link rel="next" pages (as api(), which gives the body only).
+// Rollouts accumulate: their history outgrows one page (1000 by default), and this page lists all of it.
+async function apiAll(path) {
+  let rows = [];
+  for (let url = path; url; ) {
+    const headers = { Accept: "application/json" };
+    if (session.token) headers.Authorization = `Bearer ${session.token}`;
+    const res = await fetch(url, { headers });
+    let doc = null;
+    try { doc = await res.json(); } catch { doc = null; }
+    if (!res.ok) {
+      const detail = doc && (doc.detail || doc.error);
+      throw new ApiError(res.status, doc && doc.error, typeof detail === "string" ? detail : `HTTP ${res.status}`);
+    }
+    rows = rows.concat(doc);
+    url = nextLink(res.headers.get("Link"));
+  }
+  return rows;
+}
+
 export async function rolloutsPage() {
-  const list = await api("/api/v1/rollouts");
+  const list = await apiAll("/api/v1/rollouts");
   return h("div", {}, heading("Rollouts"), list.length
     ? simpleTable(["rollout", "kind", "model", "version", "state", "stage", "created"], list.map((r) => [
       link(`#/rollouts/${encodeURIComponent(r.id)}`, r.id), r.kind, r.model, r.version, stateBadge(r.state),
