@@ -178,7 +178,9 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         """Package download for devices (packages are signed: integrity does not depend on this channel).
         Supports a single Range for resumable downloads over poor links."""
         row = await run_in_threadpool(registry.version_row, store, name, version)
-        path, length = Path(row["path"]), int(row["length"])
+        # The file in this data folder's packages/ by the name it was published under: the stored absolute path
+        # is where the folder was then, and a restored backup (or a moved folder) lives elsewhere.
+        path, length = settings.packages_dir / Path(row["path"]).name, int(row["length"])
         try:
             span = registry.parse_range(range, length)
         except RequestError as exc:

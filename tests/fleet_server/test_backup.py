@@ -93,3 +93,25 @@ def test_a_backup_never_overwrites_and_leaves_nothing_half_made(data: Path, tmp_
     with pytest.raises(ConfigError, match="is missing from the data folder"):
         backup(ServerSettings(data_dir=data), tmp_path / "b4")
     assert not (tmp_path / "b4").exists() and not (tmp_path / "b4.partial").exists()
+
+
+def test_a_server_restored_from_a_backup_serves_the_packages_after_the_original_folder_is_gone(
+        data: Path, tmp_path: Path, built: Any) -> None:
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+
+    backup(ServerSettings(data_dir=data), tmp_path / "restored")
+    shutil.rmtree(data)  # the old machine is gone
+    settings = ServerSettings(data_dir=tmp_path / "restored")
+    store = Store(settings.db_path)
+    try:
+        with TestClient(create_app(settings, store)) as client:
+            r = client.get("/packages/clinical/1.0.0")
+            assert r.status_code == 200 and r.content == built.package.read_bytes()
+            r = client.get("/packages/clinical/1.0.0", headers={"Range": "bytes=10-19"})
+            assert r.status_code == 206 and r.content == built.package.read_bytes()[10:20]
+    finally:
+        store.close()
