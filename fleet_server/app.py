@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -181,6 +182,16 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         # The file in this data folder's packages/ by the name it was published under: the stored absolute path
         # is where the folder was then, and a restored backup (or a moved folder) lives elsewhere.
         path, length = settings.packages_dir / Path(row["path"]).name, int(row["length"])
+        try:
+            size = await run_in_threadpool(lambda: path.stat().st_size)
+        except OSError:
+            size = -1
+        if size != length:  # lost or changed on disk: say so, instead of failing half-way through a response
+            logging.getLogger("edgefleet.server").error("package %s %s: %s is missing or not %d bytes", name,
+                                                        version, path, length)
+            return JSONResponse({"error": "package_unavailable", "detail": f"{name} {version} is published but its "
+                                 f"file is missing or damaged on the server ({path.name}); the operator must "
+                                 "publish it again"}, status_code=503, headers={"Retry-After": "300"})
         try:
             span = registry.parse_range(range, length)
         except RequestError as exc:

@@ -115,3 +115,21 @@ def test_a_server_restored_from_a_backup_serves_the_packages_after_the_original_
             assert r.status_code == 206 and r.content == built.package.read_bytes()[10:20]
     finally:
         store.close()
+
+
+def test_a_package_file_lost_from_the_data_folder_is_a_clear_503_not_a_broken_download(data: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+
+    settings = ServerSettings(data_dir=data)
+    for p in settings.packages_dir.iterdir():
+        p.unlink()
+    store = Store(settings.db_path)
+    try:
+        with TestClient(create_app(settings, store)) as client:
+            r = client.get("/packages/clinical/1.0.0")
+            assert r.status_code == 503 and r.json()["error"] == "package_unavailable", r.text
+            assert "publish it again" in r.json()["detail"] and r.headers["Retry-After"] == "300"
+    finally:
+        store.close()
