@@ -121,6 +121,7 @@ def shard_main(cfg_path: Path, index: int) -> int:
                             operator_token=c["token"], root_pub=Path(c["root_pub"]), fleet_pub=Path(c["fleet_pub"]),
                             devices=n, first_package=Path(c["package"]), prefix=f"s{index}",
                             window_count=1_000_000, window_seconds=c["window_seconds"], min_window_samples=1,
+                            allow_small_windows=True,  # synthetic rows; k = 1 keeps every window's summary
                             heartbeat_seconds=60.0, probation_seconds=5.0, probation_predictions=5,
                             report_check_seconds=c["report_check_seconds"]))
     with np.load(c["rows"]) as z:

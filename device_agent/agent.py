@@ -38,8 +38,19 @@ from edgefleet_contracts.targets import Target
 from edgefleet_contracts.timeutil import fmt, utcnow
 
 from .agent_paths import OtherPaths
-from .config import DeviceConfig, DeviceDir
-from .errors import AgentError, FeedbackError, InferenceError, InputError, NoModelError
+from .config import MIN_WINDOW_SAMPLES_FLOOR, DeviceConfig, DeviceDir
+from .errors import (
+    AgentError,
+    FeedbackError,
+    FeedbackUnavailableError,
+    InferenceError,
+    InputError,
+    LabelWriteError,
+    MalformedPredictionIdError,
+    NoModelError,
+    UnknownClassError,
+    UnknownPredictionError,
+)
 from .hotpath import HotModel, Prediction, VersionStats
 from .model import LoadedModel, load_model
 from .predlog import PredictionLog
@@ -49,7 +60,6 @@ from .window import Window
 
 log = logging.getLogger("edgefleet.agent")
 _INDEX = re.compile(r"-?[0-9]{1,18}")  # a label given as a class index (ASCII digits: int() takes others too)
-SMALL_K = 10  # below this k, opening a device warns: the summaries' exact sums come close to the raw inputs
 
 __all__ = ["Agent", "FeedbackError", "NoModelError", "Prediction", "VersionStats"]
 
@@ -118,18 +128,21 @@ class Agent(OtherPaths):
     def open(cls, device_dir: Path, *, background: bool = True) -> Agent:
         """Open a provisioned device folder: config, target, key, active slot, outbox, prediction log.
 
-        Raises ConfigError when the folder is not provisioned; a device with no model yet opens and raises
-        NoModelError on predict.
+        Raises ConfigError when the folder is not provisioned or config.toml is invalid, including a
+        ``min_window_samples`` below the privacy floor (10) without ``allow_small_windows``; a device with no
+        model yet opens and raises NoModelError on predict. A device whose config waives the floor opens with a
+        warning.
         """
         from .outbox import Outbox
         from .updater import Updater, load_device_target
 
         d = DeviceDir(Path(device_dir))
         cfg = d.load_config()
-        if cfg.min_window_samples < SMALL_K:
-            log.warning("min_window_samples is %d: a summary of so few predictions gives away the inputs through its "
-                        "exact sums (noise covers the histogram counts only); keep it at %d or more on a device that "
-                        "serves people", cfg.min_window_samples, SMALL_K * 2)
+        if cfg.min_window_samples < MIN_WINDOW_SAMPLES_FLOOR:  # only reachable with allow_small_windows = true
+            log.warning("min_window_samples is %d, below the privacy floor of %d (allow_small_windows = true in %s): "
+                        "a summary of so few predictions gives its inputs away through its exact sums (noise covers "
+                        "the histogram counts only); waive the floor only for tests, benchmarks and simulations",
+                        cfg.min_window_samples, MIN_WINDOW_SAMPLES_FLOOR, d.config_file)
         target = load_device_target(d.target_file)
         updater = Updater(d)
         updater.recover()
@@ -310,30 +323,45 @@ class Agent(OtherPaths):
 
     # ---- feedback --------------------------------------------------------------------------------------
     def feedback(self, prediction_id: str, label: int | str) -> None:
-        """Record ground truth for a logged prediction. Raises FeedbackError for unknown ids or classes."""
+        """Record ground truth for a logged prediction. When this returns, the label is on disk (fsynced) and
+        counted in the window; when it raises, nothing is recorded or counted.
+
+        Raises a FeedbackError subclass for a label that cannot be taken: MalformedPredictionIdError (not an id
+        a prediction returns), UnknownPredictionError (never made here, or rotated out of the log),
+        UnknownClassError (a class name or index the model does not have), AlreadyLabelledError (labelled
+        before, in this run or an earlier one). Each is counted in ``rejected`` under its ``reason`` (not in the
+        window: its errors are the model's requests); the two id errors also in ``feedback_unmatched``. Raises
+        FeedbackUnavailableError without a model or prediction log, and LabelWriteError (counted; not a
+        FeedbackError) when the label cannot be made durable: the same label can be sent again later.
+        """
         m = self._model
         if m is None or self.log is None:
-            raise FeedbackError("feedback needs an installed model and the prediction log")
+            raise FeedbackUnavailableError("feedback needs an installed model and the prediction log; install a "
+                                           "model with `device-agent install`, then send the label again")
         with self._lock:
             self._flush_locked()  # a prediction still in the staging rows is not in the log yet
         try:
-            found = self.log.lookup(prediction_id)
-        except FeedbackError:  # a malformed id
-            self.counters.feedback_unmatched += 1
+            found = self.log.lookup(prediction_id)  # MalformedPredictionIdError before any file is read
+            if found is None:
+                raise UnknownPredictionError(f"unknown prediction id {prediction_id!r}: never made on this device, "
+                                             "or rotated out of its prediction log")
+            model, version, predicted = found
+            if isinstance(label, str) and not _INDEX.fullmatch(label):
+                if label not in m.classes:
+                    raise UnknownClassError(f"unknown class {label!r}; classes: {list(m.classes)}")
+                true = m.classes.index(label)
+            else:
+                true = int(label)
+                if not 0 <= true < len(m.classes):
+                    raise UnknownClassError(f"class index {true} is outside 0..{len(m.classes) - 1}; classes: "
+                                            f"{list(m.classes)}")
+            self.log.set_label(prediction_id, true)  # fsynced; AlreadyLabelledError, LabelWriteError
+        except (FeedbackError, LabelWriteError) as exc:
+            with self._lock:
+                if isinstance(exc, MalformedPredictionIdError | UnknownPredictionError):
+                    self.counters.feedback_unmatched += 1
+                self.counters.rejected[exc.reason] = self.counters.rejected.get(exc.reason, 0) + 1
             raise
-        if found is None:
-            self.counters.feedback_unmatched += 1
-            raise FeedbackError(f"unknown prediction id {prediction_id!r} (never made, or rotated out of the log)")
-        model, version, predicted = found
-        if isinstance(label, str) and not _INDEX.fullmatch(label):
-            if label not in m.classes:
-                raise FeedbackError(f"unknown class {label!r}; classes: {list(m.classes)}")
-            true = m.classes.index(label)
-        else:
-            true = int(label)
-            if not 0 <= true < len(m.classes):
-                raise FeedbackError(f"class index {true} is outside 0..{len(m.classes) - 1}")
-        self.log.set_label(prediction_id, true)
         with self._lock:
             self.counters.feedback += 1
             if (model, version) == (m.name, m.version) and self._window is not None:

@@ -38,6 +38,12 @@ class ConfigError(AgentError):
     reason = "config"
 
 
+# The privacy floor on k (``min_window_samples``). Noise (``dp_epsilon``) covers a summary's histogram counts only;
+# its per-feature sums and sums of squares are exact, so a summary of very few predictions gives their inputs away
+# (with k = 1 the sum IS the input). Below this floor a config is refused unless ``allow_small_windows`` waives it.
+MIN_WINDOW_SAMPLES_FLOOR = 10
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     device_id: str
@@ -51,7 +57,10 @@ class DeviceConfig:
     tags: dict[str, str] = field(default_factory=dict)
     window_seconds: float = 300.0  # a window closes after this long ...
     window_count: int = 1000  # ... or after this many predictions, whichever comes first
-    min_window_samples: int = 20  # k: smaller windows are merged forward, never sent alone
+    min_window_samples: int = 20  # k: smaller windows are merged forward, never sent alone (>= 10 enforced)
+    # True waives the k >= 10 privacy floor (tests, benchmarks, simulations on synthetic data only). It is
+    # written to config.toml so an operator can see that a device runs with the floor waived.
+    allow_small_windows: bool = False
     dp_epsilon: float = 0.0  # > 0 adds Laplace noise to counts with this epsilon per window
     image_stats_every: int = 4  # derived image statistics on 1 image in N (they cost ~5 µs each)
     outbox_max_rows: int = 10_000
@@ -87,8 +96,17 @@ class DeviceConfig:
         for name in ("window_count", "outbox_max_rows", "prediction_log_max_rows", "image_stats_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not isinstance(self.allow_small_windows, bool):
+            raise ConfigError(f"allow_small_windows must be true or false, not {self.allow_small_windows!r}")
         if self.min_window_samples < 1:
             raise ConfigError("min_window_samples must be at least 1")
+        if self.min_window_samples < MIN_WINDOW_SAMPLES_FLOOR and not self.allow_small_windows:
+            raise ConfigError(
+                f"min_window_samples is {self.min_window_samples}, below the privacy floor of "
+                f"{MIN_WINDOW_SAMPLES_FLOOR}: a summary of so few predictions gives their inputs away through its "
+                f"exact per-feature sums (dp_epsilon noise covers the histogram counts only). Set "
+                f"min_window_samples = {MIN_WINDOW_SAMPLES_FLOOR} or more (20 is the default); only a test, "
+                f"benchmark or simulation on synthetic data may set allow_small_windows = true to waive the floor")
         if self.dp_epsilon < 0:
             raise ConfigError("dp_epsilon must be 0 (off) or positive")
         if not 0 < self.http_port < 65536:
@@ -96,13 +114,17 @@ class DeviceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> DeviceConfig:
+        """Build from a parsed config.toml; a key it lacks takes its default (older files load).
+
+        Raises ConfigError, prefixed with ``source``, for an unknown key or an invalid value.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
         try:
             return cls(**d)
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_toml(self) -> str:

@@ -11,6 +11,14 @@ Bad input is a 4xx whose body names the problem (``error`` kind, ``detail``, ``f
 the window and the ``rejected`` counters and never stops the service. Bodies over ``max_body_bytes`` are refused
 with 413 before parsing: by ``Content-Length`` when sent, else while the body streams in (chunked uploads), so an
 oversized body is never buffered whole. JSON nested too deeply for the parser is a 400, not a crash.
+
+Feedback answers (``error`` is the exception's stable ``reason``; table ``_FEEDBACK_STATUS``): 200 ``{"ok": true}``
+only once the label is fsynced; 400 ``invalid_feedback`` (body not {"prediction_id", "label"}); 404
+``unknown_prediction`` (a well-formed id this device does not hold: never made here, or rotated out); 409
+``already_labelled`` (the first label stands; counted once); 422 ``malformed_prediction_id`` (not an id a
+prediction returns: a client bug), ``unknown_class``, ``invalid_feedback``; 503 ``feedback_unavailable`` (no model
+installed) or ``label_not_saved`` (the disk refused it). 4xx: do not send the label again; 503: send it again later.
+Every refusal is counted in ``rejected`` by its reason.
 """
 
 from __future__ import annotations
@@ -29,13 +37,38 @@ from starlette.requests import ClientDisconnect
 
 from .agent import Agent, FeedbackError, NoModelError
 from .batch import KVStore
-from .errors import AgentError, InferenceError, InputError
+from .errors import (
+    AgentError,
+    AlreadyLabelledError,
+    FeedbackUnavailableError,
+    InferenceError,
+    InputError,
+    LabelWriteError,
+    MalformedPredictionIdError,
+    UnknownClassError,
+    UnknownPredictionError,
+)
 
 MAX_BODY_BYTES = 25 * 1024 * 1024
 MAX_INSTANCES = 1024
 # A class index sent as a string: ASCII digits only (str.isdigit also takes "²", which int() refuses), and short
 # enough for int() (Python refuses over 4300 digits) — any longer is out of range for every model anyway.
 _INDEX = re.compile(r"-?[0-9]{1,18}")
+# Why a label was refused, as a status a client can act on: 4xx drop the label, 503 send it again later. Looked up
+# along the exception's class hierarchy, so a new FeedbackError subclass without a row of its own is a 422.
+_FEEDBACK_STATUS: dict[type[AgentError], int] = {
+    UnknownPredictionError: 404,
+    AlreadyLabelledError: 409,
+    MalformedPredictionIdError: 422,
+    UnknownClassError: 422,
+    FeedbackError: 422,
+    FeedbackUnavailableError: 503,
+    LabelWriteError: 503,
+}
+
+
+def _feedback_status(exc: AgentError) -> int:
+    return next(_FEEDBACK_STATUS[t] for t in type(exc).__mro__ if t in _FEEDBACK_STATUS)
 
 
 class _TooLarge(Exception):
@@ -170,9 +203,9 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
             return _error(422, "invalid_feedback", f"label {label!r} is neither a class name nor a class index "
                           "(a class index is an integer written in ASCII digits)")
         try:
-            agent.feedback(pid, label)
-        except FeedbackError as exc:
-            return _error(404 if "unknown prediction" in str(exc) else 422, exc.reason, str(exc))
+            agent.feedback(pid, label)  # counts its refusals in `rejected` by reason
+        except (FeedbackError, LabelWriteError) as exc:
+            return _error(_feedback_status(exc), exc.reason, str(exc))
         return JSONResponse({"ok": True})
 
     @app.get("/v1/status")

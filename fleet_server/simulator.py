@@ -41,7 +41,8 @@ class SimConfig:
     first_package: Path | None = None
     window_count: int = 50
     window_seconds: float = 3600.0
-    min_window_samples: int = 10
+    min_window_samples: int = 10  # below 10 (the device's privacy floor) needs allow_small_windows as well
+    allow_small_windows: bool = False  # written to each device's config.toml (synthetic data only)
     heartbeat_seconds: float = 5.0
     probation_seconds: float = 5.0
     probation_predictions: int = 30
@@ -100,7 +101,8 @@ class Fleet:
             if c.inference_threads is not None:
                 _set_target_threads(dd.target_file, c.inference_threads)
             cfg = replace(dd.load_config(), window_count=c.window_count, window_seconds=c.window_seconds,
-                          min_window_samples=c.min_window_samples, heartbeat_seconds=c.heartbeat_seconds,
+                          min_window_samples=c.min_window_samples, allow_small_windows=c.allow_small_windows,
+                          heartbeat_seconds=c.heartbeat_seconds,
                           probation_seconds=c.probation_seconds, probation_predictions=c.probation_predictions)
             if c.outbox_max_rows is not None:
                 cfg = replace(cfg, outbox_max_rows=c.outbox_max_rows)

@@ -79,7 +79,7 @@ def agent(built: Any, tmp_path: Path) -> Iterator[Agent]:
     """An agent serving the session's clinical package (k = 1: every window is summarised; no ticker thread)."""
     target = get_target("x86_64-avx2")
     model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), target)
-    cfg = DeviceConfig(device_id="dev-1", target=target.name, min_window_samples=1)
+    cfg = DeviceConfig(device_id="dev-1", target=target.name, min_window_samples=1, allow_small_windows=True)
     a = Agent(cfg, target, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
     yield a
     a.close()

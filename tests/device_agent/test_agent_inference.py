@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from device_agent.agent import Agent, FeedbackError
+from device_agent.agent import Agent
 from device_agent.config import DeviceConfig
-from device_agent.errors import InputError
+from device_agent.errors import AlreadyLabelledError, InputError, MalformedPredictionIdError, UnknownClassError
 from device_agent.model import load_model
 from device_agent.predlog import PredictionLog
 from device_agent.runtime import open_runtime
@@ -32,7 +32,8 @@ def holdout(built):
 
 
 def _agent(model, tmp_path, **cfg) -> Agent:
-    c = DeviceConfig(device_id="dev-1", target=TARGET.name, **{"min_window_samples": 5, **cfg})
+    c = DeviceConfig(device_id="dev-1", target=TARGET.name,
+                     **{"min_window_samples": 5, "allow_small_windows": True, **cfg})
     return Agent(c, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
 
 
@@ -136,13 +137,13 @@ def test_feedback_fills_the_confusion_matrix(clinical, holdout, tmp_path):
     preds = [agent.predict(row) for row in x[:30]]
     for p, label in zip(preds, y[:30], strict=True):
         agent.feedback(p.prediction_id, int(label))
-    with pytest.raises(FeedbackError, match="already has a label"):  # counted once, not twice
+    with pytest.raises(AlreadyLabelledError, match="already has a label"):  # counted once, not twice
         agent.feedback(preds[0].prediction_id, clinical.classes[0])
-    with pytest.raises(FeedbackError, match="unknown prediction id"):
+    with pytest.raises(MalformedPredictionIdError, match="malformed prediction id"):
         agent.feedback("nope", 1)
-    with pytest.raises(FeedbackError, match="unknown prediction id"):
+    with pytest.raises(MalformedPredictionIdError, match="malformed prediction id"):
         agent.feedback("*-5", 1)  # not a glob
-    with pytest.raises(FeedbackError, match="unknown class 'maybe'"):
+    with pytest.raises(UnknownClassError, match="unknown class 'maybe'"):
         agent.feedback(preds[0].prediction_id, "maybe")
     agent.close_window(wait=True)
     s = agent.sink.summaries[0]  # type: ignore[attr-defined]

@@ -22,8 +22,8 @@ TARGET = get_target("x86_64-avx2")
 @pytest.fixture()
 def agent(built, tmp_path):
     model = load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), TARGET)
-    cfg = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, window_count=10**6,
-                       window_seconds=1)
+    cfg = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, allow_small_windows=True,
+                       window_count=10**6, window_seconds=1)
     a = Agent(cfg, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=True)
     yield a
     a.close()
@@ -47,19 +47,3 @@ def test_a_tick_that_raises_is_counted_and_the_ticker_goes_on(agent, built, monk
     assert wait_until(lambda: agent.status()["windows_closed"] > closed, 10), "windows stopped closing by time"
     assert calls["n"] >= 2
 
-
-def test_opening_a_device_with_a_small_k_warns_that_sums_give_inputs_away(built, tmp_path, caplog):
-    from dataclasses import replace
-
-    from tests.device_agent import new_device
-
-    dev = new_device(built, tmp_path / "dev", package=built.package)
-    dev.save_config(replace(dev.load_config(), min_window_samples=2))
-    with caplog.at_level("WARNING", logger="edgefleet.agent"):
-        Agent.open(dev.path, background=False).close()
-    assert any("min_window_samples is 2" in r.getMessage() for r in caplog.records), caplog.text
-    caplog.clear()
-    dev.save_config(replace(dev.load_config(), min_window_samples=20))
-    with caplog.at_level("WARNING", logger="edgefleet.agent"):
-        Agent.open(dev.path, background=False).close()
-    assert not any("min_window_samples" in r.getMessage() for r in caplog.records)

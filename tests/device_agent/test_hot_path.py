@@ -50,8 +50,9 @@ def vision(vision_built, tmp_path):
 
 
 def _agent(model, tmp_path, **cfg) -> Agent:
-    c = DeviceConfig(device_id="dev-1", target=TARGET.name, **{"min_window_samples": 1, "window_count": 10**6,
-                                                                 "window_seconds": 10**6, **cfg})
+    c = DeviceConfig(device_id="dev-1", target=TARGET.name,
+                     **{"min_window_samples": 1, "allow_small_windows": True, "window_count": 10**6,
+                        "window_seconds": 10**6, **cfg})
     return Agent(c, TARGET, model, prediction_log=PredictionLog(tmp_path / "log"), background=False)
 
 
@@ -102,8 +103,8 @@ def test_feedback_and_probation_stats_see_a_prediction_that_is_still_staged(clin
 
 def test_a_model_swap_bins_the_old_models_staged_rows_into_its_own_summary(built, clinical, rows, tmp_path):
     v110 = load_model(extract(packages(built).v110, tmp_path / "slot110", built.keys / "root.pub"), TARGET)
-    c = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, window_count=10**6,
-                     window_seconds=10**6)
+    c = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, allow_small_windows=True,
+                     window_count=10**6, window_seconds=10**6)
     agent = Agent(c, TARGET, clinical, prediction_log=PredictionLog(tmp_path / "log"), background=False,
                   model_loader=lambda: v110)
     for r in rows[:10]:
@@ -335,8 +336,8 @@ def test_threads_racing_model_swaps_lose_no_prediction_from_the_summaries(built,
     window of the version that made it (a contended prediction in flight makes the swap wait for it)."""
     v110 = load_model(extract(packages(built).v110, tmp_path / "slot110", built.keys / "root.pub"), TARGET)
     models = [v110, clinical]
-    c = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, window_count=10**6,
-                     window_seconds=10**6)
+    c = DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, allow_small_windows=True,
+                     window_count=10**6, window_seconds=10**6)
     agent = Agent(c, TARGET, clinical, prediction_log=PredictionLog(tmp_path / "log"), background=False,
                   model_loader=lambda: models[0])
     made: dict[str, int] = {"1.0.0": 0, "1.1.0": 0}

@@ -36,7 +36,8 @@ def test_predict_by_named_features_then_feedback(agent, rows):
     assert body["model"] == "clinical" and body["version"] == "1.0.0" and len(body["probabilities"]) == 2
     ok = client.post("/v1/feedback", json={"prediction_id": body["prediction_id"], "label": int(y[0])})
     assert ok.status_code == 200 and agent.counters.feedback == 1
-    assert client.post("/v1/feedback", json={"prediction_id": "nope", "label": 1}).status_code == 404
+    assert client.post("/v1/feedback", json={"prediction_id": "nope", "label": 1}).status_code == 422  # not an id
+    assert client.post("/v1/feedback", json={"prediction_id": "dev-1.0-999999", "label": 1}).status_code == 404
 
 
 def test_bad_requests_get_clear_errors_and_counters(agent, rows):

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from device_agent.agent import Agent, FeedbackError
+from device_agent.errors import AlreadyLabelledError, MalformedPredictionIdError
 from device_agent.http_api import create_app
 from device_agent.predlog import RECORD, PredictionLog
 from edgefleet_contracts.targets import get_target
@@ -234,11 +235,11 @@ def test_a_second_label_for_a_prediction_is_refused_also_after_a_restart(tmp_pat
     folder = tmp_path / "log"
     log = quiet_log(folder)
     log.set_label("b-1", 1)
-    with pytest.raises(FeedbackError, match="'b-1' already has a label"):
+    with pytest.raises(AlreadyLabelledError, match="'b-1' already has a label"):
         log.set_label("b-1", 0)
     log.close()
     reopened = quiet_log(folder)
-    with pytest.raises(FeedbackError, match="already has a label"):
+    with pytest.raises(AlreadyLabelledError, match="already has a label"):
         reopened.set_label("b-1", 1)
     reopened.close()
     assert (folder / "labels.jsonl").read_text().splitlines() == ['{"id": "b-1", "label": 1}']
@@ -261,12 +262,13 @@ def test_feedback_sent_twice_for_a_prediction_is_counted_once_in_the_confusion_m
     assert s.confusion[p.class_index][p.class_index] == 1 and agent.counters.feedback == 1
 
 
-def test_the_http_api_refuses_a_second_label_with_422(agent, x):
+def test_the_http_api_refuses_a_second_label_with_409(agent, x):
     client = TestClient(create_app(agent))
     pid = client.post("/v1/predict", json={"inputs": x[0].tolist()}).json()["prediction_id"]
     assert client.post("/v1/feedback", json={"prediction_id": pid, "label": 0}).status_code == 200
     again = client.post("/v1/feedback", json={"prediction_id": pid, "label": 0})
-    assert again.status_code == 422 and "already has a label" in again.json()["detail"]
+    assert again.status_code == 409 and "already has a label" in again.json()["detail"]
+    assert again.json()["error"] == "already_labelled"
     assert agent.counters.feedback == 1
 
 
@@ -295,9 +297,9 @@ BAD_IDS = ["/x-1", "*-5", "b-*", "b-[0-9]", "b-?", "../b-1", "b/../b-1", "b-1\n"
 @pytest.mark.parametrize("pid", BAD_IDS)
 def test_a_malformed_prediction_id_is_refused_before_any_file_is_touched(tmp_path, pid):
     log = quiet_log(tmp_path / "log")
-    with pytest.raises(FeedbackError, match="unknown prediction id .*'<boot>-<counter>'"):
+    with pytest.raises(MalformedPredictionIdError, match="malformed prediction id .*'<boot>-<counter>'"):
         log.lookup(pid)
-    with pytest.raises(FeedbackError, match="unknown prediction id"):
+    with pytest.raises(MalformedPredictionIdError, match="malformed prediction id"):
         log.set_label(pid, 1)
     assert not (tmp_path / "log" / "labels.jsonl").exists()
     log.close()
@@ -315,11 +317,11 @@ def test_an_id_names_exactly_one_boot(tmp_path):
     log.close()
 
 
-def test_the_http_api_answers_a_glob_or_path_id_with_404_not_500(agent, x):
+def test_the_http_api_answers_a_glob_or_path_id_with_422_not_500(agent, x):
     client = TestClient(create_app(agent))
     pid = client.post("/v1/predict", json={"inputs": x[0].tolist()}).json()["prediction_id"]
     counter = pid.rpartition("-")[2]
     for bad in ("/x-1", f"*-{counter}", f"{pid[:3]}*-{counter}"):
         r = client.post("/v1/feedback", json={"prediction_id": bad, "label": 0})
-        assert r.status_code == 404 and "unknown prediction id" in r.json()["detail"], (bad, r.text)
+        assert r.status_code == 422 and r.json()["error"] == "malformed_prediction_id", (bad, r.text)
     assert agent.counters.feedback == 0

@@ -213,8 +213,8 @@ def test_adding_noise_leaves_the_held_exact_counts_alone(model: LoadedModel, row
 def test_the_agent_reports_held_windows_and_a_shutdown_on_a_full_disk_counts_them_lost(
         model: LoadedModel, rows: np.ndarray, outbox: Outbox, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
-    agent = Agent(DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1), TARGET, model,
-                  sink=outbox, background=False)
+    agent = Agent(DeviceConfig(device_id="dev-1", target=TARGET.name, min_window_samples=1, allow_small_windows=True),
+                  TARGET, model, sink=outbox, background=False)
     for row in rows[:10]:
         agent.predict(row)
     agent.close_window(wait=True)

@@ -50,7 +50,8 @@ def _fleet(built, tmp_path: Path, server, n: int = 20) -> Fleet:
     f = Fleet(SimConfig(root=tmp_path / "devices", server_url=server.url, broker_url=server.broker.url,
                         operator_token=server.token, root_pub=built.keys / "root.pub",
                         fleet_pub=server.data / "keys" / "fleet.pub", devices=n, first_package=built.package,
-                        window_count=20, min_window_samples=5, probation_seconds=3, probation_predictions=20,
+                        window_count=20, min_window_samples=5, allow_small_windows=True,
+                        probation_seconds=3, probation_predictions=20,
                         # 20 agents in one interpreter: latency is noisy, and the versions are the same model (the
                         # server's gate is widened the same way below); the bad version fails on errors anyway.
                         probation_latency_ratio=4.0))

@@ -48,7 +48,7 @@ class Rig:
                         operator_token=self.server.tokens["operator"], root_pub=self.built.keys / "root.pub",
                         fleet_pub=self.server.data / "keys" / "fleet.pub", devices=n,
                         first_package=self.built.package, fleet=FLEET, prefix=prefix,
-                        **{"min_window_samples": 1, "window_count": 10, **sim})
+                        **{"min_window_samples": 1, "allow_small_windows": True, "window_count": 10, **sim})
         f = Fleet(cfg)
         f.provision()
         self.fleets.append(f)

@@ -79,7 +79,8 @@ def _device(built: Any, folder: Path, **config: Any) -> DeviceDir:
 
 def test_a_clock_stepped_back_inside_a_held_window_does_not_break_later_windows(
         built: Any, tmp_path: Path, clock: Clock) -> None:
-    dev = _device(built, tmp_path, min_window_samples=5, window_count=1_000_000)
+    dev = _device(built, tmp_path, min_window_samples=5, allow_small_windows=True,
+                  window_count=1_000_000)
     with np.load(built.holdout) as z:
         x = np.asarray(z["x"], dtype=np.float32)
     agent = Agent.open(dev.path, background=False)
