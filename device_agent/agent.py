@@ -316,6 +316,12 @@ class Agent(OtherPaths):
             self._window.reject(kind, feature)
         self.counters.rejected[kind] = self.counters.rejected.get(kind, 0) + 1
 
+    def refuse_feedback(self, reason: str) -> None:
+        """Count a feedback request refused before it reached ``feedback`` (a malformed body): in ``rejected``,
+        not in the window, whose errors are the model's requests (the fleet's error rate is computed from them)."""
+        with self._lock:
+            self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
+
     def _flush_locked(self) -> None:
         """Bin the staged rows now (and hand them to the prediction log and the version's ring)."""
         if self._window is not None:

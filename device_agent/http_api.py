@@ -195,11 +195,11 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
             if not isinstance(pid, str) or not isinstance(label, int | str) or isinstance(label, bool):
                 raise TypeError
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            agent._reject("invalid_feedback", None)
+            agent.refuse_feedback("invalid_feedback")
             return _error(400, "invalid_feedback", "body must be {\"prediction_id\": str, \"label\": class or index}")
         if isinstance(label, str) and label.lstrip("-").isdigit() and not _INDEX.fullmatch(label):
             # The agent reads a string of digits as a class index; only plain ASCII ones are (see _INDEX).
-            agent._reject("invalid_feedback", None)
+            agent.refuse_feedback("invalid_feedback")
             return _error(422, "invalid_feedback", f"label {label!r} is neither a class name nor a class index "
                           "(a class index is an integer written in ASCII digits)")
         try:

@@ -100,3 +100,15 @@ def test_a_label_the_disk_refuses_is_a_503_label_not_saved_and_can_be_sent_again
     assert agent.counters.feedback == 0 and agent.counters.rejected == {"label_not_saved": 1}
     assert client.post("/v1/feedback", json=body).status_code == 200  # space again: the same label is taken
     assert agent.counters.feedback == 1
+
+
+def test_a_malformed_feedback_body_is_counted_but_not_as_an_error_of_the_models_requests(agent, x):
+    client = TestClient(create_app(agent))
+    _predict(client, x[0])
+    for body in ({"prediction_id": 5, "label": 0}, {"label": 0}, {"prediction_id": "a-1", "label": "\u0661"}):
+        r = client.post("/v1/feedback", json=body)
+        assert r.status_code in (400, 422) and r.json()["error"] == "invalid_feedback", r.text
+    assert agent.counters.rejected == {"invalid_feedback": 3}
+    agent.close_window(wait=True)
+    s = agent.sink.summaries[0]  # type: ignore[attr-defined]
+    assert s.count == 1 and "invalid_feedback" not in s.errors  # the fleet's error rate is the model's requests
