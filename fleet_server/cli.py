@@ -8,6 +8,7 @@ server is down.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -88,8 +89,47 @@ def _serve(args: argparse.Namespace) -> int:
     host, _, port = (args.http or "127.0.0.1:8480").rpartition(":")
     settings = _settings(args, http_host=host or "127.0.0.1", http_port=int(port), broker=args.broker,
                          embedded_mqtt_port=args.mqtt_port, public_url=args.public_url or "",
-                         drift_interval_seconds=args.drift_interval)
+                         drift_interval_seconds=args.drift_interval, **_storage(args))
     return serve(settings)
+
+
+# The bounded-storage settings (fleet_server/housekeeping.py), as flags of `serve` and `housekeeping`.
+_STORAGE_FLAGS: tuple[tuple[str, type, str, str], ...] = (
+    ("quarantine_max_rows", int, "N", "quarantine rows kept; the oldest are deleted past it"),
+    ("quarantine_max_payload_mb", int, "MIB", "MiB of quarantined payloads kept; past it the oldest rows keep only "
+                                              "their metadata (0 = no payloads)"),
+    ("summary_retention_days", float, "DAYS", "days summaries are kept after receipt (0 = forever, else at least 1)"),
+    ("housekeeping_interval_seconds", float, "SECONDS", "seconds between housekeeping passes"),
+    ("housekeeping_chunk_rows", int, "N", "rows deleted per write transaction"),
+)
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+    for name, kind, metavar, text in _STORAGE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar=metavar,
+                       help=f"{text} (default {defaults[name]:g})")
+
+
+def _storage(args: argparse.Namespace) -> dict[str, Any]:
+    return {f[0]: getattr(args, f[0]) for f in _STORAGE_FLAGS if getattr(args, f[0]) is not None}
+
+
+def _housekeeping(args: argparse.Namespace) -> int:
+    from .housekeeping import HousekeepingService
+
+    s = _settings(args, **_storage(args))
+    store = Store(s.db_path)
+    try:
+        r = HousekeepingService(s, store).run_once()
+    finally:
+        store.close()
+    before = ("kept forever" if r.summaries_cutoff is None else
+              "received before " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.summaries_cutoff)))
+    print(f"housekeeping: evicted {r.quarantine_rows_evicted} quarantine rows and {r.quarantine_payloads_evicted} "
+          f"payloads ({r.quarantine_bytes_freed} bytes); pruned {r.summaries_pruned} summaries ({before}); "
+          f"{r.transactions} transactions")
+    return 0
 
 
 # ---- tokens ------------------------------------------------------------------------------------------------
@@ -304,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-port", type=int, default=1884, help="embedded broker port (0 picks a free port)")
     p.add_argument("--public-url", help="how devices reach this server over HTTP (package downloads)")
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift evaluations")
+    _storage_flags(p)
     p.set_defaults(func=_serve)
+    p = sub.add_parser("housekeeping", help="run one storage housekeeping pass now: quarantine caps, summary "
+                                            "retention (also runs inside `serve`)")
+    _data(p)
+    _storage_flags(p)
+    p.set_defaults(func=_housekeeping)
     p = sub.add_parser("backup", help="copy the data folder (database, keys, packages) while the server runs")
     _data(p)
     p.add_argument("--to", required=True, help="a new folder for the backup (restore: serve with --data on it)")

@@ -17,8 +17,10 @@ log = logging.getLogger("edgefleet.server")
 
 
 def build(settings: ServerSettings) -> tuple[Any, Any]:
-    """The app with ingest and drift attached (their start/stop hooks registered), and its context."""
+    """The app with ingest, drift, rollouts, the dashboard and housekeeping attached (their start/stop hooks
+    registered), and its context."""
     from .dashboard import attach_dashboard
+    from .housekeeping import attach_housekeeping
     from .rollouts.routes import attach_rollouts
     from .routes_drift import attach_drift
     from .routes_ingest import attach_ingest
@@ -29,6 +31,7 @@ def build(settings: ServerSettings) -> tuple[Any, Any]:
     attach_drift(app, ctx)
     attach_rollouts(app, ctx, tick_seconds=settings.rollout_tick_seconds)
     attach_dashboard(app, ctx)
+    attach_housekeeping(app, ctx)
     return app, ctx
 
 
@@ -49,8 +52,9 @@ def serve(settings: ServerSettings) -> int:
     try:
         server.run()
     finally:
-        # The lifespan shutdown has stopped ingest, drift and rollouts; closing every thread's connection
-        # checkpoints the WAL, so a cleanly stopped server leaves one self-contained database file to back up.
+        # The lifespan shutdown has stopped ingest, drift, rollouts and housekeeping; closing every thread's
+        # connection checkpoints the WAL, so a cleanly stopped server leaves one self-contained database file to
+        # back up.
         ctx.store.close()
         if broker is not None:
             broker.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -9,6 +10,12 @@ from urllib.parse import urlparse
 from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError
+
+# The longest window the server reads summaries over by default: alert evaluation (``AlertRules.window_s``) and
+# the drift report's and dashboard's default range (``health.DEFAULT_LOOKBACK_S``), one day each (a test pins
+# this against both). A shorter retention would empty them, so it is refused. Longer windows set at run time (a
+# model's ``window_s``, an active rollout's stage) are protected by the housekeeping pass itself.
+MIN_SUMMARY_RETENTION_DAYS = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,14 @@ class ServerSettings:
     webhook_timeout_seconds: float = 5.0
     webhook_retries: int = 5
     offline_after_seconds: float = 300.0  # the dashboard shows a device offline when not seen for this long
+    # Bounded storage (fleet_server/housekeeping.py; README "Storage and retention"). Quarantine: at most this many
+    # rows (oldest deleted first) and this many MiB of payloads (past it the oldest rows keep their metadata and
+    # lose their payload; 0 keeps no payloads). Summaries: kept this many days after receipt (0 = forever).
+    quarantine_max_rows: int = 100_000
+    quarantine_max_payload_mb: int = 256
+    summary_retention_days: float = 400.0
+    housekeeping_interval_seconds: float = 60.0  # between full passes (quarantine caps are also checked each second)
+    housekeeping_chunk_rows: int = 500  # rows deleted per write transaction (short, so ingest never waits long)
 
     def __post_init__(self) -> None:
         try:
@@ -54,6 +69,30 @@ class ServerSettings:
             raise ConfigError("device_rate_per_minute must be at least 1")
         if self.rate_limited_quarantine_per_minute < 0:
             raise ConfigError("rate_limited_quarantine_per_minute must be 0 or more")
+        self._storage_checks()
+
+    def _storage_checks(self) -> None:
+        """The bounded-storage settings; ConfigError names the setting and its ``serve`` flag."""
+
+        def bad(name: str, what: str) -> ConfigError:
+            flag = "--" + name.replace("_", "-")
+            return ConfigError(f"{name} ({flag}) must be {what}, not {getattr(self, name)!r}")
+
+        for name, lo, hi in (("quarantine_max_rows", 1, 10**9), ("quarantine_max_payload_mb", 0, 10**7),
+                             ("housekeeping_chunk_rows", 1, 10_000)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise bad(name, f"a whole number from {lo:,} to {hi:,}")
+        for name in ("summary_retention_days", "housekeeping_interval_seconds"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise bad(name, "a finite number, 0 or more")
+        if not 0 < self.housekeeping_interval_seconds <= 86400:
+            raise bad("housekeeping_interval_seconds", "more than 0 and at most 86400 (one day)")
+        if 0 < self.summary_retention_days < MIN_SUMMARY_RETENTION_DAYS:
+            raise bad("summary_retention_days",
+                      f"0 (keep forever) or at least {MIN_SUMMARY_RETENTION_DAYS:g} day: alert evaluation and the "
+                      f"drift report read the last {MIN_SUMMARY_RETENTION_DAYS:g} day of summaries by default")
 
     @property
     def db_path(self) -> Path:
@@ -74,6 +113,15 @@ class ServerSettings:
     @property
     def fleet_pub(self) -> Path:
         return self.data_dir / "keys" / "fleet.pub"
+
+    @property
+    def quarantine_max_payload_bytes(self) -> int:
+        return self.quarantine_max_payload_mb * 1024 * 1024
+
+    @property
+    def summary_retention_seconds(self) -> float:
+        """0 when summaries are kept forever."""
+        return self.summary_retention_days * 86400.0
 
     def base_url(self) -> str:
         return self.public_url or f"http://{self.http_host}:{self.http_port}"

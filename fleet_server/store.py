@@ -80,6 +80,26 @@ MIGRATIONS: list[str] = [
                         'last_result', json(COALESCE(json_extract(new.reported, '$.last_result'), 'null'))));
     END;
     """,
+    # 4: bounded quarantine (fleet_server/housekeeping.py). ``quarantine_usage`` holds the quarantine's row count
+    # and payload bytes, kept by triggers in the transaction that changes the table, so the housekeeping pass
+    # reads them in O(1) instead of scanning; every row whose id is below ``payload_floor`` has lost its payload.
+    """
+    CREATE TABLE quarantine_usage (id INTEGER PRIMARY KEY CHECK (id = 0), row_count INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL, payload_floor INTEGER NOT NULL);
+    INSERT INTO quarantine_usage SELECT 0, COUNT(*), COALESCE(SUM(length(payload)), 0), 0 FROM quarantine;
+    CREATE TRIGGER quarantine_usage_insert AFTER INSERT ON quarantine BEGIN
+        UPDATE quarantine_usage SET row_count = row_count + 1,
+            payload_bytes = payload_bytes + COALESCE(length(new.payload), 0) WHERE id = 0;
+    END;
+    CREATE TRIGGER quarantine_usage_delete AFTER DELETE ON quarantine BEGIN
+        UPDATE quarantine_usage SET row_count = row_count - 1,
+            payload_bytes = payload_bytes - COALESCE(length(old.payload), 0) WHERE id = 0;
+    END;
+    CREATE TRIGGER quarantine_usage_payload AFTER UPDATE OF payload ON quarantine BEGIN
+        UPDATE quarantine_usage SET payload_bytes = payload_bytes + COALESCE(length(new.payload), 0)
+            - COALESCE(length(old.payload), 0) WHERE id = 0;
+    END;
+    """,
 ]
 
 
