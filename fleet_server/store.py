@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,11 @@ class Store:
             self._open = weakref.WeakSet()
             self._generation += 1
         self._local.conn = None
+        if conns:
+            # Fold the WAL into the database file and empty it now, even if some other connection (a process
+            # that has not exited yet) keeps the -wal file from being removed: the database file alone is whole.
+            with suppress(sqlite3.Error):
+                conns[0].execute("PRAGMA wal_checkpoint(TRUNCATE)")
         for c in conns:
             try:
                 c.close()

@@ -129,12 +129,15 @@ def _worker_main(conn: Any, settings: ServerSettings, parent: int) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
     conn.send("ready")
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        work, over_rate = msg
-        conn.send(validator.check_batch(work, over_rate))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg is None:
+                return
+            work, over_rate = msg
+            conn.send(validator.check_batch(work, over_rate))
+    finally:
+        validator.store.close()  # its read connection, before the server closes its own (which checkpoints)

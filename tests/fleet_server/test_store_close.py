@@ -52,7 +52,8 @@ def test_a_server_stopped_with_sigterm_leaves_one_self_contained_database(tmp_pa
         assert proc is not None
         server.stop()
         assert proc.returncode == 0, server.log.read_text()[-2000:]
-        assert not (server.data / "fleet.sqlite-wal").exists(), server.log.read_text()[-2000:]
+        wal = server.data / "fleet.sqlite-wal"  # removed, or at least emptied into the database file
+        assert not wal.exists() or wal.stat().st_size == 0, server.log.read_text()[-2000:]
         assert len(server.db("SELECT hash FROM enrollment_tokens")) == 5
     finally:
         server.stop()
