@@ -161,6 +161,15 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             raise RequestError("body must be an object of tag -> value")
         return await run_in_threadpool(devices.set_tags, store, device_id, b)
 
+    @app.post("/api/v1/devices/{device_id}/revoke")
+    async def revoke_device(device_id: str, request: Request, who: Operator) -> Any:
+        """Revoke a lost, stolen or retired device (body ``{"reason": "..."}``): its messages are refused from the
+        next ingest batch on (``device_revoked``), rollouts stop targeting it; it comes back only by an enroll
+        with ``replace`` and a new key."""
+        b = body_object(await _json(request), "{reason}")
+        reason = string(b, "reason")
+        return await run_in_threadpool(devices.revoke, store, device_id, reason, f"api:{who[0]}")
+
     # ---- models ------------------------------------------------------------------------------------------
     @app.get("/api/v1/models")
     async def list_models(request: Request, response: Response, _: Viewer, limit: Limit = DEFAULT_LIMIT,

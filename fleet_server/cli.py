@@ -173,7 +173,12 @@ def _devices(args: argparse.Namespace) -> int:
         docs = devices.list_devices(store)
         _print(docs, args.json, lambda ds: "\n".join(
             f"{d['device_id']:<24} {_active(d):<24} last seen {_ago(d['last_seen'])}  "
-            + " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())) for d in ds) or "no devices enrolled")
+            + " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))
+            + ("  REVOKED" if d["state"] == "revoked" else "") for d in ds) or "no devices enrolled")
+    elif args.devices_cmd == "revoke":
+        doc = devices.revoke(store, args.device_id, args.reason, "cli")
+        print(f"revoked {doc['device_id']}: {doc['revoked_reason']} (its messages are refused from now on; "
+              "enroll --replace with a new key to bring it back)")
     elif args.devices_cmd == "show":
         _print(devices.get(store, args.device_id), True, str)
     elif args.devices_cmd == "enrollment-token":
@@ -389,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("device_id")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=_devices)
+    p = dsub.add_parser("revoke", help="revoke a lost, stolen or retired device: its messages are refused")
+    _data(p)
+    p.add_argument("device_id")
+    p.add_argument("--reason", required=True, help='why, for the record (e.g. "stolen from ward 3")')
+    p.set_defaults(func=_devices)
     p = dsub.add_parser("enrollment-token", help="a one-time token for a device that enrolls itself")
     _data(p)
     p.add_argument("--tag", action="append")

@@ -45,14 +45,50 @@ def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -
 def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str], *,
                replace: bool) -> None:
     """Inside a write transaction, so the check and the write are one step (two concurrent enrollments of one
-    device id with different keys: the second is refused, not silently replacing the first)."""
-    existing = c.execute("SELECT public_key FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-    if existing is not None and existing["public_key"] != public_key_b64 and not replace:
+    device id with different keys: the second is refused, not silently replacing the first).
+
+    A revoked device comes back only through an operator's ``replace`` with a key other than the revoked one
+    (a new key made on the recovered or replacement device); that enrollment lifts the revocation."""
+    existing = c.execute("SELECT public_key, revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    if existing is not None and existing["revoked"] is not None:
+        if not replace:
+            raise ConflictError(f"device {device_id} was revoked; an operator may enroll it again with a new key "
+                                "(`fleet-server devices enroll --replace`)")
+        if existing["public_key"] == public_key_b64:
+            raise ConflictError(f"device {device_id} was revoked with this key; enroll it with a new key")
+        _event(c, device_id, {"action": "reinstated", "by": "enroll --replace"})
+    elif existing is not None and existing["public_key"] != public_key_b64 and not replace:
         raise ConflictError(f"device {device_id} is already enrolled with another key; re-enroll with --replace")
     c.execute(
         "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled) VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags",
+        " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags,"
+        " revoked=NULL, revoked_reason=NULL",
         (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time()))
+
+
+def _event(c: Any, device_id: str, detail: dict[str, Any]) -> None:
+    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, 'device', ?, ?)",
+              (time.time(), device_id, json.dumps(detail, sort_keys=True)))
+
+
+def revoke(store: Store, device_id: str, reason: str, by: str) -> dict[str, Any]:
+    """Revoke a lost, stolen or retired device: from the next ingest batch on its summaries, reports and
+    heartbeats are refused (``device_revoked``, quarantined and counted, so a stolen device that keeps sending
+    is visible), rollouts no longer target it and its pending desired state is dropped. What it sent before
+    stays (the fleet's history). Revoking a revoked device changes nothing. Raises NotFoundError,
+    RequestError (a reason is required: it is the record of why)."""
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise RequestError("a revocation needs a reason (1 to 500 characters), e.g. \"stolen from ward 3\"")
+    with store.write() as c:
+        row = c.execute("SELECT revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"device {device_id!r} is not enrolled")
+        if row["revoked"] is None:
+            c.execute("UPDATE devices SET revoked = ?, revoked_reason = ? WHERE device_id = ?",
+                      (time.time(), reason.strip(), device_id))
+            c.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+            _event(c, device_id, {"action": "revoked", "reason": reason.strip(), "by": by})
+    return get(store, device_id)
 
 
 def create_enrollment_token(store: Store, tags: dict[str, str] | None = None, ttl_seconds: float = 86400) -> str:
@@ -89,7 +125,9 @@ def self_enroll(store: Store, fleet: str, token: str, device_id: str, public_key
 def _doc(r: Any) -> dict[str, Any]:
     return {"device_id": r["device_id"], "fleet": r["fleet"], "tags": json.loads(r["tags"]),
             "public_key": r["public_key"], "enrolled": r["enrolled"], "last_seen": r["last_seen"],
-            "reported": json.loads(r["reported"]) if r["reported"] else None}
+            "reported": json.loads(r["reported"]) if r["reported"] else None,
+            "state": "revoked" if r["revoked"] is not None else "active", "revoked": r["revoked"],
+            "revoked_reason": r["revoked_reason"]}
 
 
 def get(store: Store, device_id: str) -> dict[str, Any]:

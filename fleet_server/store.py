@@ -100,6 +100,11 @@ MIGRATIONS: list[str] = [
             - COALESCE(length(old.payload), 0) WHERE id = 0;
     END;
     """,
+    # 5: revoked devices (a lost or stolen device): kept for the record, refused by ingest, never targeted again
+    """
+    ALTER TABLE devices ADD COLUMN revoked REAL;
+    ALTER TABLE devices ADD COLUMN revoked_reason TEXT;
+    """,
 ]
 
 

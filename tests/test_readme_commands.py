@@ -126,6 +126,18 @@ def write_simulator_rows(ws: Workspace) -> None:
     np.savez(ws.root / "holdout.npz", x=x.astype(np.float32), y=y)
 
 
+def enroll_spare_device(ws: Workspace) -> None:
+    from edgefleet_contracts.signing import generate_key, public_b64
+    from fleet_server.devices import enroll
+    from fleet_server.store import Store
+
+    store = Store(ws.root / "srv" / "fleet.sqlite")
+    try:
+        enroll(store, "default", "clinic-9", public_b64(generate_key().public_key()))
+    finally:
+        store.close()
+
+
 def create_spare_token(ws: Workspace) -> None:
     from fleet_server.auth import create_token, token_id
     from fleet_server.store import Store
@@ -218,6 +230,9 @@ SPECS: dict[str, Spec] = {
     "fleet-server alerts events --kind token --data srv": Spec(expect=('"action": "revoked"', '"action": "created"')),
     "fleet-server devices enroll --data srv --device-id clinic-7 --public-key /srv/dev-7/keys/device.pub "
     "--tag site=north": Spec(expect=("enrolled clinic-7",)),
+    "fleet-server devices revoke clinic-9 --data srv --reason stolen from ward 3": Spec(
+        before=enroll_spare_device, expect=("revoked clinic-9: stolen from ward 3",),
+        why="clinic-9: a spare device enrolled for this (clinic-7 is the walkthrough's device)"),
     "fleet-server serve --data srv": Spec(
         extra=("--http", "127.0.0.1:{http_embedded}", "--mqtt-port", "{mqtt_embedded}"),
         background=Background(all_of(http_ok("http://127.0.0.1:{http_embedded}/healthz"), tcp_open("{mqtt_embedded}")),
@@ -234,7 +249,8 @@ SPECS: dict[str, Spec] = {
         why="exit 3 means drift found (as the README says): site north's inputs were shifted"),
     "fleet-server alerts list --data srv": Spec(expect=("input_drift",), capture={"alert_id": r"^\s*(\d+)\s+open\s"}),
     "fleet-server alerts ack ID --data srv": Spec(subs={"ID": "{alert_id}"}, expect=("acknowledged",)),
-    "fleet-server backup --data srv --to srv-backup": Spec(expect=("backed up srv to srv-backup: 1 devices",)),
+    "fleet-server backup --data srv --to srv-backup":
+        Spec(expect=("backed up srv to srv-backup: 2 devices", "1 packages")),
     "fleet-server simulate --server http://127.0.0.1:8480 --broker mqtt://127.0.0.1:1884 --token TOKEN --root-key "
     "keys/root.pub --fleet-key srv/keys/fleet.pub --rows holdout.npz --dir sim --devices 200 --package "
     "clinical-1.0.0.efpkg --target rpi4-aarch64 --duration 60": Spec(

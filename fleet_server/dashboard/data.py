@@ -48,13 +48,15 @@ def parse_tag(tag: str | None) -> tuple[str, str] | None:
 # ---- overview ---------------------------------------------------------------------------------------------
 
 def overview(store: Store, now: float | None = None, offline_after_s: float = 300.0) -> dict[str, Any]:
-    """Devices by tag value and by running version, online/offline by last seen, active alerts and rollouts."""
+    """Devices by tag value and by running version, online/offline by last seen, active alerts and rollouts.
+    Revoked devices are no longer part of the fleet: only counted (``devices.revoked``)."""
     now = time.time() if now is None else now
     devices = []
     by_tag: dict[str, Counter[str]] = {}
     by_version: Counter[str] = Counter()
     online = 0
-    for r in store.query("SELECT device_id, tags, last_seen, reported FROM devices ORDER BY device_id"):
+    for r in store.query("SELECT device_id, tags, last_seen, reported FROM devices WHERE revoked IS NULL"
+                         " ORDER BY device_id"):
         tags = json.loads(r["tags"] or "{}")
         rep = json.loads(r["reported"]) if r["reported"] else {}
         active = rep.get("active") or None
@@ -77,6 +79,7 @@ def overview(store: Store, now: float | None = None, offline_after_s: float = 30
     return {
         "now": now, "offline_after_s": offline_after_s,
         "devices": {"total": len(devices), "online": online, "offline": len(devices) - online,
+                    "revoked": int(store.query("SELECT COUNT(*) FROM devices WHERE revoked IS NOT NULL")[0][0]),
                     "by_tag": {k: dict(sorted(c.items())) for k, c in sorted(by_tag.items())},
                     "by_version": dict(sorted(by_version.items())), "list": devices},
         "alerts": {"open": sum(a["state"] == "open" for a in active_alerts),

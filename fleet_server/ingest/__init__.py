@@ -20,6 +20,7 @@ failure with its own reason token (the quarantine ``reason`` and the ``rejected_
 ``shape``                   not one envelope ``{"signed", "signatures"}`` or a list of 1..500 of them
 ``schema``                  ``Summary.from_dict`` refuses the signed part (type, spec, fields, types)
 ``unknown_device``          the summary's device is not enrolled
+``device_revoked``          the summary's device was revoked by an operator (lost, stolen, retired)
 ``topic_mismatch``          MQTT only: the topic's device is not the summary's device
 ``bad_signature``           no valid signature by the device's enrolled key
 ``unknown_model_version``   the model version is not published

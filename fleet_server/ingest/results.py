@@ -16,8 +16,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one MQTT message or HTTP body
 MAX_ENVELOPES = 500  # envelopes per message
 QUARANTINE_PAYLOAD_BYTES = 64 * 1024
 FUTURE_SKEW = timedelta(minutes=5)
-REASONS = ("too_large", "malformed_json", "shape", "schema", "unknown_device", "topic_mismatch", "bad_signature",
-           "unknown_model_version", "future_timestamp", "rate_limited", "internal")
+REASONS = ("too_large", "malformed_json", "shape", "schema", "unknown_device", "device_revoked", "topic_mismatch",
+           "bad_signature", "unknown_model_version", "future_timestamp", "rate_limited", "internal")
 KINDS = ("summary", "report", "heartbeat")
 
 # ---- results --------------------------------------------------------------------------------------------

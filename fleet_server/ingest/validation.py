@@ -107,26 +107,40 @@ class Validator:
     def _new_batch(self, devices: Sequence[str] = ()) -> None:
         """Forget the keys read for the previous batch; read those of ``devices`` in one query."""
         memo: dict[str, DeviceKey | None] = {}
+        revoked: set[str] = set()
         wanted = sorted(set(devices))
         for i in range(0, len(wanted), _KEY_CHUNK):
             chunk = wanted[i:i + _KEY_CHUNK]
-            rows = self.store.query("SELECT device_id, public_key FROM devices WHERE device_id IN "
+            rows = self.store.query("SELECT device_id, public_key, revoked FROM devices WHERE device_id IN "
                                     f"({','.join('?' * len(chunk))})", tuple(chunk))
-            found = {str(r[0]): str(r[1]) for r in rows}
+            found = {str(r[0]): str(r[1]) for r in rows if r[2] is None}
+            revoked.update(str(r[0]) for r in rows if r[2] is not None)
             for d in chunk:
                 memo[d] = self._parse_key(d, found[d]) if d in found else None
         self._local.memo = memo
+        self._local.revoked = revoked
 
     def _device_key(self, device_id: str) -> DeviceKey | None:
         """The device's enrolled key (None when not enrolled), read once per batch."""
         memo: dict[str, DeviceKey | None] | None = getattr(self._local, "memo", None)
         if memo is not None and device_id in memo:
             return memo[device_id]
-        row = self.store.one("SELECT public_key FROM devices WHERE device_id = ?", (device_id,))
+        row = self.store.one("SELECT public_key, revoked FROM devices WHERE device_id = ?", (device_id,))
+        if row is not None and row["revoked"] is not None:
+            self._local.revoked = {*getattr(self._local, "revoked", ()), device_id}
+            row = None
         entry = None if row is None else self._parse_key(device_id, str(row["public_key"]))
         if memo is not None:
             memo[device_id] = entry
         return entry
+
+    def _not_enrolled(self, device_id: str, what: str) -> RejectedError:
+        """The refusal for a device without a usable key: revoked (by an operator) or never enrolled."""
+        if device_id in getattr(self._local, "revoked", ()):
+            return reject("device_revoked", f"{what}: device {device_id!r} was revoked by an operator; its "
+                                            "messages are refused (`fleet-server devices show` says why)")
+        return reject("unknown_device", f"{what}: device {device_id!r} is not enrolled; enroll it "
+                                        "(`fleet-server devices enroll`) before it reports")
 
     def _parse_key(self, device_id: str, b64: str) -> DeviceKey | None:
         with self._lock:
@@ -175,7 +189,7 @@ class Validator:
             raise reject("bad_signature", f"{what} is unsigned: it carries no signature")
         dk = self._device_key(device_id)
         if dk is None:
-            raise reject("unknown_device", f"device {device_id!r} is not enrolled (any more)")
+            raise self._not_enrolled(device_id, what)
         for keyid, sig in signatures:
             if keyid != dk.keyid:
                 continue
@@ -377,8 +391,7 @@ class Validator:
     def _check_sender(self, device_id: str, what: str, topic_device: str | None, source: str) -> None:
         """The device is enrolled, and (MQTT) it is the device of the topic the document came on."""
         if self._device_key(device_id) is None:
-            raise reject("unknown_device", f"{what}: device {device_id!r} is not enrolled; enroll it "
-                                           "(`fleet-server devices enroll`) before it reports")
+            raise self._not_enrolled(device_id, what)
         if source == "mqtt" and topic_device != device_id:
             raise reject("topic_mismatch", f"{what} is for device {device_id!r} but came on the topic of "
                                            f"device {topic_device!r}")
@@ -418,7 +431,7 @@ class Validator:
         except SchemaError as exc:
             raise reject("schema", str(exc)) from None
         if self._device_key(device_id) is None:
-            raise reject("unknown_device", f"heartbeat: device {device_id!r} is not enrolled")
+            raise self._not_enrolled(device_id, "heartbeat")
         if topic_device is not None and topic_device != device_id:
             raise reject("topic_mismatch", f"heartbeat is for device {device_id!r} but came on the topic of "
                                               f"device {topic_device!r}")

@@ -124,7 +124,9 @@ def _reported(store: Store) -> dict[str, dict[str, Any]]:
 
 
 def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
-    return [(r["device_id"], json.loads(r["tags"])) for r in store.query("SELECT device_id, tags FROM devices")]
+    """The fleet's devices and their tags; revoked devices are no longer part of it (never targeted)."""
+    return [(r["device_id"], json.loads(r["tags"]))
+            for r in store.query("SELECT device_id, tags FROM devices WHERE revoked IS NULL")]
 
 
 # ---- operator actions -----------------------------------------------------------------------------------------

@@ -151,6 +151,27 @@ def test_device_page_shows_reported_state_install_history_and_windows(page: Any,
     shot(page, "device")
 
 
+def test_a_revoked_device_says_so_on_its_page_and_is_left_out_of_the_fleet_totals(page: Any, dash: Dash) -> None:
+    from edgefleet_contracts.signing import generate_key, public_b64
+
+    with dash.api() as api:
+        total = api.get("/api/v1/overview").json()["devices"]["total"]
+        key = public_b64(generate_key().public_key())
+        r = api.post("/api/v1/devices", json={"device_id": "lost-1", "public_key": key})
+        assert r.status_code == 200, r.text
+        assert api.get("/api/v1/overview").json()["devices"]["total"] == total + 1
+        r = api.post("/api/v1/devices/lost-1/revoke", json={"reason": "left in a taxi"})
+        assert r.status_code == 200, r.text
+        o = api.get("/api/v1/overview").json()["devices"]
+        assert o["total"] == total and o["revoked"] >= 1 and "lost-1" not in {d["device_id"] for d in o["list"]}
+    sign_in(page, dash, dash.viewer, "#/devices/lost-1")
+    state = page.locator("[data-testid=device-state][data-state=revoked]")
+    state.wait_for()
+    assert "left in a taxi" in state.inner_text()
+    page.goto(f"{dash.url}/ui/#/")  # signed in already
+    assert "revoked" in page.get_by_test_id("devices-revoked").inner_text()
+
+
 def test_operator_acknowledges_then_resolves_the_drift_alert_viewer_cannot(page: Any, browser: Any,
                                                                            dash: Dash) -> None:
     with dash.api() as api:

@@ -49,7 +49,8 @@ export async function overviewPage() {
       card(d.total, "devices", "devices-total"), card(d.online, "online", "devices-online"),
       card(d.offline, `offline (not seen for ${Math.round(o.offline_after_s / 60)} min)`, "devices-offline"),
       card(o.alerts.open, "open alerts", "alerts-open"), card(o.alerts.acknowledged, "acknowledged alerts"),
-      card(o.rollouts.length, "active rollouts", "rollouts-active")));
+      card(o.rollouts.length, "active rollouts", "rollouts-active"),
+      ...(d.revoked ? [card(d.revoked, "revoked (not counted above)", "devices-revoked")] : [])));
   const versions = Object.entries(d.by_version);
   out.append(h("h2", { text: "Devices by running version" }),
     barChart({ title: "Devices per version", description: versions.map(([v, n]) => `${v}: ${n}`).join("; "),
@@ -113,7 +114,11 @@ export async function deviceDetail(_params, id) {
   const [d, history, windows] = await Promise.all([api(`/api/v1/devices/${enc}`),
     api(`/api/v1/devices/${enc}/history`), api(`/api/v1/devices/${enc}/windows`)]);
   const rep = d.reported || {};
-  return h("div", {}, heading(`Device ${id}`),
+  const state = d.state === "revoked"
+    ? h("p", { class: "badge bad", "data-testid": "device-state", "data-state": "revoked",
+      text: `Revoked ${when(d.revoked)}: ${d.revoked_reason}. Its messages are refused; rollouts skip it.` })
+    : h("p", { class: "muted", "data-testid": "device-state", "data-state": "active", text: "Active." });
+  return h("div", {}, heading(`Device ${id}`), state,
     h("h2", { text: "Reported state" }),
     h("dl", { class: "kv", "data-testid": "reported" },
       h("dt", { text: "active" }), h("dd", { text: versionOf(rep.active) }),
