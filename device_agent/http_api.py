@@ -18,7 +18,7 @@ only once the label is fsynced; 400 ``invalid_feedback`` (body not {"prediction_
 ``already_labelled`` (the first label stands; counted once); 422 ``malformed_prediction_id`` (not an id a
 prediction returns: a client bug), ``unknown_class``, ``invalid_feedback``; 503 ``feedback_unavailable`` (no model
 installed) or ``label_not_saved`` (the disk refused it). 4xx: do not send the label again; 503: send it again later.
-Every refusal is counted in ``rejected`` by its reason.
+Every refusal but ``feedback_unavailable`` (as ``no_model`` on predict) is counted in ``rejected`` by its reason.
 """
 
 from __future__ import annotations

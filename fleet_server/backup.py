@@ -43,7 +43,7 @@ def _sha256(path: Path) -> str:
 
 def _copy_db(src: Path, dst: Path) -> dict[str, int]:
     os.close(os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True, timeout=30)
+    source = sqlite3.connect(src.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)  # any folder name
     target = sqlite3.connect(dst)
     try:
         source.backup(target)  # one consistent snapshot, whatever the server commits meanwhile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -9,7 +10,7 @@ import time
 from typing import Any
 
 from edgefleet_contracts.errors import SchemaError
-from edgefleet_contracts.signing import public_from_b64
+from edgefleet_contracts.signing import public_b64, public_from_b64
 from edgefleet_contracts.topics import check_id
 
 from .errors import AuthError, ConflictError, NotFoundError, RequestError
@@ -48,22 +49,39 @@ def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: di
     device id with different keys: the second is refused, not silently replacing the first).
 
     A revoked device comes back only through an operator's ``replace`` with a key other than the revoked one
-    (a new key made on the recovered or replacement device); that enrollment lifts the revocation."""
-    existing = c.execute("SELECT public_key, revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+    (a new key made on the recovered or replacement device); that enrollment lifts the revocation.
+
+    A new key starts a new generation of the device: a new key comes with a newly provisioned device folder,
+    whose summaries count from seq 1 again. So its ``seq_base`` becomes the highest seq stored for the device,
+    and its summaries are stored at ``seq + seq_base`` (ingest adds it): without that, they would be taken for
+    replays of the previous generation's and dropped. Keys are compared as bytes (base64 has more than one
+    spelling of the same key) and stored in one spelling."""
+    public_key_b64 = public_b64(public_from_b64(public_key_b64))
+    existing = c.execute("SELECT public_key, revoked, seq_base FROM devices WHERE device_id = ?",
+                         (device_id,)).fetchone()
+    same_key = existing is not None and _raw(existing["public_key"]) == _raw(public_key_b64)
     if existing is not None and existing["revoked"] is not None:
         if not replace:
             raise ConflictError(f"device {device_id} was revoked; an operator may enroll it again with a new key "
                                 "(`fleet-server devices enroll --replace`)")
-        if existing["public_key"] == public_key_b64:
+        if same_key:
             raise ConflictError(f"device {device_id} was revoked with this key; enroll it with a new key")
         _event(c, device_id, {"action": "reinstated", "by": "enroll --replace"})
-    elif existing is not None and existing["public_key"] != public_key_b64 and not replace:
+    elif existing is not None and not same_key and not replace:
         raise ConflictError(f"device {device_id} is already enrolled with another key; re-enroll with --replace")
+    base = int(existing["seq_base"]) if existing is not None else 0
+    if existing is not None and not same_key:
+        row = c.execute("SELECT MAX(seq) FROM summaries WHERE device_id = ?", (device_id,)).fetchone()
+        base = max(base, int(row[0] or 0))
     c.execute(
-        "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled) VALUES (?, ?, ?, ?, ?)"
+        "INSERT INTO devices (device_id, public_key, fleet, tags, enrolled, seq_base) VALUES (?, ?, ?, ?, ?, ?)"
         " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags,"
-        " revoked=NULL, revoked_reason=NULL",
-        (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time()))
+        " revoked=NULL, revoked_reason=NULL, seq_base=excluded.seq_base",
+        (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time(), base))
+
+
+def _raw(b64: str) -> bytes:
+    return base64.b64decode(b64)
 
 
 def _event(c: Any, device_id: str, detail: dict[str, Any]) -> None:

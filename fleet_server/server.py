@@ -55,7 +55,7 @@ def serve(settings: ServerSettings) -> int:
         # The lifespan shutdown has stopped ingest, drift, rollouts and housekeeping; closing every thread's
         # connection checkpoints the WAL, so a cleanly stopped server leaves one self-contained database file to
         # back up.
-        ctx.store.close()
+        ctx.store.close(checkpoint=True)
         if broker is not None:
             broker.stop()
     return 0

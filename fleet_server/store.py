@@ -105,6 +105,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE devices ADD COLUMN revoked REAL;
     ALTER TABLE devices ADD COLUMN revoked_reason TEXT;
     """,
+    # 6: a device enrolled again with a new key is a new generation (re-provisioned: its sequence restarts at 1);
+    # its summaries are stored at seq + seq_base, the highest seq stored before, so they never collide with the
+    # previous generation's (which would have made them "duplicates", acknowledged and dropped)
+    """
+    ALTER TABLE devices ADD COLUMN seq_base INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -205,17 +211,20 @@ class Store:
                 w.execute("INSERT INTO schema_version VALUES (?)", (i,))
         return len(MIGRATIONS)
 
-    def close(self) -> None:
+    def close(self, *, checkpoint: bool = False) -> None:
         """Close every thread's connection (call once the threads using the store have stopped; one that uses
-        it later gets a new connection). The last to close checkpoints the WAL into the database file."""
+        it later gets a new connection). The last to close checkpoints the WAL into the database file.
+
+        ``checkpoint``: first fold the WAL into the database file and empty it, even if some other process's
+        connection keeps the -wal file from being removed (the server's own stop does this). Only for the last
+        user of the database: a TRUNCATE checkpoint holds the write lock while it waits for readers, so a CLI
+        command or a validator process closing this way would stall a running server's ingest writer."""
         with self._open_lock:
             conns = list(self._open)
             self._open = weakref.WeakSet()
             self._generation += 1
         self._local.conn = None
-        if conns:
-            # Fold the WAL into the database file and empty it now, even if some other connection (a process
-            # that has not exited yet) keeps the -wal file from being removed: the database file alone is whole.
+        if conns and checkpoint:
             with suppress(sqlite3.Error):
                 conns[0].execute("PRAGMA wal_checkpoint(TRUNCATE)")
         for c in conns:

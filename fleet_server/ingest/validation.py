@@ -108,24 +108,29 @@ class Validator:
         """Forget the keys read for the previous batch; read those of ``devices`` in one query."""
         memo: dict[str, DeviceKey | None] = {}
         revoked: set[str] = set()
+        bases: dict[str, int] = {}
         wanted = sorted(set(devices))
         for i in range(0, len(wanted), _KEY_CHUNK):
             chunk = wanted[i:i + _KEY_CHUNK]
-            rows = self.store.query("SELECT device_id, public_key, revoked FROM devices WHERE device_id IN "
+            rows = self.store.query("SELECT device_id, public_key, revoked, seq_base FROM devices WHERE device_id IN "
                                     f"({','.join('?' * len(chunk))})", tuple(chunk))
             found = {str(r[0]): str(r[1]) for r in rows if r[2] is None}
             revoked.update(str(r[0]) for r in rows if r[2] is not None)
+            bases.update((str(r[0]), int(r[3])) for r in rows if r[3])
             for d in chunk:
                 memo[d] = self._parse_key(d, found[d]) if d in found else None
         self._local.memo = memo
         self._local.revoked = revoked
+        self._local.bases = bases
 
     def _device_key(self, device_id: str) -> DeviceKey | None:
         """The device's enrolled key (None when not enrolled), read once per batch."""
         memo: dict[str, DeviceKey | None] | None = getattr(self._local, "memo", None)
         if memo is not None and device_id in memo:
             return memo[device_id]
-        row = self.store.one("SELECT public_key, revoked FROM devices WHERE device_id = ?", (device_id,))
+        row = self.store.one("SELECT public_key, revoked, seq_base FROM devices WHERE device_id = ?", (device_id,))
+        if row is not None and row["seq_base"]:
+            self._local.bases = {**getattr(self._local, "bases", {}), device_id: int(row["seq_base"])}
         if row is not None and row["revoked"] is not None:
             self._local.revoked = {*getattr(self._local, "revoked", ()), device_id}
             row = None
@@ -133,6 +138,12 @@ class Validator:
         if memo is not None:
             memo[device_id] = entry
         return entry
+
+    def _stored_seq(self, head: _Head) -> _Head:
+        """``head`` with the seq its summary is stored at: the device's seq plus its generation's ``seq_base``
+        (``devices._enroll_in``), read with its key; call after the key was looked up."""
+        base = getattr(self._local, "bases", {}).get(head.device_id, 0)
+        return head._replace(seq=head.seq + base) if base else head
 
     def _not_enrolled(self, device_id: str, what: str) -> RejectedError:
         """The refusal for a device without a usable key: revoked (by an operator) or never enrolled."""
@@ -303,7 +314,7 @@ class Validator:
                 rejected.append(Rejection(i, exc.reason, str(exc), topic_device or head.device_id,
                                           item.envelope()))
                 continue
-            staged.append(item)
+            staged.append(item._replace(head=self._stored_seq(head)))
         return staged, rejected
 
     def _settle(self, staged: list[_Staged], rejected: list[Rejection], stored: set[tuple[str, int]],
@@ -374,7 +385,7 @@ class Validator:
         except ContractError as exc:
             raise reject("schema", f"{what}: {exc}") from None
         self._check_sender(s.device_id, what, topic_device, source)
-        head = _Head(s.device_id, s.seq, s.model, s.version, s.start, s.end, s.count)
+        head = self._stored_seq(_Head(s.device_id, s.seq, s.model, s.version, s.start, s.end, s.count))
         return _Staged(i, head, signed_bytes, None, lambda w: self._envelope_signatures(env, w),
                        lambda: canonical_bytes(signed), lambda: dump(env), lambda: compact_json(env["signatures"]))
 

@@ -79,8 +79,12 @@ def status(store: Store, rollout_id: str) -> dict[str, Any]:
         for d in store.query("SELECT * FROM rollout_decisions WHERE rollout = ? ORDER BY id", (rollout_id,))
     ]
     reported = _reported(store)
+    revoked = {row[0] for row in store.query("SELECT device_id FROM devices WHERE revoked IS NOT NULL")}
     states: Counter[str] = Counter()
     for dev in r.targeted:
+        if dev in revoked:  # no longer part of the fleet: not pending for ever
+            states["revoked"] += 1
+            continue
         rep = reported.get(dev) or {}
         active = (rep.get("active") or {}).get("version")
         lr = rep.get("last_result") or {}
@@ -263,6 +267,12 @@ def set_desired(store: Store, signer: DesiredSigner, devices: list[str], model: 
     issued = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
     with store.write() as c:
         for dev in devices:
+            # A revoked device is never sent a desired state, whichever path asks (a stage, an abort's or an
+            # automatic rollback's revert of the devices a rollout moved): checked in the transaction that writes,
+            # so a revocation committed between the caller's read and this write is honoured too.
+            gone = c.execute("SELECT revoked FROM devices WHERE device_id = ?", (dev,)).fetchone()
+            if gone is None or gone["revoked"] is not None:
+                continue
             prev = c.execute("SELECT seq FROM desired WHERE device_id = ?", (dev,)).fetchone()
             seq = (prev["seq"] if prev else 0) + 1
             d = Desired(device_id=dev, seq=seq, name=model, version=version,

@@ -4,6 +4,7 @@ targeting it; it comes back only through an operator's enroll with a new key."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -105,3 +106,45 @@ def test_the_cli_revokes_and_lists_it(fleet: Fleet, capsys: Any) -> None:
     assert any(x.startswith("dev-2") and x.endswith("REVOKED") for x in lines)
     assert any(x.startswith("dev-1") and not x.endswith("REVOKED") for x in lines)
     assert fleet_cli(["devices", "revoke", "nope", "--data", data, "--reason", "x"]) == 1
+
+
+def test_a_device_enrolled_again_with_a_new_key_has_its_first_windows_stored_not_taken_for_replays(
+        http: Http) -> None:
+    """Found in review: the replacement device (provisioned fresh, so counting from seq 1 again) had its first
+    windows acknowledged as duplicates of the old device's and dropped."""
+    client, fleet, _ = http
+    d1 = fleet["dev-1"]
+    assert post(client, d1.message([1, 2, 3])).json()["accepted"] == 3
+    devices.revoke(fleet.store, "dev-1", "stolen", "test")
+    new_key = generate_key()
+    devices.enroll(fleet.store, fleet.settings.fleet, "dev-1", public_b64(new_key.public_key()), replace=True)
+    out = post(client, d1.message([1, 2], signer=new_key, count=77)).json()
+    assert (out["accepted"], out["duplicates"]) == (2, 0), out
+    rows = fleet.store.query("SELECT seq, count, body FROM summaries WHERE device_id = 'dev-1' ORDER BY seq")
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5]  # the new generation after the old one, in order
+    assert [json.loads(r["body"])["seq"] for r in rows] == [1, 2, 3, 1, 2]  # bodies as the devices signed them
+    assert [r["count"] for r in rows][3:] == [77, 77]
+    again = post(client, d1.message([2], signer=new_key, count=77)).json()  # a real replay is still one
+    assert (again["accepted"], again["duplicates"]) == (0, 1), again
+    assert len(fleet.seqs("dev-1")) == 5
+    # A plain key replacement (no revocation) starts a generation too; the same key again does not
+    newer = generate_key()
+    devices.enroll(fleet.store, fleet.settings.fleet, "dev-1", public_b64(newer.public_key()), replace=True)
+    devices.enroll(fleet.store, fleet.settings.fleet, "dev-1", public_b64(newer.public_key()), replace=True)
+    assert post(client, d1.message([1], signer=newer)).json()["accepted"] == 1
+    assert fleet.seqs("dev-1")[-1] == 6
+
+
+def test_another_spelling_of_the_revoked_key_is_still_the_revoked_key(fleet: Fleet) -> None:
+    import base64
+
+    raw = base64.b64decode(public_b64(fleet["dev-1"].key.public_key()))
+    canonical = base64.b64encode(raw).decode()
+    # the last base64 digit carries 2 unused bits: set one and the same 32 bytes decode from another text
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = canonical[-2]
+    other = canonical[:-2] + alphabet[alphabet.index(last) ^ 1] + canonical[-1]
+    assert other != canonical and base64.b64decode(other, validate=True) == raw
+    devices.revoke(fleet.store, "dev-1", "stolen", "test")
+    with pytest.raises(ConflictError, match="revoked with this key"):
+        devices.enroll(fleet.store, fleet.settings.fleet, "dev-1", other, replace=True)

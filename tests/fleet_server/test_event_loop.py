@@ -31,6 +31,7 @@ WRITES = [
     ("POST", "/api/v1/enrollment-tokens", {}),
     ("POST", "/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "stages": "100"}),
     ("POST", "/api/v1/summaries", []),
+    ("POST", "/api/v1/devices/dev-1/revoke", {"reason": "test"}),
 ]
 
 

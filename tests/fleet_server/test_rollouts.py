@@ -318,3 +318,20 @@ def test_an_operator_action_during_a_tick_is_not_overwritten_by_it(fleet, monkey
     st = service.status(store, rid)
     assert st["state"] == "paused" and st["decisions"][-1]["kind"] == "pause"
     assert _desired(store) == {}  # the tick's step was dropped with its targets: judged again after resume
+
+
+def test_an_abort_does_not_send_a_revoked_device_a_desired_state_and_status_counts_it_apart(fleet):
+    """Found in review: an abort reverts every device the rollout moved, the revoked one included."""
+    settings, store, svc = fleet
+    rid = service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[100], bake_seconds=3600,
+                        thresholds={"min_predictions": 10})
+    svc.tick()
+    _devices_follow(store)
+    moved = sorted(_desired(store))
+    victim = moved[0]
+    devmod.revoke(store, victim, "stolen", "test")
+    assert service.status(store, rid)["devices"].get("revoked") == 1  # not "pending" for ever
+    service.set_state(store, svc.signer, rid, "abort", "bob")
+    after = _desired(store)
+    assert victim not in after, "the abort sent the revoked device a desired state"
+    assert set(moved) - {victim} <= set(after) and all(after[d] == "1.0.0" for d in set(moved) - {victim})
