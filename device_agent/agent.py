@@ -128,10 +128,10 @@ class Agent(OtherPaths):
     def open(cls, device_dir: Path, *, background: bool = True) -> Agent:
         """Open a provisioned device folder: config, target, key, active slot, outbox, prediction log.
 
-        Raises ConfigError when the folder is not provisioned or config.toml is invalid, including a
-        ``min_window_samples`` below the privacy floor (10) without ``allow_small_windows``; a device with no
-        model yet opens and raises NoModelError on predict. A device whose config waives the floor opens with a
-        warning.
+        Raises ConfigError when the folder is not provisioned or config.toml is invalid; a device with no model
+        yet opens and raises NoModelError on predict. A config.toml with ``min_window_samples`` below the privacy
+        floor (10) and no ``allow_small_windows`` runs at the floor, with a warning (``DeviceConfig.from_dict``);
+        one that waives the floor opens with a warning.
         """
         from .outbox import Outbox
         from .updater import Updater, load_device_target

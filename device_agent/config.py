@@ -20,6 +20,7 @@ A device folder, written by ``device-agent provision``::
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,8 @@ from edgefleet_contracts.topics import check_id
 
 from .errors import AgentError
 
+log = logging.getLogger("edgefleet.agent")
+
 
 class ConfigError(AgentError):
     """config.toml is missing, unreadable or has an invalid value (the message names the key)."""
@@ -40,7 +43,8 @@ class ConfigError(AgentError):
 
 # The privacy floor on k (``min_window_samples``). Noise (``dp_epsilon``) covers a summary's histogram counts only;
 # its per-feature sums and sums of squares are exact, so a summary of very few predictions gives their inputs away
-# (with k = 1 the sum IS the input). Below this floor a config is refused unless ``allow_small_windows`` waives it.
+# (with k = 1 the sum IS the input). Below this floor a config is refused unless ``allow_small_windows`` waives it;
+# only a config.toml being loaded is lenient: it runs at the floor, with a warning (see DeviceConfig.from_dict).
 MIN_WINDOW_SAMPLES_FLOOR = 10
 
 
@@ -116,12 +120,31 @@ class DeviceConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> DeviceConfig:
         """Build from a parsed config.toml; a key it lacks takes its default (older files load).
 
+        One invalid value loads anyway: a ``min_window_samples`` from 1 to 9 without ``allow_small_windows = true``
+        (a file written before the privacy floor existed, or edited by hand) runs at k = 10, the floor, and logs a
+        warning naming ``source``, the value in the file, the value used and what to change. A device upgraded
+        with such a file keeps serving, with the privacy-safe k, instead of stopping. The file is not rewritten:
+        it is the operator's (a rewrite would drop their comments and layout, and may fail on a read-only
+        folder), and the warning, logged each time the file is loaded, keeps the mismatch visible until they
+        change it. Everything that writes a config (DeviceConfig in code, ``save_config``, ``device-agent
+        provision``) stays strict.
+
         Raises ConfigError, prefixed with ``source``, for an unknown key or an invalid value.
         """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        configured = _below_the_floor(d)
+        if configured is not None:
+            d = {**d, "min_window_samples": MIN_WINDOW_SAMPLES_FLOOR}
+            log.warning("%s: min_window_samples is %s, below the privacy floor of %d, and allow_small_windows is not "
+                        "true: using min_window_samples = %d instead (smaller windows are held and merged forward). "
+                        "A summary of so few predictions gives their inputs away through its exact per-feature sums "
+                        "(dp_epsilon noise covers the histogram counts only). Set min_window_samples = %d or more "
+                        "in %s (20 is the default) to silence this warning; the file is left as it is",
+                        source, configured, MIN_WINDOW_SAMPLES_FLOOR, MIN_WINDOW_SAMPLES_FLOOR,
+                        MIN_WINDOW_SAMPLES_FLOOR, source)
         try:
             return cls(**d)
         except (TypeError, ConfigError) as exc:
@@ -144,6 +167,18 @@ class DeviceConfig:
         lines.append("[tags]")
         lines.extend(f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(tags.items()))
         return "\n".join(lines) + "\n"
+
+
+def _below_the_floor(d: dict[str, Any]) -> int | float | None:
+    """The k of a parsed config file that loads at the floor instead: 1 <= k < 10 with the floor not waived.
+
+    None for anything else, which DeviceConfig then judges as usual (k below 1 or not a number: refused; an
+    ``allow_small_windows`` that is not a boolean: refused, whatever k is).
+    """
+    k = d.get("min_window_samples")
+    if isinstance(k, bool) or not isinstance(k, int | float) or d.get("allow_small_windows", False) is not False:
+        return None
+    return k if 1 <= k < MIN_WINDOW_SAMPLES_FLOOR else None
 
 
 def _toml_str(s: str) -> str:
@@ -173,7 +208,11 @@ class DeviceDir:
         return self.path / "slots" / name
 
     def load_config(self) -> DeviceConfig:
-        """Raises ConfigError when the folder is not a provisioned device or config.toml is invalid."""
+        """Raises ConfigError when the folder is not a provisioned device or config.toml is invalid.
+
+        A ``min_window_samples`` below the privacy floor without the waiver is not an error here: the config
+        comes back with k = 10 and a warning is logged (see DeviceConfig.from_dict); the file is not rewritten.
+        """
         if not self.config_file.exists():
             raise ConfigError(f"{self.path} is not a provisioned device folder (no config.toml); "
                               "run `device-agent provision`")
