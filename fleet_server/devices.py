@@ -92,8 +92,8 @@ def _event(c: Any, device_id: str, detail: dict[str, Any]) -> None:
 def revoke(store: Store, device_id: str, reason: str, by: str) -> dict[str, Any]:
     """Revoke a lost, stolen or retired device: from the next ingest batch on its summaries, reports and
     heartbeats are refused (``device_revoked``, quarantined and counted, so a stolen device that keeps sending
-    is visible), rollouts no longer target it and its pending desired state is dropped. What it sent before
-    stays (the fleet's history). Revoking a revoked device changes nothing. Raises NotFoundError,
+    is visible), rollouts no longer target it and its retained desired state is cleared on the broker. What it
+    sent before stays (the fleet's history). Revoking a revoked device changes nothing. Raises NotFoundError,
     RequestError (a reason is required: it is the record of why)."""
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
         raise RequestError("a revocation needs a reason (1 to 500 characters), e.g. \"stolen from ward 3\"")
@@ -104,7 +104,10 @@ def revoke(store: Store, device_id: str, reason: str, by: str) -> dict[str, Any]
         if row["revoked"] is None:
             c.execute("UPDATE devices SET revoked = ?, revoked_reason = ? WHERE device_id = ?",
                       (time.time(), reason.strip(), device_id))
-            c.execute("DELETE FROM desired WHERE device_id = ?", (device_id,))
+            # Its retained desired state is cleared on the broker (an empty retained message, published with the
+            # other pending desired states), so a stolen device that reconnects is not handed it again.
+            c.execute("UPDATE desired SET envelope = '', seq = seq + 1, published = 0, updated = ? WHERE device_id = ?",
+                      (time.time(), device_id))
             _event(c, device_id, {"action": "revoked", "reason": reason.strip(), "by": by})
     return get(store, device_id)
 

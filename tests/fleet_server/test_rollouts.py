@@ -333,5 +333,30 @@ def test_an_abort_does_not_send_a_revoked_device_a_desired_state_and_status_coun
     assert service.status(store, rid)["devices"].get("revoked") == 1  # not "pending" for ever
     service.set_state(store, svc.signer, rid, "abort", "bob")
     after = _desired(store)
-    assert victim not in after, "the abort sent the revoked device a desired state"
-    assert set(moved) - {victim} <= set(after) and all(after[d] == "1.0.0" for d in set(moved) - {victim})
+    envelope = store.one("SELECT envelope FROM desired WHERE device_id = ?", (victim,))
+    assert envelope is not None and envelope[0] == "", "the abort sent the revoked device a desired state"
+    assert all(after[d] == "1.0.0" for d in set(moved) - {victim})
+
+
+def test_revoking_a_device_clears_its_retained_desired_state_on_the_broker(fleet, mosquitto):
+    from edgefleet_contracts.topics import subscription
+    from fleet_server.rollouts.publisher import MqttPublisher
+    from tests.brokers import Subscriber
+
+    settings, store, svc = fleet
+    svc.publisher = MqttPublisher(mosquitto.url, timeout=5.0)
+    try:
+        service.start(store, model="clinical", version="1.1.0", cohort={}, stages=[100], bake_seconds=3600)
+        svc.tick()
+        victim = sorted(_desired(store))[0]
+        with Subscriber(mosquitto, [subscription("default", "desired")]) as sub:  # retained: delivered now
+            assert sub.wait_for(lambda m: any(x.topic.split("/")[-2] == victim for x in m), 10)
+        devmod.revoke(store, victim, "stolen", "test")
+        assert svc.publish_pending() == 1
+        with Subscriber(mosquitto, [subscription("default", "desired")]) as sub:
+            assert sub.wait_for(lambda m: len(m) >= 19, 10), len(sub.messages())
+            time.sleep(0.3)
+            held = {m.topic.split("/")[-2] for m in sub.messages() if m.retain and m.payload}
+        assert victim not in held and len(held) == 19  # the others keep theirs
+    finally:
+        svc.publisher.close()
