@@ -25,18 +25,37 @@ from edgefleet_contracts.timeutil import parse_duration
 from . import devices, registry
 from .auth import create_token, list_tokens, revoke_token, token_id
 from .errors import ConfigError, FleetError
-from .settings import ServerSettings
+from .settings import STORAGE_SETTINGS, ServerSettings, storage_table
 from .store import Store
 
 
 def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
+    """The data folder's settings for any command: its ``server.toml`` (``fleet``, and the storage bounds of an
+    optional ``[storage]`` table), with ``over`` (the command's flags) on top. ConfigError when the folder is not
+    initialised or server.toml is not valid (the message names the file, the key and the rule)."""
+    return _settings_and_sources(args, **over)[0]
+
+
+def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[ServerSettings, dict[str, str]]:
+    """As _settings, and where each storage setting came from: ``flag --NAME``, ``file PATH`` or ``default``."""
     data = Path(args.data)
     conf = data / "server.toml"
     if not conf.exists():
         raise ConfigError(f"{data} is not a fleet-server data folder; run `fleet-server init --data {data} "
                           "--root-key ROOT_PUB` first")
-    base = tomllib.loads(conf.read_text())
-    return ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **over)
+    try:
+        base = tomllib.loads(conf.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{conf} is not valid TOML: {exc}") from None
+    misplaced = [k for k in base if k in STORAGE_SETTINGS]
+    if misplaced:  # above any table header: read as top-level keys, so they would silently do nothing
+        raise ConfigError(f"{conf}: {', '.join(misplaced)} must be in the [storage] table (a `[storage]` line "
+                          "above it, at the end of the file)")
+    stored = storage_table(base.get("storage", {}), str(conf))
+    settings = ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **{**stored, **over})
+    sources = {name: f"flag --{name.replace('_', '-')}" if name in over else f"file {conf}" if name in stored
+               else "default" for name in STORAGE_SETTINGS}
+    return settings, sources
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str]:
@@ -93,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-# The bounded-storage settings (fleet_server/housekeeping.py), as flags of `serve` and `housekeeping`.
+# The bounded-storage settings (fleet_server/housekeeping.py, settings.STORAGE_SETTINGS), as flags of `serve` and
+# `housekeeping`. Their home is server.toml's [storage] table (read by _settings for every command, so a cron job's
+# `housekeeping` enforces what `serve` does); a flag overrides it for one run.
 _STORAGE_FLAGS: tuple[tuple[str, type, str, str], ...] = (
     ("quarantine_max_rows", int, "N", "quarantine rows kept; the oldest are deleted past it"),
     ("quarantine_max_payload_mb", int, "MIB", "MiB of quarantined payloads kept; past it the oldest rows keep only "
@@ -105,10 +126,16 @@ _STORAGE_FLAGS: tuple[tuple[str, type, str, str], ...] = (
 
 
 def _storage_flags(p: argparse.ArgumentParser) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
     for name, kind, metavar, text in _STORAGE_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar=metavar,
-                       help=f"{text} (default {defaults[name]:g})")
+                       help=f"{text} (for this run; else [storage] {name} in server.toml, else "
+                            f"{_number(defaults[name])})")
+
+
+def _number(v: float) -> str:
+    """A setting's value as written in server.toml: 400.0 as 400, 1.5 as 1.5, 100000 as 100000."""
+    return str(int(v)) if float(v).is_integer() else str(v)
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +145,14 @@ def _storage(args: argparse.Namespace) -> dict[str, Any]:
 def _housekeeping(args: argparse.Namespace) -> int:
     from .housekeeping import HousekeepingService
 
-    s = _settings(args, **_storage(args))
+    s, sources = _settings_and_sources(args, **_storage(args))
+    # First, so a cron log shows which bounds this pass enforced and why, even if the pass fails. The interval
+    # between passes is left out: it is serve's alone.
+    print("housekeeping bounds:")
+    for name in ("quarantine_max_rows", "quarantine_max_payload_mb", "summary_retention_days",
+                 "housekeeping_chunk_rows"):
+        print(f"  {name} = {_number(getattr(s, name))} ({sources[name]})")
+    sys.stdout.flush()
     store = Store(s.db_path)
     try:
         r = HousekeepingService(s, store).run_once()

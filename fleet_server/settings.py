@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,58 @@ from .errors import ConfigError
 # this against both). A shorter retention would empty them, so it is refused. Longer windows set at run time (a
 # model's ``window_s``, an active rollout's stage) are protected by the housekeeping pass itself.
 MIN_SUMMARY_RETENTION_DAYS = 1.0
+
+
+# The bounded-storage settings (fleet_server/housekeeping.py): ServerSettings fields, keys of server.toml's
+# [storage] table and flags of `serve` and `housekeeping`. Whole numbers with their (inclusive) range:
+_WHOLE_STORAGE = {"quarantine_max_rows": (1, 10**9), "quarantine_max_payload_mb": (0, 10**7),
+                  "housekeeping_chunk_rows": (1, 10_000)}
+STORAGE_SETTINGS = ("quarantine_max_rows", "quarantine_max_payload_mb", "summary_retention_days",
+                    "housekeeping_interval_seconds", "housekeeping_chunk_rows")
+
+
+def storage_rule_broken(name: str, value: object) -> str | None:
+    """The rule ``value`` breaks as the bounded-storage setting ``name``, worded to follow "must be" (e.g. "a whole
+    number from 1 to 1,000,000,000"), or None when ``value`` is allowed. One rule for the flags, server.toml and
+    ServerSettings itself. KeyError when ``name`` is not in STORAGE_SETTINGS."""
+    if name in _WHOLE_STORAGE:
+        lo, hi = _WHOLE_STORAGE[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            return f"a whole number from {lo:,} to {hi:,}"
+        return None
+    if name not in STORAGE_SETTINGS:
+        raise KeyError(name)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        return "a finite number, 0 or more"
+    if name == "housekeeping_interval_seconds" and not 0 < value <= 86400:
+        return "more than 0 and at most 86400 (one day)"
+    if name == "summary_retention_days" and 0 < value < MIN_SUMMARY_RETENTION_DAYS:
+        return (f"0 (keep forever) or at least {MIN_SUMMARY_RETENTION_DAYS:g} day: alert evaluation and the drift "
+                f"report read the last {MIN_SUMMARY_RETENTION_DAYS:g} day of summaries by default")
+    return None
+
+
+def storage_table(table: object, source: str) -> dict[str, int | float]:
+    """The bounded-storage settings a ``[storage]`` table sets (as read from the file ``source``), each checked with
+    the rule its flag has. ConfigError naming ``source``, the key and the rule; also for a key that is no storage
+    setting (a typo must not fall back to the default unnoticed) and for a ``storage`` that is not a table."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: storage must be a table ([storage]) of {', '.join(STORAGE_SETTINGS)}, "
+                          f"not {table!r}")
+    unknown = [str(k) for k in table if k not in STORAGE_SETTINGS]
+    if unknown:
+        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, STORAGE_SETTINGS, 1))
+                 for k in unknown]
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} in [storage]: {', '.join(named)}; "
+                          f"the keys are {', '.join(STORAGE_SETTINGS)}")
+    out: dict[str, int | float] = {}
+    for name, value in table.items():
+        rule = storage_rule_broken(name, value)
+        if rule is not None:
+            unquote = " (a string: write the number without quotes)" if isinstance(value, str) else ""
+            raise ConfigError(f"{source}: [storage] {name} must be {rule}, not {value!r}{unquote}")
+        out[name] = value if name in _WHOLE_STORAGE else float(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,26 +126,11 @@ class ServerSettings:
 
     def _storage_checks(self) -> None:
         """The bounded-storage settings; ConfigError names the setting and its ``serve`` flag."""
-
-        def bad(name: str, what: str) -> ConfigError:
-            flag = "--" + name.replace("_", "-")
-            return ConfigError(f"{name} ({flag}) must be {what}, not {getattr(self, name)!r}")
-
-        for name, lo, hi in (("quarantine_max_rows", 1, 10**9), ("quarantine_max_payload_mb", 0, 10**7),
-                             ("housekeeping_chunk_rows", 1, 10_000)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise bad(name, f"a whole number from {lo:,} to {hi:,}")
-        for name in ("summary_retention_days", "housekeeping_interval_seconds"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise bad(name, "a finite number, 0 or more")
-        if not 0 < self.housekeeping_interval_seconds <= 86400:
-            raise bad("housekeeping_interval_seconds", "more than 0 and at most 86400 (one day)")
-        if 0 < self.summary_retention_days < MIN_SUMMARY_RETENTION_DAYS:
-            raise bad("summary_retention_days",
-                      f"0 (keep forever) or at least {MIN_SUMMARY_RETENTION_DAYS:g} day: alert evaluation and the "
-                      f"drift report read the last {MIN_SUMMARY_RETENTION_DAYS:g} day of summaries by default")
+        for name in STORAGE_SETTINGS:
+            rule = storage_rule_broken(name, getattr(self, name))
+            if rule is not None:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{name} ({flag}) must be {rule}, not {getattr(self, name)!r}")
 
     @property
     def db_path(self) -> Path:

@@ -149,6 +149,18 @@ def create_spare_token(ws: Workspace) -> None:
         store.close()
 
 
+def write_storage_example(ws: Workspace) -> None:
+    """srv/server.toml becomes the README's example (the file `init` wrote, plus a [storage] table), so the
+    housekeeping command shows the bounds read from it."""
+    (example,) = [b.text for b in blocks(read_readme()) if b.heading == "Storage and retention" and b.kind == "prose"
+                  and "[storage]" in b.text.splitlines()]
+    conf = ws.root / "srv" / "server.toml"
+    written = [ln for ln in conf.read_text().splitlines() if ln.strip()]
+    assert all(ln in example.splitlines() for ln in written), (
+        f"the README's server.toml example is not the file `init` wrote ({written}) plus [storage]:\n{example}")
+    conf.write_text(example + "\n")
+
+
 def publish_second_version(ws: Workspace) -> None:
     ws.run_derived(PUBLISH, {"clinical-1.0.0.efpkg": "clinical-1.1.0.efpkg", "https://pager.example/hooks/clinical":
                              "{pager}", "CMD": "{hook}"}, note="set-up: publish 1.1.0 for the rollout walkthrough")
@@ -256,6 +268,11 @@ SPECS: dict[str, Spec] = {
     "clinical-1.0.0.efpkg --target rpi4-aarch64 --duration 60": Spec(
         subs={"200": "3", "60": "2"}, expect=("3 devices, ",), before=write_simulator_rows,
         why="3 devices for 2 s instead of 200 for 60 s; holdout.npz is written from the example holdout CSV"),
+    "fleet-server housekeeping --data srv": Spec(
+        before=write_storage_example,
+        expect=("quarantine_max_rows = 100000 (default)", "quarantine_max_payload_mb = 64 (file srv/server.toml)",
+                "summary_retention_days = 0 (file srv/server.toml)", "pruned 0 summaries (kept forever)"),
+        why="srv/server.toml is first given the README's [storage] example"),
     # ---- Rollouts and rollbacks ------------------------------------------------------------------------------
     "fleet-server rollout start clinical 1.1.0 --data srv --cohort site=north --stages 1,10,50,100 --bake 10m "
     "[--max-per-minute 20] [--window 02:00-04:00] [--gate max_p95_latency_ratio=1.5] [--approve 3]":

@@ -1,7 +1,7 @@
 """Bounded storage (fleet_server/housekeeping.py): the quarantine's row cap and payload budget, summary retention,
-the settings that set them, the service thread and the one-shot CLI. Real SQLite throughout; quarantine rows and
-summaries arrive through the real HTTP ingest path where the app matters. Old summaries are made by moving their
-``received`` time back (the one thing a test cannot wait for)."""
+the settings that set them (flags and server.toml's [storage] table), the service thread and the one-shot CLI.
+Real SQLite throughout; quarantine rows and summaries arrive through the real HTTP ingest path where the app
+matters. Old summaries are made by moving their ``received`` time back (the one thing a test cannot wait for)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from fleet_server.ingest import QUARANTINE_PAYLOAD_BYTES
 from fleet_server.rollouts import service as rollouts
 from fleet_server.routes_ingest import attach_ingest
 from fleet_server.server import build
-from fleet_server.settings import MIN_SUMMARY_RETENTION_DAYS, ServerSettings
+from fleet_server.settings import MIN_SUMMARY_RETENTION_DAYS, ServerSettings, storage_table
 from fleet_server.store import MIGRATIONS, Store, statements
 from tests.fleet_server.conftest import Fleet, FleetFactory
 from tests.support import wait_until
@@ -414,3 +414,169 @@ def test_serve_passes_its_storage_flags_to_the_server(data_folder: Path, monkeyp
             s.housekeeping_interval_seconds, s.housekeeping_chunk_rows) == (7, 3, 90.0, 5.0, 50)
     rc, _, err = run_cli(["serve", "--data", str(data_folder), "--quarantine-max-rows", "0"])
     assert rc == 1 and "--quarantine-max-rows" in err and len(seen) == 1
+
+
+# ---- server.toml's [storage] table ---------------------------------------------------------------------------
+def add_storage(data: Path, table: str) -> Path:
+    """Append a ``[storage]`` table to the data folder's server.toml, as the README says; returns the file."""
+    conf = data / "server.toml"
+    conf.write_text(conf.read_text() + "\n[storage]\n" + table)
+    return conf
+
+
+def fill(data: Path, quarantine_rows: int, summary_ages_days: list[float]) -> None:
+    now = time.time()
+    store = Store(data / "fleet.sqlite")
+    with store.write() as c:
+        c.executemany("INSERT INTO quarantine (received, source, reason, detail, payload) VALUES (0, 'http', "
+                      "'shape', '', x'00')", [()] * quarantine_rows)
+        c.executemany("INSERT INTO summaries VALUES ('dev-1', ?, 'clinical', '1.0.0', '', '', 1, '{}', ?)",
+                      [(seq, now - days * DAY) for seq, days in enumerate(summary_ages_days, 1)])
+    store.close()
+
+
+def counts(data: Path) -> tuple[int, int]:
+    """(quarantine rows, summaries) in the data folder's database."""
+    store = Store(data / "fleet.sqlite")
+    try:
+        return usage(store)[0], int(store.one("SELECT COUNT(*) FROM summaries")[0])
+    finally:
+        store.close()
+
+
+def serve_settings(monkeypatch: pytest.MonkeyPatch, data: Path, *flags: str) -> tuple[int, ServerSettings | None, str]:
+    """Run ``serve`` with the server's entry point replaced (it would run until stopped): its status, the settings
+    it would have served with (None when it refused to start) and its standard error."""
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr("fleet_server.server.serve", lambda s: seen.append(s) or 0)
+    rc, _, err = run_cli(["serve", "--data", str(data), "--broker", "none", *flags])
+    return rc, (seen[0] if seen else None), err
+
+
+def test_the_housekeeping_command_enforces_the_bounds_in_server_toml_without_flags(data_folder: Path) -> None:
+    """The review's case: the server keeps summaries forever by its server.toml, and a cron job runs
+    `housekeeping --data srv` with no flags. Nothing the server keeps is deleted; the file's cap holds."""
+    add_storage(data_folder, "summary_retention_days = 0\nquarantine_max_rows = 5\n")
+    fill(data_folder, quarantine_rows=12, summary_ages_days=[500, 450, 1])
+
+    rc, out, err = run_cli(["housekeeping", "--data", str(data_folder)])
+
+    assert rc == 0, err
+    assert "evicted 7 quarantine rows" in out and "pruned 0 summaries (kept forever)" in out
+    assert counts(data_folder) == (5, 3)
+
+
+def test_serve_runs_with_the_bounds_in_server_toml(data_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_storage(data_folder, "quarantine_max_rows = 7\nquarantine_max_payload_mb = 3\nsummary_retention_days = 0\n"
+                             "housekeeping_interval_seconds = 5\nhousekeeping_chunk_rows = 50\n")
+
+    rc, s, err = serve_settings(monkeypatch, data_folder)
+
+    assert rc == 0 and s is not None, err
+    assert (s.quarantine_max_rows, s.quarantine_max_payload_mb, s.summary_retention_days,
+            s.housekeeping_interval_seconds, s.housekeeping_chunk_rows) == (7, 3, 0.0, 5.0, 50)
+    assert isinstance(s.summary_retention_days, float)  # TOML's 0 is an integer; the setting is a float, as the flag's
+
+
+def test_a_flag_overrides_server_toml_for_that_run_and_the_rest_of_the_file_still_holds(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = add_storage(data_folder, "quarantine_max_rows = 50\nsummary_retention_days = 0\n")
+    fill(data_folder, quarantine_rows=12, summary_ages_days=[500])
+
+    rc, out, err = run_cli(["housekeeping", "--data", str(data_folder), "--quarantine-max-rows", "5"])
+
+    assert rc == 0, err
+    assert "evicted 7 quarantine rows" in out  # the flag's 5, not the file's 50
+    assert counts(data_folder) == (5, 1)  # the file's retention (forever), not the default 400 days
+    rc, s, err = serve_settings(monkeypatch, data_folder, "--summary-retention-days", "30")
+    assert rc == 0 and s is not None, err
+    assert (s.quarantine_max_rows, s.summary_retention_days) == (50, 30.0)
+    assert "summary_retention_days = 0" in conf.read_text()  # a flag never writes the file
+
+
+def test_the_housekeeping_command_prints_each_bound_and_where_it_came_from(data_folder: Path) -> None:
+    conf = add_storage(data_folder, "summary_retention_days = 0\nquarantine_max_payload_mb = 64\n")
+
+    rc, out, err = run_cli(["housekeeping", "--data", str(data_folder), "--quarantine-max-payload-mb", "8"])
+
+    assert rc == 0, err
+    assert out.splitlines()[:5] == [
+        "housekeeping bounds:",
+        "  quarantine_max_rows = 100000 (default)",
+        "  quarantine_max_payload_mb = 8 (flag --quarantine-max-payload-mb)",
+        f"  summary_retention_days = 0 (file {conf})",
+        "  housekeeping_chunk_rows = 500 (default)",
+    ]
+    assert out.splitlines()[5].startswith("housekeeping: evicted 0 quarantine rows")
+
+
+def commands(data: Path) -> list[list[str]]:
+    """Commands that read server.toml: the two that run housekeeping and two that do not."""
+    return [[*c, "--data", str(data)] for c in (["housekeeping"], ["serve", "--broker", "none"], ["tokens", "list"],
+                                                 ["backup", "--to", str(data.parent / "copy")])]
+
+
+BAD_TABLES = [  # a line of [storage], the key the error must name, the rule it must state
+    ("summary_retention_days = 0.5", "summary_retention_days", "0 (keep forever) or at least 1 day"),
+    ('summary_retention_days = "0"', "summary_retention_days", "a finite number, 0 or more, not '0' (a string"),
+    ("summary_retention_days = -1", "summary_retention_days", "a finite number, 0 or more, not -1"),
+    ("quarantine_max_rows = 0", "quarantine_max_rows", "a whole number from 1 to 1,000,000,000, not 0"),
+    ("quarantine_max_rows = 1e5", "quarantine_max_rows", "a whole number from 1 to 1,000,000,000, not 100000.0"),
+    ("quarantine_max_payload_mb = true", "quarantine_max_payload_mb", "a whole number from 0 to"),
+    ("housekeeping_interval_seconds = nan", "housekeeping_interval_seconds", "a finite number, 0 or more"),
+    ("housekeeping_interval_seconds = 0", "housekeeping_interval_seconds", "more than 0 and at most 86400"),
+    ("housekeeping_chunk_rows = [500]", "housekeeping_chunk_rows", "a whole number from 1 to 10,000"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "rule"), BAD_TABLES, ids=[b[0] for b in BAD_TABLES])
+def test_a_bad_value_in_server_toml_stops_every_command_naming_the_file_the_key_and_the_rule(
+        data_folder: Path, monkeypatch: pytest.MonkeyPatch, line: str, key: str, rule: str) -> None:
+    conf = add_storage(data_folder, line + "\n")
+    fill(data_folder, quarantine_rows=3, summary_ages_days=[500])
+    served: list[ServerSettings] = []
+    monkeypatch.setattr("fleet_server.server.serve", lambda s: served.append(s) or 0)
+
+    for command in commands(data_folder):
+        rc, out, err = run_cli(command)
+        assert rc == 1 and f"{conf}: [storage] {key} must be {rule}" in err, (command, err)
+        assert out == ""  # refused before anything ran
+    assert not served and counts(data_folder) == (3, 1)
+
+
+def test_an_unknown_key_in_the_storage_table_is_refused_naming_it(data_folder: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo must not fall back to the default silently (here: summaries pruned after 400 days)."""
+    conf = add_storage(data_folder, "summary_retention_day = 0\nquarantine_rows = 5\n")
+    monkeypatch.setattr("fleet_server.server.serve", lambda s: 0)
+
+    for command in commands(data_folder):
+        rc, out, err = run_cli(command)
+        assert rc == 1 and out == "", (command, err)
+        assert (f"{conf}: unknown keys in [storage]: summary_retention_day (did you mean summary_retention_days?), "
+                "quarantine_rows (did you mean quarantine_max_rows?); the keys are quarantine_max_rows,") in err
+
+
+def test_a_storage_key_outside_the_storage_table_is_refused_not_ignored(data_folder: Path) -> None:
+    conf = data_folder / "server.toml"
+    conf.write_text(conf.read_text() + "summary_retention_days = 0\n")  # no [storage] line above it
+
+    rc, out, err = run_cli(["housekeeping", "--data", str(data_folder)])
+
+    assert rc == 1 and out == "" and f"{conf}: summary_retention_days must be in the [storage] table" in err
+
+
+def test_a_server_toml_that_is_not_toml_is_a_config_error_naming_it(data_folder: Path) -> None:
+    add_storage(data_folder, "summary_retention_days = \n")
+
+    rc, out, err = run_cli(["housekeeping", "--data", str(data_folder)])
+
+    assert rc == 1 and out == "" and f"fleet-server: error: {data_folder / 'server.toml'} is not valid TOML" in err
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_SETTINGS, ids=[f"{n}={v!r}" for n, v in BAD_SETTINGS])
+def test_server_toml_and_the_flags_refuse_the_same_values(name: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        storage_table({name: value}, "srv/server.toml")
+    assert str(err.value).startswith(f"srv/server.toml: [storage] {name} must be ")
+    assert storage_table({name: 1}, "srv/server.toml") == {name: 1}  # and accept the same
