@@ -1,4 +1,5 @@
-"""`fleet-server` command line: init, serve, tokens, devices, models, drift, alerts.
+"""`fleet-server` command line: init, serve, devices, models, rollouts, simulate; tokens, backup and housekeeping
+(``cli_admin``); drift and alerts (``cli_drift``).
 
 Every command takes ``--data DIR`` (the server's data folder: ``fleet.sqlite``, ``packages/``, ``keys/``,
 ``server.toml``). Commands other than ``serve`` work directly on the data folder, so they also work while the
@@ -8,12 +9,8 @@ server is down.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
-import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,53 +20,11 @@ from edgefleet_contracts.signing import generate_key, load_public_key, public_b6
 from edgefleet_contracts.timeutil import parse_duration
 
 from . import devices, registry
-from .auth import create_token, list_tokens, revoke_token, token_id
+from .cli_admin import add_admin_commands
+from .cli_common import _data, _print, _settings, _storage, _storage_flags, _tags
 from .errors import ConfigError, FleetError
-from .settings import STORAGE_SETTINGS, ServerSettings, storage_table
+from .settings import ServerSettings
 from .store import Store
-
-
-def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
-    """The data folder's settings for any command: its ``server.toml`` (``fleet``, and the storage bounds of an
-    optional ``[storage]`` table), with ``over`` (the command's flags) on top. ConfigError when the folder is not
-    initialised or server.toml is not valid (the message names the file, the key and the rule)."""
-    return _settings_and_sources(args, **over)[0]
-
-
-def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[ServerSettings, dict[str, str]]:
-    """As _settings, and where each storage setting came from: ``flag --NAME``, ``file PATH`` or ``default``."""
-    data = Path(args.data)
-    conf = data / "server.toml"
-    if not conf.exists():
-        raise ConfigError(f"{data} is not a fleet-server data folder; run `fleet-server init --data {data} "
-                          "--root-key ROOT_PUB` first")
-    try:
-        base = tomllib.loads(conf.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{conf} is not valid TOML: {exc}") from None
-    misplaced = [k for k in base if k in STORAGE_SETTINGS]
-    if misplaced:  # above any table header: read as top-level keys, so they would silently do nothing
-        raise ConfigError(f"{conf}: {', '.join(misplaced)} must be in the [storage] table (a `[storage]` line "
-                          "above it, at the end of the file)")
-    stored = storage_table(base.get("storage", {}), str(conf))
-    settings = ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **{**stored, **over})
-    sources = {name: f"flag --{name.replace('_', '-')}" if name in over else f"file {conf}" if name in stored
-               else "default" for name in STORAGE_SETTINGS}
-    return settings, sources
-
-
-def _tags(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise ConfigError(f"--tag {p!r} must be key=value")
-        k, v = p.split("=", 1)
-        out[k] = v
-    return out
-
-
-def _print(obj: Any, as_json: bool, text: Callable[[Any], str]) -> None:
-    print(json.dumps(obj, indent=2, default=str) if as_json else text(obj))
 
 
 # ---- init / serve ----------------------------------------------------------------------------------------
@@ -92,16 +47,6 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backup(args: argparse.Namespace) -> int:
-    from .backup import backup
-
-    doc = backup(_settings(args), Path(args.to))
-    rows = doc["rows"]
-    print(f"backed up {args.data} to {args.to}: {rows.get('devices', 0)} devices, {rows.get('summaries', 0)} "
-          f"summaries, {len(doc['packages'])} packages, keys and server.toml (checked; see backup.json)")
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
@@ -110,89 +55,6 @@ def _serve(args: argparse.Namespace) -> int:
                          embedded_mqtt_port=args.mqtt_port, public_url=args.public_url or "",
                          drift_interval_seconds=args.drift_interval, **_storage(args))
     return serve(settings)
-
-
-# The bounded-storage settings (fleet_server/housekeeping.py, settings.STORAGE_SETTINGS), as flags of `serve` and
-# `housekeeping`. Their home is server.toml's [storage] table (read by _settings for every command, so a cron job's
-# `housekeeping` enforces what `serve` does); a flag overrides it for one run.
-_STORAGE_FLAGS: tuple[tuple[str, type, str, str], ...] = (
-    ("quarantine_max_rows", int, "N", "quarantine rows kept; the oldest are deleted past it"),
-    ("quarantine_max_payload_mb", int, "MIB", "MiB of quarantined payloads kept; past it the oldest rows keep only "
-                                              "their metadata (0 = no payloads)"),
-    ("summary_retention_days", float, "DAYS", "days summaries are kept after receipt (0 = forever, else at least 1)"),
-    ("housekeeping_interval_seconds", float, "SECONDS", "seconds between housekeeping passes"),
-    ("housekeeping_chunk_rows", int, "N", "rows deleted per write transaction"),
-)
-
-
-def _storage_flags(p: argparse.ArgumentParser) -> None:
-    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
-    for name, kind, metavar, text in _STORAGE_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar=metavar,
-                       help=f"{text} (for this run; else [storage] {name} in server.toml, else "
-                            f"{_number(defaults[name])})")
-
-
-def _number(v: float) -> str:
-    """A setting's value as written in server.toml: 400.0 as 400, 1.5 as 1.5, 100000 as 100000."""
-    return str(int(v)) if float(v).is_integer() else str(v)
-
-
-def _storage(args: argparse.Namespace) -> dict[str, Any]:
-    return {f[0]: getattr(args, f[0]) for f in _STORAGE_FLAGS if getattr(args, f[0]) is not None}
-
-
-def _housekeeping(args: argparse.Namespace) -> int:
-    from .housekeeping import HousekeepingService
-
-    s, sources = _settings_and_sources(args, **_storage(args))
-    # First, so a cron log shows which bounds this pass enforced and why, even if the pass fails. The interval
-    # between passes is left out: it is serve's alone.
-    print("housekeeping bounds:")
-    for name in ("quarantine_max_rows", "quarantine_max_payload_mb", "summary_retention_days",
-                 "housekeeping_chunk_rows"):
-        print(f"  {name} = {_number(getattr(s, name))} ({sources[name]})")
-    sys.stdout.flush()
-    store = Store(s.db_path)
-    try:
-        r = HousekeepingService(s, store).run_once()
-    finally:
-        store.close()
-    before = ("kept forever" if r.summaries_cutoff is None else
-              "received before " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.summaries_cutoff)))
-    print(f"housekeeping: evicted {r.quarantine_rows_evicted} quarantine rows and {r.quarantine_payloads_evicted} "
-          f"payloads ({r.quarantine_bytes_freed} bytes); pruned {r.summaries_pruned} summaries ({before}); "
-          f"{r.transactions} transactions")
-    return 0
-
-
-# ---- tokens ------------------------------------------------------------------------------------------------
-def _tokens_create(args: argparse.Namespace) -> int:
-    s = _settings(args)
-    ttl = parse_duration(args.ttl).total_seconds() if args.ttl else None
-    store = Store(s.db_path)
-    token = create_token(store, args.role, args.name or "", ttl)
-    print(token)
-    print(f"(a {args.role} token, id {token_id(store, token)}; shown once — store it as a secret; revoke it with "
-          f"`fleet-server tokens revoke {token_id(store, token)}`)", file=sys.stderr)
-    return 0
-
-
-def _tokens_list(args: argparse.Namespace) -> int:
-    def at(t: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
-
-    docs = list_tokens(Store(_settings(args).db_path))
-    _print(docs, args.json, lambda ts: "\n".join(
-        f"{t['id']}  {t['role']:<8} {t['state']:<8} {t['name']}  created {at(t['created'])}"
-        + (f"  expires {at(t['expires'])}" if t["expires"] is not None else "") for t in ts) or "no tokens")
-    return 0
-
-
-def _tokens_revoke(args: argparse.Namespace) -> int:
-    doc = revoke_token(Store(_settings(args).db_path), args.token)
-    print(f"token {doc['id']} ({doc['role']}, {doc['name']}) is {doc['state']}")
-    return 0
 
 
 # ---- devices -----------------------------------------------------------------------------------------------
@@ -362,10 +224,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------------------
-def _data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="the server's data folder")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet-server", description="edgefleet fleet server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,32 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift evaluations")
     _storage_flags(p)
     p.set_defaults(func=_serve)
-    p = sub.add_parser("housekeeping", help="run one storage housekeeping pass now: quarantine caps, summary "
-                                            "retention (also runs inside `serve`)")
-    _data(p)
-    _storage_flags(p)
-    p.set_defaults(func=_housekeeping)
-    p = sub.add_parser("backup", help="copy the data folder (database, keys, packages) while the server runs")
-    _data(p)
-    p.add_argument("--to", required=True, help="a new folder for the backup (restore: serve with --data on it)")
-    p.set_defaults(func=_backup)
-
-    t = sub.add_parser("tokens", help="operator API tokens")
-    tsub = t.add_subparsers(dest="tokens_cmd", required=True)
-    p = tsub.add_parser("create")
-    _data(p)
-    p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
-    p.add_argument("--name")
-    p.add_argument("--ttl", help="lifetime such as 90d (default: no expiry)")
-    p.set_defaults(func=_tokens_create)
-    p = tsub.add_parser("list", help="every token's id, role, state (active, expired, revoked) and name")
-    _data(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_tokens_list)
-    p = tsub.add_parser("revoke", help="revoke a token at once (by its id, or by its value if that is all you have)")
-    _data(p)
-    p.add_argument("token", help="the token's id (from `tokens list`) or its eft_… value")
-    p.set_defaults(func=_tokens_revoke)
+    add_admin_commands(sub)
 
     d = sub.add_parser("devices", help="enroll and list devices")
     dsub = d.add_subparsers(dest="devices_cmd", required=True)
