@@ -88,6 +88,20 @@ class Context:
         self.metrics: list[Callable[[], str]] = []
 
 
+def with_app(app: FastAPI, start: Callable[[], Any], stop: Callable[[], Any]) -> None:
+    """Run a background service with the app: ``start`` at startup, ``stop`` at shutdown, each in a worker
+    thread (they block: threads are started and joined), never on the event loop."""
+
+    async def _start() -> None:
+        await run_in_threadpool(start)
+
+    async def _stop() -> None:
+        await run_in_threadpool(stop)
+
+    app.router.add_event_handler("startup", _start)
+    app.router.add_event_handler("shutdown", _stop)
+
+
 def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     store = store or Store(settings.db_path)
     ctx = Context(settings, store)

@@ -391,18 +391,10 @@ def _usage(c: sqlite3.Connection) -> tuple[int, int, int]:
 def attach_housekeeping(app: Any, ctx: Any, **options: Any) -> HousekeepingService:
     """Create the :class:`HousekeepingService`, keep it in ``ctx.extensions["housekeeping"]``, add its metrics,
     and start/stop it with the app (startup/shutdown handlers)."""
-    from starlette.concurrency import run_in_threadpool
+    from .app import with_app
 
     svc = HousekeepingService(ctx.settings, ctx.store, **options)
     ctx.extensions["housekeeping"] = svc
     ctx.metrics.append(svc.metrics)
-
-    async def _start() -> None:
-        await run_in_threadpool(svc.start)
-
-    async def _stop() -> None:
-        await run_in_threadpool(svc.stop)
-
-    app.router.add_event_handler("startup", _start)
-    app.router.add_event_handler("shutdown", _stop)
+    with_app(app, svc.start, svc.stop)
     return svc

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import alerts, health, retraining
 from .alerts import DeliveryConfig, Evaluation
-from .app import read_json
+from .app import read_json, with_app
 from .errors import RequestError
 from .retraining import HOOK_TIMEOUT_S, HookRun
 from .settings import ServerSettings
@@ -236,13 +236,5 @@ def attach_drift(app: FastAPI, ctx: Any, **service_options: Any) -> DriftService
     ctx.extensions["drift"] = svc
     ctx.metrics.append(svc.metrics)
     register_drift_routes(app, ctx)
-
-    async def _start() -> None:
-        await run_in_threadpool(svc.start)
-
-    async def _stop() -> None:
-        await run_in_threadpool(svc.stop)
-
-    app.router.add_event_handler("startup", _start)
-    app.router.add_event_handler("shutdown", _stop)
+    with_app(app, svc.start, svc.stop)
     return svc

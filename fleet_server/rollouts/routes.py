@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..app import DEFAULT_LIMIT, Limit, Operator, Viewer, page, read_json
+from ..app import DEFAULT_LIMIT, Limit, Operator, Viewer, page, read_json, with_app
 from ..bodies import body_object, floats, integer, integers, number, string, strings
 from ..errors import RequestError
 from . import service
@@ -82,6 +82,5 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
         if svc.publisher is not None:
             svc.publisher.close()
 
-    app.router.on_startup.append(_start)
-    app.router.on_shutdown.append(_stop)
+    with_app(app, _start, _stop)
     return svc
