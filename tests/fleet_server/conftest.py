@@ -106,6 +106,21 @@ def make_fleet(tmp_path: Path, built: Any) -> Iterator[FleetFactory]:
 
 
 @pytest.fixture
+def cli_data(built: Any, tmp_path: Path) -> Path:
+    """A data folder made as an operator makes one, by the CLI: initialised with the session's root key,
+    ``clinical 1.0.0`` published (owner ``ml``), ``dev-1`` enrolled."""
+    from fleet_server.cli import main as fleet_cli
+
+    d = tmp_path / "srv"
+    assert fleet_cli(["init", "--data", str(d), "--root-key", str(built.keys / "root.pub")]) == 0
+    assert fleet_cli(["models", "publish", str(built.package), "--data", str(d), "--owner", "ml", "--oncall",
+                      "http://127.0.0.1:9/x"]) == 0
+    assert fleet_cli(["devices", "enroll", "--data", str(d), "--device-id", "dev-1", "--public-key",
+                      str(built.keys / "root.pub")]) == 0
+    return d
+
+
+@pytest.fixture
 def fleet(make_fleet: FleetFactory) -> Fleet:
     return make_fleet()
 

@@ -20,14 +20,8 @@ from fleet_server.store import Store
 
 
 @pytest.fixture()
-def data(built: Any, tmp_path: Path) -> Path:
-    d = tmp_path / "srv"
-    assert fleet_cli(["init", "--data", str(d), "--root-key", str(built.keys / "root.pub")]) == 0
-    assert fleet_cli(["models", "publish", str(built.package), "--data", str(d), "--owner", "ml", "--oncall",
-                      "http://127.0.0.1:9/x"]) == 0
-    assert fleet_cli(["devices", "enroll", "--data", str(d), "--device-id", "dev-1", "--public-key",
-                      str(built.keys / "root.pub")]) == 0
-    return d
+def data(cli_data: Path) -> Path:
+    return cli_data
 
 
 def test_a_backup_taken_while_the_server_writes_is_one_consistent_snapshot(data: Path, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from edgefleet_contracts.signing import generate_key, public_b64
 from fleet_server.auth import create_token
-from fleet_server.cli import main as fleet_cli
 from fleet_server.server import build
 from fleet_server.settings import ServerSettings
 
@@ -36,13 +35,8 @@ WRITES = [
 
 
 @pytest.fixture()
-def traced(built: Any, tmp_path: Any) -> Iterator[tuple[TestClient, dict[str, str], set[int], list[tuple[int, str]]]]:
-    data = tmp_path / "server"
-    assert fleet_cli(["init", "--data", str(data), "--root-key", str(built.keys / "root.pub")]) == 0
-    assert fleet_cli(["models", "publish", str(built.package), "--data", str(data), "--owner", "ml", "--oncall",
-                      "http://127.0.0.1:9/x"]) == 0
-    assert fleet_cli(["devices", "enroll", "--data", str(data), "--device-id", "dev-1", "--public-key",
-                      str(built.keys / "root.pub")]) == 0
+def traced(cli_data: Any) -> Iterator[tuple[TestClient, dict[str, str], set[int], list[tuple[int, str]]]]:
+    data = cli_data
     app, ctx = build(ServerSettings(data_dir=data, broker="none"))
     admin = {"Authorization": f"Bearer {create_token(ctx.store, 'admin')}"}
     loop_threads: set[int] = set()
