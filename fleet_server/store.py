@@ -111,6 +111,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE devices ADD COLUMN seq_base INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: rollouts listed newest first a page at a time (GET /api/v1/rollouts?before=): a range read, not a sort
+    "CREATE INDEX rollouts_created ON rollouts (created, id);",
 ]
 
 

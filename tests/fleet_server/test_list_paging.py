@@ -241,3 +241,14 @@ def test_the_dashboard_lists_every_rollout_past_the_first_page(api: Api) -> None
     finally:
         server.should_exit = True
         thread.join(20)
+
+
+def test_a_rollouts_page_is_a_range_read_of_an_index_not_a_sort_of_the_table(tmp_path: Any) -> None:
+    from fleet_server.store import Store
+
+    store = Store(tmp_path / "fleet.sqlite")
+    plan = " ".join(str(r[-1]) for r in store.query(
+        "EXPLAIN QUERY PLAN SELECT id FROM rollouts WHERE (created, id) < (?, ?) ORDER BY created DESC, id DESC"
+        " LIMIT ?", (0.0, "r-x", 10)))
+    store.close()
+    assert "rollouts_created" in plan and "TEMP B-TREE" not in plan, plan
