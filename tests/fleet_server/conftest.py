@@ -106,6 +106,47 @@ def make_fleet(tmp_path: Path, built: Any) -> Iterator[FleetFactory]:
 
 
 @pytest.fixture
+def start_app() -> Iterator[Callable[[Fleet, Callable[[Any, Any], Any]], tuple[Any, Any]]]:
+    """``start_app(fleet, attach)``: the fleet's app with ``attach(app, ctx)`` (which returns its service), its
+    lifespan running (TestClient context) until the test ends. Returns (client, service)."""
+    from fastapi.testclient import TestClient
+
+    from fleet_server.app import create_app
+
+    clients: list[TestClient] = []
+
+    def start(fleet: Fleet, attach: Callable[[Any, Any], Any]) -> tuple[TestClient, Any]:
+        app = create_app(fleet.settings, fleet.store)
+        svc = attach(app, app.state.ctx)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client, svc
+
+    yield start
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_http(make_fleet: FleetFactory, start_app: Any) -> Callable[..., Any]:
+    """``make_http(**settings)``: (client, fleet, ingest service) — the app with ingest attached, running."""
+    from fleet_server.routes_ingest import attach_ingest
+
+    def make(**settings: Any) -> Any:
+        fleet = make_fleet(**settings)
+        client, svc = start_app(fleet, attach_ingest)
+        return client, fleet, svc
+
+    return make
+
+
+@pytest.fixture
+def http(make_http: Callable[..., Any]) -> Any:
+    return make_http()
+
+
+@pytest.fixture
 def cli_data(built: Any, tmp_path: Path) -> Path:
     """A data folder made as an operator makes one, by the CLI: initialised with the session's root key,
     ``clinical 1.0.0`` published (owner ``ml``), ``dev-1`` enrolled."""

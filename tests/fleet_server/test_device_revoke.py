@@ -18,12 +18,7 @@ from fleet_server.retraining import events
 from fleet_server.rollouts import service
 
 from .conftest import Fleet
-from .test_ingest import Http, make_http, metric, post  # noqa: F401 - make_http: a fixture
-
-
-@pytest.fixture
-def http(make_http: Any) -> Http:  # noqa: F811 - the fixture imported above is used through this one
-    return make_http()  # type: ignore[no-any-return]
+from .test_ingest import Http, metric, post
 
 
 def _auth(store: Any, role: str) -> dict[str, str]:

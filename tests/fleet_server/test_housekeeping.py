@@ -10,7 +10,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from fastapi.testclient import TestClient
 from edgefleet_contracts.signing import generate_key
 from fleet_server import alerts
 from fleet_server.alerts import AlertRules
-from fleet_server.app import create_app
 from fleet_server.cli import main as fleet_cli
 from fleet_server.errors import ConfigError
 from fleet_server.health import DEFAULT_LOOKBACK_S
@@ -46,25 +45,22 @@ App = tuple[TestClient, Fleet, HousekeepingService]
 
 
 @pytest.fixture
-def make_app(make_fleet: FleetFactory) -> Iterator[Callable[..., App]]:
+def make_app(make_fleet: FleetFactory, start_app: Any) -> Callable[..., App]:
     """``make_app(housekeeping={...}, **settings)``: the app with ingest and housekeeping attached, its lifespan
     running. Housekeeping's own thread is kept quiet (hour-long interval and checks) unless the test says."""
-    clients: list[TestClient] = []
 
     def make(housekeeping: dict[str, Any] | None = None, **settings: Any) -> App:
         settings.setdefault("housekeeping_interval_seconds", 3600.0)
         fleet = make_fleet(**settings)
-        app = create_app(fleet.settings, fleet.store)
-        attach_ingest(app, app.state.ctx, validator_processes=0)
-        svc = attach_housekeeping(app, app.state.ctx, **{"check_seconds": 3600.0, **(housekeeping or {})})
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
+
+        def attach(app: Any, ctx: Any) -> HousekeepingService:
+            attach_ingest(app, ctx, validator_processes=0)
+            return attach_housekeeping(app, ctx, **{"check_seconds": 3600.0, **(housekeeping or {})})
+
+        client, svc = start_app(fleet, attach)
         return client, fleet, svc
 
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    return make
 
 
 def post(client: TestClient, body: bytes) -> Any:

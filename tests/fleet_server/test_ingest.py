@@ -10,7 +10,7 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,30 +30,6 @@ from tests.fleet_server.conftest import Fleet, FleetFactory, make_summary
 from tests.support import wait_until
 
 Http = tuple[TestClient, Fleet, IngestService]
-
-
-@pytest.fixture
-def make_http(make_fleet: FleetFactory) -> Iterator[Callable[..., Http]]:
-    """``make_http(**settings)``: the app with ingest attached, its lifespan running (TestClient context)."""
-    clients: list[TestClient] = []
-
-    def make(**settings: Any) -> Http:
-        fleet = make_fleet(**settings)
-        app = create_app(fleet.settings, fleet.store)
-        svc = attach_ingest(app, app.state.ctx)
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
-        return client, fleet, svc
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
-
-@pytest.fixture
-def http(make_http: Callable[..., Http]) -> Http:
-    return make_http()
 
 
 def post(client: TestClient, body: bytes | Any) -> Any:
