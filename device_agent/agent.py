@@ -317,7 +317,7 @@ class Agent(OtherPaths):
         self.counters.rejected[kind] = self.counters.rejected.get(kind, 0) + 1
 
     def refuse_feedback(self, reason: str) -> None:
-        """Count a feedback request refused before it reached ``feedback`` (a malformed body): in ``rejected``,
+        """Count a refused feedback request (a malformed body, or a label ``feedback`` refused): in ``rejected``,
         not in the window, whose errors are the model's requests (the fleet's error rate is computed from them)."""
         with self._lock:
             self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
@@ -363,10 +363,10 @@ class Agent(OtherPaths):
                                             f"{list(m.classes)}")
             self.log.set_label(prediction_id, true)  # fsynced; AlreadyLabelledError, LabelWriteError
         except (FeedbackError, LabelWriteError) as exc:
-            with self._lock:
-                if isinstance(exc, MalformedPredictionIdError | UnknownPredictionError):
+            if isinstance(exc, MalformedPredictionIdError | UnknownPredictionError):
+                with self._lock:
                     self.counters.feedback_unmatched += 1
-                self.counters.rejected[exc.reason] = self.counters.rejected.get(exc.reason, 0) + 1
+            self.refuse_feedback(exc.reason)
             raise
         with self._lock:
             self.counters.feedback += 1

@@ -11,13 +11,12 @@ token``).
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from typing import Any
 
 from .errors import AuthError, ForbiddenError, NotFoundError, RequestError
-from .store import Store
+from .store import Store, record_event
 
 ROLES = ("viewer", "operator", "admin")
 _RANK = {r: i for i, r in enumerate(ROLES)}
@@ -38,13 +37,9 @@ def create_token(store: Store, role: str, name: str = "", ttl_seconds: float | N
     with store.write() as c:
         c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, 0)",
                   (token_id, name or role, role, _hash(token), now, expires))
-        _event(c, now, token_id, {"action": "created", "name": name or role, "role": role, "expires": expires})
+        record_event(c, now, "token", token_id,
+                     {"action": "created", "name": name or role, "role": role, "expires": expires})
     return token
-
-
-def _event(c: Any, at: float, token_id: str, detail: dict[str, Any]) -> None:
-    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, 'token', ?, ?)",
-              (at, token_id, json.dumps(detail, sort_keys=True)))
 
 
 def _doc(row: Any, now: float) -> dict[str, Any]:
@@ -80,7 +75,8 @@ def revoke_token(store: Store, which: str, by: str = "cli") -> dict[str, Any]:
             raise NotFoundError(f"no token with {shown}; `fleet-server tokens list` shows the ids")
         if not row["revoked"]:
             c.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", (row["id"],))
-            _event(c, now, row["id"], {"action": "revoked", "name": row["name"], "role": row["role"], "by": by})
+            record_event(c, now, "token", row["id"],
+                         {"action": "revoked", "name": row["name"], "role": row["role"], "by": by})
         row = c.execute("SELECT * FROM tokens WHERE id = ?", (row["id"],)).fetchone()
     return _doc(row, now)
 

@@ -29,10 +29,6 @@ from .settings import ServerSettings
 
 __all__ = ["backup"]
 
-TABLES = ("devices", "models", "model_versions", "summaries", "alerts", "rollouts", "desired", "tokens", "events",
-          "quarantine")
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -51,9 +47,10 @@ def _copy_db(src: Path, dst: Path) -> dict[str, int]:
         problems = [r[0] for r in target.execute("PRAGMA integrity_check")]
         if problems != ["ok"]:
             raise ConfigError(f"the copied database fails its integrity check: {problems[:5]}")
-        present = {r[0] for r in target.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        return {t: int(target.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608 - fixed names
-                for t in TABLES if t in present}
+        tables = [r[0] for r in target.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                                " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        # table names from the database's own schema, quoted
+        return {t: int(target.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0]) for t in tables}
     finally:
         target.close()
         source.close()

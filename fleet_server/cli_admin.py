@@ -27,6 +27,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _housekeeping(args: argparse.Namespace) -> int:
+    from .health import fmt_epoch
     from .housekeeping import HousekeepingService
 
     s, sources = _settings_and_sources(args, **_storage(args))
@@ -43,7 +44,7 @@ def _housekeeping(args: argparse.Namespace) -> int:
     finally:
         store.close()
     before = ("kept forever" if r.summaries_cutoff is None else
-              "received before " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.summaries_cutoff)))
+              "received before " + fmt_epoch(r.summaries_cutoff))
     print(f"housekeeping: evicted {r.quarantine_rows_evicted} quarantine rows and {r.quarantine_payloads_evicted} "
           f"payloads ({r.quarantine_bytes_freed} bytes); pruned {r.summaries_pruned} summaries ({before}); "
           f"{r.transactions} transactions")
@@ -57,8 +58,9 @@ def _tokens_create(args: argparse.Namespace) -> int:
     store = Store(s.db_path)
     token = create_token(store, args.role, args.name or "", ttl)
     print(token)
-    print(f"(a {args.role} token, id {token_id(store, token)}; shown once — store it as a secret; revoke it with "
-          f"`fleet-server tokens revoke {token_id(store, token)}`)", file=sys.stderr)
+    tid = token_id(store, token)
+    print(f"(a {args.role} token, id {tid}; shown once — store it as a secret; revoke it with "
+          f"`fleet-server tokens revoke {tid}`)", file=sys.stderr)
     return 0
 
 

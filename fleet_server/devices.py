@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
@@ -14,7 +13,7 @@ from edgefleet_contracts.signing import public_b64, public_from_b64
 from edgefleet_contracts.topics import check_id
 
 from .errors import AuthError, ConflictError, NotFoundError, RequestError
-from .store import Store
+from .store import Store, record_event
 
 
 def _check_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -27,20 +26,21 @@ def _check_tags(tags: dict[str, str]) -> dict[str, str]:
 def enroll(store: Store, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str] | None = None,
            *, replace: bool = False) -> dict[str, Any]:
     """Enroll a device by its Ed25519 public key (base64 raw). Raises RequestError or ConflictError."""
-    tags = _checked(device_id, public_key_b64, tags)
+    key, tags = _checked(device_id, public_key_b64, tags)
     with store.write() as c:
-        _enroll_in(c, fleet, device_id, public_key_b64, tags, replace=replace)
+        _enroll_in(c, fleet, device_id, key, tags, replace=replace)
     return get(store, device_id)
 
 
-def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -> dict[str, str]:
-    """The tags, once the id, key and tags are valid. Raises RequestError."""
+def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+    """The key in its one base64 spelling (base64 has more than one for the same 32 bytes) and the tags, once
+    the id, key and tags are valid. Raises RequestError."""
     try:
         check_id(device_id, "device id")
-        public_from_b64(public_key_b64)
+        key = public_b64(public_from_b64(public_key_b64))
     except SchemaError as exc:
         raise RequestError(str(exc)) from None
-    return _check_tags(tags or {})
+    return key, _check_tags(tags or {})
 
 
 def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str], *,
@@ -54,19 +54,18 @@ def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: di
     A new key starts a new generation of the device: a new key comes with a newly provisioned device folder,
     whose summaries count from seq 1 again. So its ``seq_base`` becomes the highest seq stored for the device,
     and its summaries are stored at ``seq + seq_base`` (ingest adds it): without that, they would be taken for
-    replays of the previous generation's and dropped. Keys are compared as bytes (base64 has more than one
-    spelling of the same key) and stored in one spelling."""
-    public_key_b64 = public_b64(public_from_b64(public_key_b64))
+    replays of the previous generation's and dropped. ``public_key_b64`` is in its one spelling (``_checked``);
+    a stored key is compared in that spelling too (rows enrolled before keys were stored so may not be)."""
     existing = c.execute("SELECT public_key, revoked, seq_base FROM devices WHERE device_id = ?",
                          (device_id,)).fetchone()
-    same_key = existing is not None and _raw(existing["public_key"]) == _raw(public_key_b64)
+    same_key = existing is not None and _checked(device_id, existing["public_key"], None)[0] == public_key_b64
     if existing is not None and existing["revoked"] is not None:
         if not replace:
             raise ConflictError(f"device {device_id} was revoked; an operator may enroll it again with a new key "
                                 "(`fleet-server devices enroll --replace`)")
         if same_key:
             raise ConflictError(f"device {device_id} was revoked with this key; enroll it with a new key")
-        _event(c, device_id, {"action": "reinstated", "by": "enroll --replace"})
+        record_event(c, time.time(), "device", device_id, {"action": "reinstated", "by": "enroll --replace"})
     elif existing is not None and not same_key and not replace:
         raise ConflictError(f"device {device_id} is already enrolled with another key; re-enroll with --replace")
     base = int(existing["seq_base"]) if existing is not None else 0
@@ -78,15 +77,6 @@ def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: di
         " ON CONFLICT(device_id) DO UPDATE SET public_key=excluded.public_key, tags=excluded.tags,"
         " revoked=NULL, revoked_reason=NULL, seq_base=excluded.seq_base",
         (device_id, public_key_b64, fleet, json.dumps(tags, sort_keys=True), time.time(), base))
-
-
-def _raw(b64: str) -> bytes:
-    return base64.b64decode(b64)
-
-
-def _event(c: Any, device_id: str, detail: dict[str, Any]) -> None:
-    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, 'device', ?, ?)",
-              (time.time(), device_id, json.dumps(detail, sort_keys=True)))
 
 
 def revoke(store: Store, device_id: str, reason: str, by: str) -> dict[str, Any]:
@@ -102,13 +92,13 @@ def revoke(store: Store, device_id: str, reason: str, by: str) -> dict[str, Any]
         if row is None:
             raise NotFoundError(f"device {device_id!r} is not enrolled")
         if row["revoked"] is None:
-            c.execute("UPDATE devices SET revoked = ?, revoked_reason = ? WHERE device_id = ?",
-                      (time.time(), reason.strip(), device_id))
+            now, why = time.time(), reason.strip()
+            c.execute("UPDATE devices SET revoked = ?, revoked_reason = ? WHERE device_id = ?", (now, why, device_id))
             # Its retained desired state is cleared on the broker (an empty retained message, published with the
             # other pending desired states), so a stolen device that reconnects is not handed it again.
             c.execute("UPDATE desired SET envelope = '', seq = seq + 1, published = 0, updated = ? WHERE device_id = ?",
-                      (time.time(), device_id))
-            _event(c, device_id, {"action": "revoked", "reason": reason.strip(), "by": by})
+                      (now, device_id))
+            record_event(c, now, "device", device_id, {"action": "revoked", "reason": why, "by": by})
     return get(store, device_id)
 
 
@@ -129,7 +119,7 @@ def self_enroll(store: Store, fleet: str, token: str, device_id: str, public_key
     token, exactly one enrolls; a refused enrollment (a device id enrolled with another key) leaves the token
     unused."""
     h = hashlib.sha256(token.encode()).hexdigest()
-    _checked(device_id, public_key_b64, None)
+    key, _ = _checked(device_id, public_key_b64, None)
     with store.write() as c:
         row = c.execute("SELECT tags, expires, used_by FROM enrollment_tokens WHERE hash = ?", (h,)).fetchone()
         if row is None:
@@ -139,7 +129,7 @@ def self_enroll(store: Store, fleet: str, token: str, device_id: str, public_key
         if row["expires"] < time.time():
             raise AuthError("enrollment token expired")
         c.execute("UPDATE enrollment_tokens SET used_by = ? WHERE hash = ? AND used_by IS NULL", (device_id, h))
-        _enroll_in(c, fleet, device_id, public_key_b64, json.loads(row["tags"]), replace=False)
+        _enroll_in(c, fleet, device_id, key, json.loads(row["tags"]), replace=False)
     return get(store, device_id)
 
 

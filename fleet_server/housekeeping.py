@@ -60,6 +60,7 @@ from typing import Any
 
 from .alerts import AlertRules, parse_rules
 from .errors import FleetError
+from .health import fmt_epoch
 from .ingest.results import FUTURE_SKEW
 from .rollouts.engine import TERMINAL
 from .settings import ServerSettings
@@ -278,7 +279,7 @@ class HousekeepingService:
             if held_by:
                 log.warning("summary retention (%g days) held back: %s reads summaries received since %s",
                             self.settings.summary_retention_days, held_by,
-                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(cutoff)))
+                            fmt_epoch(cutoff))
             self._held_by = held_by
         for model, version in self._versions():
             while not self._stop.is_set():

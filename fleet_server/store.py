@@ -6,6 +6,7 @@ see FIELD-NOTES). The schema is versioned by an ordered list of migrations appli
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -128,6 +129,13 @@ def statements(script: str) -> list[str]:
     if buf.strip(" \n;"):
         raise ValueError(f"incomplete SQL statement in migration: {buf.strip()[:80]}")
     return out
+
+
+def record_event(c: sqlite3.Connection, at: float, kind: str, subject: str, detail: dict[str, Any]) -> None:
+    """One row of the ``events`` table (the audit trail: alerts, retraining, tokens, devices), inside the caller's
+    write transaction."""
+    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
+              (at, kind, subject, json.dumps(detail, sort_keys=True, default=str)))
 
 
 class _Connection(sqlite3.Connection):

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConflictError, NotFoundError, RequestError
 from ..health import fmt_epoch
-from ..store import Store
+from ..store import Store, record_event
 from .rules import SEVERITY
 
 STATES = ("open", "acknowledged", "resolved")
@@ -24,11 +24,6 @@ DELIVERY_STATES = ("pending", "delivered", "failed")
 
 def dedup_key(model: str, version: str | None, kind: str, scope: str) -> str:
     return f"{model}|{version or '-'}|{kind}|{scope}"
-
-
-def record_event(c: Any, at: float, kind: str, subject: str, detail: dict[str, Any]) -> None:
-    c.execute("INSERT INTO events (at, kind, subject, detail) VALUES (?, ?, ?, ?)",
-              (at, kind, subject, json.dumps(detail, sort_keys=True, default=str)))
 
 
 def raise_alert(c: Any, model: str, version: str | None, kind: str, scope: str, summary: str,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.signing import public_from_b64
@@ -22,6 +23,17 @@ log = logging.getLogger(__name__)
 _KEY_CHUNK = 500
 
 
+class _Device(NamedTuple):
+    """A device's enrollment as validation needs it."""
+
+    key: DeviceKey | None  # None: not enrolled, revoked, or an unusable stored key
+    revoked: bool
+    seq_base: int  # its generation's offset: summaries are stored at seq + seq_base
+
+
+_NOT_ENROLLED = _Device(None, False, 0)
+
+
 class StoreLookups:
     """A device's enrolled key is read from the store once per batch of messages (one query for the batch's
     MQTT topic devices, then a primary-key look-up for any other device), so a re-enrolled, revoked or removed
@@ -34,51 +46,48 @@ class StoreLookups:
         self._parsed: dict[str, DeviceKey] = {}  # base64 public key -> parsed key
         self._versions: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
-        self._local = threading.local()  # .memo (device id -> key), .revoked, .bases: the batch being checked
+        self._local = threading.local()  # .memo: device id -> _Device, for the batch being checked
 
     def _new_batch(self, devices: Sequence[str] = ()) -> None:
-        """Forget the keys read for the previous batch; read those of ``devices`` in one query."""
-        memo: dict[str, DeviceKey | None] = {}
-        revoked: set[str] = set()
-        bases: dict[str, int] = {}
+        """Forget what was read for the previous batch; read the enrollments of ``devices`` in one query."""
+        memo: dict[str, _Device] = {}
         wanted = sorted(set(devices))
         for i in range(0, len(wanted), _KEY_CHUNK):
             chunk = wanted[i:i + _KEY_CHUNK]
             rows = self.store.query("SELECT device_id, public_key, revoked, seq_base FROM devices WHERE device_id IN "
                                     f"({','.join('?' * len(chunk))})", tuple(chunk))
-            found = {str(r[0]): str(r[1]) for r in rows if r[2] is None}
-            revoked.update(str(r[0]) for r in rows if r[2] is not None)
-            bases.update((str(r[0]), int(r[3])) for r in rows if r[3])
-            for d in chunk:
-                memo[d] = self._parse_key(d, found[d]) if d in found else None
+            memo.update((str(r[0]), self._enrollment(str(r[0]), r)) for r in rows)
         self._local.memo = memo
-        self._local.revoked = revoked
-        self._local.bases = bases
 
-    def _device_key(self, device_id: str) -> DeviceKey | None:
-        """The device's enrolled key (None when not enrolled), read once per batch."""
-        memo: dict[str, DeviceKey | None] | None = getattr(self._local, "memo", None)
-        if memo is not None and device_id in memo:
-            return memo[device_id]
-        row = self.store.one("SELECT public_key, revoked, seq_base FROM devices WHERE device_id = ?", (device_id,))
-        if row is not None and row["seq_base"]:
-            self._local.bases = {**getattr(self._local, "bases", {}), device_id: int(row["seq_base"])}
-        if row is not None and row["revoked"] is not None:
-            self._local.revoked = {*getattr(self._local, "revoked", ()), device_id}
-            row = None
-        entry = None if row is None else self._parse_key(device_id, str(row["public_key"]))
-        if memo is not None:
-            memo[device_id] = entry
+    def _device(self, device_id: str) -> _Device:
+        """The device's enrollment as this batch sees it, read once per batch (a primary-key look-up for a device
+        the batch's first query did not cover)."""
+        memo: dict[str, _Device] | None = getattr(self._local, "memo", None)
+        if memo is None:
+            memo = self._local.memo = {}
+        entry = memo.get(device_id)
+        if entry is None:
+            row = self.store.one("SELECT device_id, public_key, revoked, seq_base FROM devices WHERE device_id = ?",
+                                 (device_id,))
+            entry = memo[device_id] = _NOT_ENROLLED if row is None else self._enrollment(device_id, row)
         return entry
 
+    def _enrollment(self, device_id: str, row: Any) -> _Device:
+        revoked = row[2] is not None
+        key = None if revoked else self._parse_key(device_id, str(row[1]))
+        return _Device(key, revoked, int(row[3] or 0))
+
+    def _device_key(self, device_id: str) -> DeviceKey | None:
+        """The device's enrolled key (None when not enrolled, revoked, or its stored key is unusable)."""
+        return self._device(device_id).key
+
     def _seq_base(self, device_id: str) -> int:
-        """The ``seq_base`` of the device's current generation (``devices._enroll_in``), read with its key."""
-        bases: dict[str, int] = getattr(self._local, "bases", {})
-        return bases.get(device_id, 0)
+        """The ``seq_base`` of the device's current generation (``devices._enroll_in``)."""
+        return self._device(device_id).seq_base
 
     def _not_enrolled(self, device_id: str, what: str) -> RejectedError:
         """The refusal for a device without a usable key: revoked (by an operator) or never enrolled."""
-        if device_id in getattr(self._local, "revoked", ()):
+        if self._device(device_id).revoked:
             return reject("device_revoked", f"{what}: device {device_id!r} was revoked by an operator; its "
                                             "messages are refused (`fleet-server devices show` says why)")
         return reject("unknown_device", f"{what}: device {device_id!r} is not enrolled; enroll it "

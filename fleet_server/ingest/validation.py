@@ -93,7 +93,7 @@ class Validator(StoreLookups):
 
     def _stored_seq(self, head: _Head) -> _Head:
         """``head`` with the seq its summary is stored at: the device's seq plus its generation's ``seq_base``
-        (``devices._enroll_in``), read with its key; call after the key was looked up."""
+        (``devices._enroll_in``)."""
         base = self._seq_base(head.device_id)
         return head._replace(seq=head.seq + base) if base else head
 

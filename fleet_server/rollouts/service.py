@@ -266,12 +266,12 @@ def set_desired(store: Store, signer: DesiredSigner, devices: list[str], model: 
     key, base = signer.key, signer.base_url
     issued = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
     with store.write() as c:
+        # A revoked (or removed) device is never sent a desired state, whichever path asks (a stage, an abort's
+        # or an automatic rollback's revert of the devices a rollout moved): read in the transaction that writes,
+        # so a revocation committed between the caller's read and this write is honoured too.
+        fleet = {r[0] for r in c.execute("SELECT device_id FROM devices WHERE revoked IS NULL")}
         for dev in devices:
-            # A revoked device is never sent a desired state, whichever path asks (a stage, an abort's or an
-            # automatic rollback's revert of the devices a rollout moved): checked in the transaction that writes,
-            # so a revocation committed between the caller's read and this write is honoured too.
-            gone = c.execute("SELECT revoked FROM devices WHERE device_id = ?", (dev,)).fetchone()
-            if gone is None or gone["revoked"] is not None:
+            if dev not in fleet:
                 continue
             prev = c.execute("SELECT seq FROM desired WHERE device_id = ?", (dev,)).fetchone()
             seq = (prev["seq"] if prev else 0) + 1

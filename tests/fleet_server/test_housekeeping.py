@@ -80,11 +80,12 @@ def metrics(client: TestClient) -> dict[str, float]:
 
 
 def usage(store: Store) -> tuple[int, int]:
-    """(rows, payload bytes) as the triggers keep them, checked against the table itself."""
-    kept = store.one("SELECT row_count, payload_bytes FROM quarantine_usage")
-    real = store.one("SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM quarantine")
-    assert kept is not None and real is not None and tuple(kept) == tuple(real)
-    return int(real[0]), int(real[1])
+    """(rows, payload bytes) as the triggers keep them, checked against the table itself: one statement, so
+    one snapshot (two would race a pass committing between them)."""
+    row = store.one("SELECT u.row_count, u.payload_bytes, q.n, q.bytes FROM quarantine_usage AS u, (SELECT COUNT(*)"
+                    " AS n, COALESCE(SUM(length(payload)), 0) AS bytes FROM quarantine) AS q")
+    assert row is not None and (row[0], row[1]) == (row[2], row[3]), tuple(row or ())
+    return int(row[2]), int(row[3])
 
 
 def transactions(store: Store, action: Callable[[], Any]) -> tuple[Any, list[str]]:
