@@ -200,8 +200,8 @@ class IngestService:
         """A batch came back from a validator process (on that worker's reader thread), or the process died
         holding it (``subs`` None): then validate here and replace the process."""
         if subs is None:
-            log.error("validator process %d failed (%s); validating its %d messages here", worker.pid, error,
-                      len(batch))
+            log.error("validator process %d failed (%s); replacing it, validating its %d messages here", worker.pid,
+                      error, len(batch))
             self._replace(worker)
             for item in batch:
                 self._finish(item, None)

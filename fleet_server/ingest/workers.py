@@ -29,7 +29,8 @@ class ValidatorProcess:
 
     Each process has its own pipe, so a process that dies is seen at once as EOF on exactly that pipe, even
     mid-message (concurrent.futures' shared result queue can block forever on a half-written result of a
-    killed worker). Batches are answered in order; a reader thread hands each answer to ``on_done``.
+    killed worker). Batches are answered in order; a reader thread hands each answer to ``on_done``, and when
+    the process dies, each batch it held with ``subs`` None (an empty batch when it held none).
     """
 
     def __init__(self, settings: ServerSettings,
@@ -93,7 +94,9 @@ class ValidatorProcess:
             self.alive = False
             left = list(self._pending)
             self._pending.clear()
-        for batch in left:
+        # At least once, so the owner learns of the death (and replaces the process) even when it died idle,
+        # holding no batch.
+        for batch in left or [[]]:
             self._on_done(self, batch, None, f"validator process {self.pid} {error}")
 
     def close(self, timeout: float) -> bool:

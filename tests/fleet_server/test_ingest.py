@@ -390,6 +390,20 @@ def test_a_killed_validator_process_is_replaced_and_no_message_is_lost(fleet: Fl
         assert svc.stop(10)
 
 
+def test_a_validator_process_killed_while_idle_is_replaced_too(fleet: Fleet) -> None:
+    """A process that dies holding no batch (the OOM killer between messages) used to go unnoticed: nothing
+    replaced it, and every later message was validated in the server's own process."""
+    svc = IngestService(fleet.settings, fleet.store, validator_processes=1)
+    svc.start()
+    try:
+        first = svc.worker_pids()
+        os.kill(first[0], signal.SIGKILL)
+        assert wait_until(lambda: svc.worker_pids() not in ([], first), 60), "the idle process was not replaced"
+        assert svc.ingest(fleet["dev-1"].message([1])).accepted == 1
+    finally:
+        assert svc.stop(10)
+
+
 def test_submissions_with_no_rows_still_complete(fleet: Fleet) -> None:
     svc = IngestService(fleet.settings, fleet.store)
     svc.start()
