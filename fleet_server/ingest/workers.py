@@ -46,6 +46,7 @@ class ValidatorProcess:
         self._lock = threading.Lock()
         self._pending: collections.deque[list[Item]] = collections.deque()
         self.alive = True
+        self._closing = False  # set by close(): the exit that follows is asked for, not a failure
         try:
             ready = self._conn.poll(timeout) and self._conn.recv() == "ready"
         except (EOFError, OSError):
@@ -95,12 +96,15 @@ class ValidatorProcess:
             left = list(self._pending)
             self._pending.clear()
         # At least once, so the owner learns of the death (and replaces the process) even when it died idle,
-        # holding no batch.
+        # holding no batch; but an exit that close() asked for, holding nothing, is no death to report.
+        if not left and self._closing:
+            return
         for batch in left or [[]]:
             self._on_done(self, batch, None, f"validator process {self.pid} {error}")
 
     def close(self, timeout: float) -> bool:
         """Ask the process to exit (after the batches it holds), wait (bounded), else kill it by PID."""
+        self._closing = True
         with contextlib.suppress(OSError, ValueError):
             self._conn.send(None)
         self.process.join(timeout)

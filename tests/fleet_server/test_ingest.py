@@ -6,6 +6,7 @@ a good message that must still be stored."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -402,6 +403,18 @@ def test_a_validator_process_killed_while_idle_is_replaced_too(fleet: Fleet) -> 
         assert svc.ingest(fleet["dev-1"].message([1])).accepted == 1
     finally:
         assert svc.stop(10)
+
+
+def test_a_clean_stop_is_not_reported_as_a_validator_failure(fleet: Fleet,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The idle-death report (above) must not fire when the server itself closes its processes: an operator
+    reading "validator process failed" after every clean stop learns to ignore the line."""
+    svc = IngestService(fleet.settings, fleet.store, validator_processes=2)
+    svc.start()
+    assert svc.ingest(fleet["dev-1"].message([1])).accepted == 1
+    with caplog.at_level(logging.ERROR, logger="fleet_server"):
+        assert svc.stop(10)
+    assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
 
 
 def test_submissions_with_no_rows_still_complete(fleet: Fleet) -> None:
