@@ -100,13 +100,20 @@ class Closed:
 
 
 def add_laplace_noise(s: Summary, epsilon: float, rng: np.random.Generator) -> Summary:
-    """A copy of ``s`` with Laplace(1/epsilon) noise on every histogram count (rounded, clipped at 0); ``s`` is
-    left as it was. Each histogram is a disjoint partition, so one summary spends ``epsilon`` per histogram
-    (reported as epsilon_spent)."""
+    """A copy of ``s`` with Laplace(1/epsilon) noise on every histogram count, rounded; ``s`` is left as it was.
+    Each histogram is a disjoint partition, so one summary spends ``epsilon`` per histogram (reported as
+    epsilon_spent).
+
+    Counts are *not* clipped at zero, so they can be negative: the rounded noise is symmetric, so a released
+    count is an unbiased estimate of the true one and sums over many releases stay unbiased (the server clips
+    after adding). Clipping each release, as this did before, gave every empty bin ≈ 1/(2·epsilon) phantom
+    counts per window, and a scope of a few hundred windows then showed output drift that was only noise.
+    ``noise_variance`` gains the variance added to each count (2/epsilon² for Laplace, plus 1/12 for the
+    rounding) so the server can weigh the noise (see ``edgefleet_contracts.summary``)."""
 
     def noisy(counts: list[int]) -> list[int]:
         a = np.asarray(counts, dtype=np.float64) + rng.laplace(0.0, 1.0 / epsilon, size=len(counts))
-        return np.clip(np.rint(a), 0, None).astype(int).tolist()
+        return np.rint(a).astype(int).tolist()
 
     s = copy.deepcopy(s)
     for f in s.features:
@@ -115,7 +122,13 @@ def add_laplace_noise(s: Summary, epsilon: float, rng: np.random.Generator) -> S
     s.confidence_counts = noisy(s.confidence_counts)
     s.epsilon = epsilon
     s.epsilon_spent = s.epsilon_spent + epsilon
+    s.noise_variance = s.noise_variance + noise_variance(epsilon)
     return s
+
+
+def noise_variance(epsilon: float) -> float:
+    """The variance that one release's rounded Laplace(1/epsilon) noise adds to a count."""
+    return 2.0 / (epsilon * epsilon) + 1.0 / 12.0
 
 
 MAX_HELD_VERSIONS = 4

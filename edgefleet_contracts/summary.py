@@ -9,6 +9,15 @@ histogram on fixed log-spaced edges; error counts by kind; confusion counts when
 Summaries are mergeable: :func:`merge` adds two summaries of the same device and model version (used when a
 window has fewer than k samples, and when the outbox is full). Each carries a per-device monotonic ``seq`` for
 idempotent ingest, and travels signed by the device key (``{"signed": …, "signatures": […]}``).
+
+Noise (``privacy``). A device with ``dp_epsilon`` set releases its histogram counts (feature bins, class counts,
+confidence bins) with Laplace noise added and rounded, and *not* clipped at zero: clipping is what made noise
+biased (a bin that is empty in truth gained ≈ b/2 phantom counts per release, and a scope summing hundreds of
+windows showed drift that was only noise). So in a noised summary, and only there, those counts may be
+negative; sums of many releases are unbiased and the server clips after adding. ``privacy.noise_variance``
+is the variance the noise adds to each released count (2/ε² per release, adding up when releases merge), so
+the server knows how much of a scope's counts is noise; a summary without it (an earlier agent) counts as one
+release at ``epsilon``.
 """
 
 from __future__ import annotations
@@ -37,10 +46,14 @@ _INF = float("inf")
 # results, ~2x faster on the server's ingest path, which validates ~750 numbers per summary.
 
 
-def _int_list(v: Any, what: str, length: int | None = None) -> list[int]:
-    if type(v) is not list or not (set(map(type, v)) <= _INT and (not v or min(v) >= 0)):  # noqa: SIM102
-        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-            raise SchemaError(f"{what} must be a list of non-negative integers")
+def _int_list(v: Any, what: str, length: int | None = None, *, signed: bool = False) -> list[int]:
+    """A list of integers, non-negative unless ``signed`` (the noised histogram counts, see the module doc)."""
+    if type(v) is not list or not (set(map(type, v)) <= _INT and (signed or not v or min(v) >= 0)):  # noqa: SIM102
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and (signed or x >= 0)
+                                              for x in v):
+            kind = "integers" if signed else "non-negative integers"
+            raise SchemaError(f"{what} must be a list of {kind}"
+                              + ("" if signed else " (negative counts only in a noised summary: privacy.epsilon)"))
     if length is not None and len(v) != length:
         raise SchemaError(f"{what} must have {length} entries, got {len(v)}")
     return v
@@ -91,6 +104,7 @@ class Summary:
     empty_bins: int = 0  # values that fell in bins empty in the reference (estimate not trustworthy there)
     epsilon: float | None = None  # Laplace noise scale parameter used, if any
     epsilon_spent: float = 0.0
+    noise_variance: float = 0.0  # variance the noise adds to each histogram count (2/ε² per release, summed)
 
     # ---- wire ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +117,14 @@ class Summary:
                        "calibrated_sum": self.calibrated_sum, "empty_bins": self.empty_bins},
             "ops": {"latency_counts": self.latency_counts, "errors": dict(sorted(self.errors.items()))},
             "labels": {"confusion": self.confusion} if self.confusion is not None else None,
-            "privacy": {"epsilon": self.epsilon, "epsilon_spent": self.epsilon_spent},
+            "privacy": self._privacy(),
         }
+
+    def _privacy(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epsilon": self.epsilon, "epsilon_spent": self.epsilon_spent}
+        if self.noise_variance:
+            out["noise_variance"] = self.noise_variance
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Summary:
@@ -119,9 +139,18 @@ class Summary:
         start, end = f.string(win, "start", "summary.window"), f.string(win, "end", "summary.window")
         if parse(end, "summary.window.end") < parse(start, "summary.window.start"):
             raise SchemaError("summary.window.end is before its start")
-        feats = [_feature(fd, i) for i, fd in enumerate(f.array(d, "features", w))]
+        priv = f.obj(d.get("privacy", {}), "summary.privacy")
+        eps = priv.get("epsilon")
+        epsilon = _num(eps, "summary.privacy.epsilon") if eps is not None else None
+        if epsilon is not None and epsilon <= 0:
+            raise SchemaError("summary.privacy.epsilon must be positive when present")
+        noise_var = _num(priv.get("noise_variance", 0.0), "summary.privacy.noise_variance")
+        if noise_var < 0 or (noise_var and epsilon is None):
+            raise SchemaError("summary.privacy.noise_variance must be non-negative, and 0 without privacy.epsilon")
+        noised = epsilon is not None
+        feats = [_feature(fd, i, noised) for i, fd in enumerate(f.array(d, "features", w))]
         out = f.obj(d.get("output"), "summary.output")
-        class_counts = _int_list(out.get("class_counts"), "summary.output.class_counts")
+        class_counts = _int_list(out.get("class_counts"), "summary.output.class_counts", signed=noised)
         cal = out.get("calibrated_sum")
         if not isinstance(cal, list) or len(cal) != len(class_counts):
             raise SchemaError("summary.output.calibrated_sum must have one number per class")
@@ -137,29 +166,29 @@ class Summary:
             confusion = [_int_list(r, "summary.labels.confusion row", len(class_counts)) for r in rows]
             if len(confusion) != len(class_counts):
                 raise SchemaError("summary.labels.confusion must be square, one row per class")
-        priv = f.obj(d.get("privacy", {}), "summary.privacy")
-        eps = priv.get("epsilon")
         return cls(
             device_id=check_id(f.string(d, "device_id", w), "summary.device_id"),
             model=f.string(model, "name", "summary.model"), version=f.string(model, "version", "summary.model"),
             seq=f.integer(d, "seq", w, minimum=0), start=start, end=end,
             count=f.integer(win, "count", "summary.window", minimum=0), features=feats,
             class_counts=class_counts,
-            confidence_counts=_int_list(out.get("confidence_counts"), "summary.output.confidence_counts"),
+            confidence_counts=_int_list(out.get("confidence_counts"), "summary.output.confidence_counts",
+                                        signed=noised),
             calibrated_sum=[_num(v, "summary.output.calibrated_sum[]") for v in cal],
             latency_counts=_int_list(ops.get("latency_counts"), "summary.ops.latency_counts",
                                      len(LATENCY_EDGES_MS) + 1),
             errors={str(k): int(v) for k, v in errors.items()}, confusion=confusion,
             windows=f.integer(win, "windows", "summary.window", minimum=1) if "windows" in win else 1,
             empty_bins=f.integer(out, "empty_bins", "summary.output", minimum=0) if "empty_bins" in out else 0,
-            epsilon=_num(eps, "summary.privacy.epsilon") if eps is not None else None,
+            epsilon=epsilon,
             epsilon_spent=_num(priv.get("epsilon_spent", 0.0), "summary.privacy.epsilon_spent"),
+            noise_variance=noise_var,
         )
 
 
-def _feature(fd: Any, i: int) -> FeatureWindow:
-    """One validated feature window (see the note above ``_int_list``)."""
-    if type(fd) is dict:
+def _feature(fd: Any, i: int, noised: bool = False) -> FeatureWindow:
+    """One validated feature window (see the note above ``_int_list``); ``noised``: counts may be negative."""
+    if type(fd) is dict and not noised:
         name, counts, s, ss = fd.get("name"), fd.get("counts"), fd.get("sum"), fd.get("sumsq")
         ints: tuple[Any, ...] = (fd.get("missing"), fd.get("nan"), fd.get("out_of_range"), fd.get("n"))
         if (type(name) is str and name and type(counts) is list and set(map(type, counts)) <= _INT
@@ -170,7 +199,7 @@ def _feature(fd: Any, i: int) -> FeatureWindow:
     fw = f"summary.features[{i}]"
     fd = f.obj(fd, fw)
     return FeatureWindow(
-        f.string(fd, "name", fw), _int_list(fd.get("counts"), f"{fw}.counts"),
+        f.string(fd, "name", fw), _int_list(fd.get("counts"), f"{fw}.counts", signed=noised),
         f.integer(fd, "missing", fw, minimum=0), f.integer(fd, "nan", fw, minimum=0),
         f.integer(fd, "out_of_range", fw, minimum=0), f.integer(fd, "n", fw, minimum=0),
         _num(fd.get("sum"), f"{fw}.sum"), _num(fd.get("sumsq"), f"{fw}.sumsq"),
@@ -217,4 +246,5 @@ def merge(a: Summary, b: Summary) -> Summary:
         latency_counts=_add(a.latency_counts, b.latency_counts, "latency counts"), errors=errors,
         confusion=confusion, windows=a.windows + b.windows, empty_bins=a.empty_bins + b.empty_bins,
         epsilon=a.epsilon if a.epsilon is not None else b.epsilon, epsilon_spent=a.epsilon_spent + b.epsilon_spent,
+        noise_variance=a.noise_variance + b.noise_variance,
     )

@@ -77,16 +77,19 @@ class Statistic:
             raise RequestError(f"{self.name}: compute() takes two 1-D count vectors; use compute_many() for 2-D")
         return self.compute_many(ref[None, :], cur[None, :], threshold).row(0)
 
-    def compute_many(self, ref_counts: object, cur_counts: object, threshold: float | None = None) -> StatBatch:
+    def compute_many(self, ref_counts: object, cur_counts: object, threshold: float | None = None, *,
+                     allow_negative: bool = False) -> StatBatch:
         """Row-wise comparisons of ``[R, K]`` count matrices (pad shorter histograms with trailing zeros).
 
-        Raises RequestError when the shapes differ or a count is negative."""
+        ``allow_negative``: the current counts may be noised sums (signed); only for a statistic whose function
+        reads cumulative sums (KS), which noise leaves unbiased.
+        Raises RequestError when the shapes differ or a count is negative (and not allowed)."""
         ref = np.atleast_2d(np.asarray(ref_counts, dtype=np.float64))
         cur = np.atleast_2d(np.asarray(cur_counts, dtype=np.float64))
         if ref.shape != cur.shape:
             raise RequestError(f"{self.name}: reference bins {ref.shape} and current bins {cur.shape} differ; "
                                "both must be counts on the reference profile's bins")
-        if (ref < 0).any() or (cur < 0).any():
+        if (ref < 0).any() or (not allow_negative and (cur < 0).any()):
             raise RequestError(f"{self.name}: counts must be non-negative")
         stat, p, effect = self.fn(ref, cur)
         t = self.default_threshold if threshold is None else threshold

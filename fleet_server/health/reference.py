@@ -55,7 +55,8 @@ class Layout:
         f, c = self.n_features, self.n_classes
         spans = [("bins", sum(self.sizes)), ("missing", f), ("nan", f), ("oor", f), ("n", f), ("classes", c),
                  ("conf", self.n_conf), ("cal", c), ("latency", len(LATENCY_EDGES_MS) + 1),
-                 ("errors", len(self.error_kinds)), ("confusion", c * c), ("scalars", 4)]
+                 ("errors", len(self.error_kinds)), ("confusion", c * c), ("scalars", 4),
+                 ("noise", 1)]
         self.slices: dict[str, slice] = {}
         at = 0
         for name, size in spans:
@@ -110,6 +111,7 @@ class Layout:
             vals.extend([0.0] * (self.n_classes * self.n_classes))
         win = body.get("window") or {}
         vals.extend([win.get("count", 0), win.get("windows", 1), out.get("empty_bins", 0), 1.0])
+        vals.append(_noise_variance(body.get("privacy") or {}))
         vec = np.asarray(vals, dtype=np.float64)
         return vec if vec.size == self.size else None
 
@@ -121,8 +123,23 @@ class Layout:
     def part(self, vec: np.ndarray, name: str) -> np.ndarray:
         return vec[self.slices[name]]
 
+    def noise_variance(self, vec: np.ndarray) -> float:
+        """The variance that differential-privacy noise adds to each histogram count of the summed vector (0
+        when no summary in it was noised): noise of independent releases adds."""
+        return float(vec[self.slices["noise"]][0])
+
     def scalars(self, vec: np.ndarray) -> tuple[int, int, int, int]:
         """(predictions, raw windows, values in reference-empty bins, stored summaries)."""
         s = vec[self.slices["scalars"]]
         return int(s[0]), int(s[1]), int(s[2]), int(s[3])
 
+
+
+def _noise_variance(privacy: dict[str, Any]) -> float:
+    """One stored summary's per-count noise variance: ``privacy.noise_variance``, or for a summary of an
+    earlier agent that did not send it, one release at its ``epsilon`` (Laplace 2/ε², rounding 1/12)."""
+    nv = privacy.get("noise_variance")
+    if nv:
+        return float(nv)
+    eps = privacy.get("epsilon")
+    return 2.0 / (eps * eps) + 1.0 / 12.0 if eps else 0.0

@@ -13,6 +13,22 @@ well below that ≈ 0.11: a floor at the target effect would make detecting it a
 False alarms on unshifted windows: 0 of 100 seeds of 2,000 real clinical rows against the packaged
 reference; 8 of 2,460 (0.3%) population windows over all power runs — within the family-wise α = 0.01 per
 scope and evaluation. Package ≥ 1,000 calibration rows wherever drift matters.
+
+Noised summaries (``dp_epsilon`` on the devices). Their histogram counts carry unbiased Laplace noise (see
+``edgefleet_contracts.summary``), and the summed vector knows the noise's variance per count, σ² (the sum over
+releases of 2/ε² + 1/12). Counts are clipped at zero after adding, and each p-value test then sees the
+current sample at its *effective* size, the size whose sampling variance equals sampling plus noise:
+
+- KS (input features, confidence): at a mid edge the ECDF's sampling variance is ≈ 1/(4m) and the noise
+  adds ≈ (K/2)·σ²/m² (half of the K bins' noise before the edge), so ``m_eff = m² / (m + 2·K·σ²)``;
+- chi-square (class mix): a cell's variance m·p_i + σ² makes ``E[X²] = (K−1) + σ²/m·Σ 1/p_i``, so the
+  current counts are scaled by ``(K−1) / ((K−1) + σ²/m·Σ 1/p_i)`` (p_i the reference shares).
+
+Effect sizes (KS gap, PSI, Cohen's w) are read from the clipped counts, unscaled. The price is power: with
+ε = 1 and 50-value windows (σ² ≈ 2.1 per window) a feature of 22 bins has m_eff ≈ m / 2.8, so a scope
+needs about three times the values to see the same shift. Measured in
+``tests/fleet_server/test_drift_noise.py``: noised windows from the reference population raise no drift,
+and a 0.3 SD shift is still caught with three times the data.
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ import numpy as np
 
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
 
-from ..drift.registry import correct, get_statistic
+from ..drift.registry import StatBatch, correct, get_statistic
 from .policy import DataQualityPolicy, HealthPolicy, InputDriftPolicy, OutputDriftPolicy
 from .reference import Layout, Reference
 
@@ -60,13 +76,36 @@ def latency_percentiles(counts: np.ndarray, qs: tuple[float, ...] = (0.5, 0.95, 
     return out
 
 
-def _input_drift(ref: np.ndarray, cur: np.ndarray, names: list[str], p: InputDriftPolicy) -> dict[str, Any]:
+def effective_counts(counts: np.ndarray, bins: np.ndarray, noise_var: float) -> tuple[np.ndarray, np.ndarray]:
+    """Summed counts ``[R, K]`` -> (the counts scaled to each row's effective sample size for a KS test, that
+    size ``[R]``). Noised counts stay signed: the KS test reads only their cumulative sums, which the noise
+    leaves unbiased, whereas clipping each bin at zero would pile the empty bins' noise up at one end (a gap of
+    0.15 in the confidence ECDF at epsilon 0.25). Without noise: the counts and their totals, unchanged."""
+    m = counts.sum(axis=1)
+    if noise_var <= 0:
+        return counts, m
+    m = np.maximum(m, 0.0)
+    m_eff = m * m / np.maximum(m + 2.0 * bins * noise_var, 1e-12)
+    scale = np.where(m > 0, m_eff / np.where(m > 0, m, 1.0), 0.0)
+    return counts * scale[:, None], m_eff
+
+
+def _ks_signed(ref: np.ndarray, counts: np.ndarray) -> StatBatch:
+    """KS on counts that may be signed (noised): the statistic's function itself is defined for them."""
+    return get_statistic("ks").compute_many(ref, counts, allow_negative=True)
+
+
+def _input_drift(ref: np.ndarray, noisy: np.ndarray, bins: np.ndarray, noise_var: float, names: list[str],
+                 p: InputDriftPolicy) -> dict[str, Any]:
     stat = p.stat()
+    cur = np.clip(noisy, 0.0, None)  # for the distances (PSI, ...), which need proportions
     m = cur.sum(axis=1)
+    tested, m_eff = effective_counts(noisy, bins, noise_var)
     enough = m >= p.min_samples
-    main = stat.compute_many(ref, cur)
+    ks_batch = _ks_signed(ref, tested)
+    main = ks_batch if stat.name == "ks" else stat.compute_many(ref, cur * (m_eff / np.maximum(m, 1e-12))[:, None])
+    ks = ks_batch.statistic
     psi = get_statistic("psi").compute_many(ref, cur).statistic
-    ks = main.statistic if stat.name == "ks" else get_statistic("ks").compute_many(ref, cur).statistic
     if main.p_value is not None:
         adj = np.ones(len(names))
         if enough.any():
@@ -84,12 +123,13 @@ def _input_drift(ref: np.ndarray, cur: np.ndarray, names: list[str], p: InputDri
             "p_value": None if main.p_value is None else float(main.p_value[j]),
             "p_adjusted": None if adj is None else float(adj[j]),
             "ks": round(float(ks[j]), 6), "psi": round(float(psi[j]), 6), "n": int(m[j]),
+            **({"n_effective": round(float(m_eff[j]), 1)} if noise_var > 0 else {}),
         })
     order = np.lexsort((-main.statistic, adj if adj is not None else -main.statistic, ~flagged))
     feats = [feats[i] for i in order]
     return {"drifted": bool(flagged.any()), "statistic": stat.name, "correction": p.correction,
-            "alpha": p.alpha, "drifted_features": [f["feature"] for f in feats if f["verdict"] == "drift"],
-            "features": feats}
+            "alpha": p.alpha, "noise_variance": round(noise_var, 6),
+            "drifted_features": [f["feature"] for f in feats if f["verdict"] == "drift"], "features": feats}
 
 
 def cohens_w(ref: np.ndarray, cur: np.ndarray) -> float:
@@ -99,14 +139,25 @@ def cohens_w(ref: np.ndarray, cur: np.ndarray) -> float:
     return float(np.sqrt(((q - p) ** 2 / p).sum()))
 
 
+def _class_mix_scale(ref: np.ndarray, m: float, noise_var: float) -> float:
+    """How far to scale noised class counts so the chi-square test sees their effective size (module doc)."""
+    k = ref.size
+    if noise_var <= 0 or m <= 0 or k < 2:
+        return 1.0
+    shares = (ref + 0.5) / (ref.sum() + 0.5 * k)
+    return float((k - 1) / ((k - 1) + noise_var / m * (1.0 / shares).sum()))
+
+
 def _output_drift(ref: Reference, layout: Layout, vec: np.ndarray, p: OutputDriftPolicy) -> dict[str, Any]:
+    noise_var = layout.noise_variance(vec)
     rc = np.asarray(ref.profile.class_counts, dtype=np.float64)
-    cc = layout.part(vec, "classes")
+    cc = np.clip(layout.part(vec, "classes"), 0.0, None)
     rconf = np.asarray(ref.profile.confidence_counts, dtype=np.float64)
-    cconf = layout.part(vec, "conf")
+    raw_conf = layout.part(vec, "conf")
     n = int(cc.sum())
-    mix = get_statistic("chi_square").compute(rc, cc)
-    conf = get_statistic("ks").compute(rconf, cconf)
+    mix = get_statistic("chi_square").compute(rc, cc * _class_mix_scale(rc, float(n), noise_var))
+    tested_conf, _ = effective_counts(raw_conf[None, :], np.asarray([raw_conf.size]), noise_var)
+    conf = _ks_signed(rconf[None, :], tested_conf).row(0)
     raw = [1.0 if r.p_value is None else r.p_value for r in (mix, conf)]
     adj = correct(np.asarray(raw), "holm")
     w = cohens_w(rc, cc)
@@ -163,7 +214,8 @@ def assess(ref: Reference, layout: Layout, vec: np.ndarray, policy: HealthPolicy
     estimated = float(layout.part(vec, "cal").sum() / count) if count else None
     return {
         "summaries": summaries, "windows": windows, "count": count, "requests": requests,
-        "input_drift": _input_drift(layout.reference, cur, layout.names, policy.input_drift),
+        "input_drift": _input_drift(layout.reference, cur, np.asarray(layout.sizes, dtype=np.float64),
+                                    layout.noise_variance(vec), layout.names, policy.input_drift),
         "output_drift": _output_drift(ref, layout, vec, policy.output_drift),
         "data_quality": _data_quality(layout, vec, requests, policy.data_quality),
         "operations": {

@@ -101,8 +101,9 @@ class Labels(Struct, gc=False, forbid_unknown_fields=True):
 
 
 class Privacy(Struct, gc=False, forbid_unknown_fields=True):
-    epsilon: _Finite | None = None
+    epsilon: Annotated[float, Meta(gt=0, le=1.7976931348623157e308)] | None = None
     epsilon_spent: _Finite = 0.0
+    noise_variance: Annotated[float, Meta(ge=0, le=1.7976931348623157e308)] = 0.0
 
 
 class SignedSummary(Struct, gc=False, forbid_unknown_fields=True):
@@ -120,12 +121,16 @@ class SignedSummary(Struct, gc=False, forbid_unknown_fields=True):
 
     def consistent(self) -> bool:
         """The rules of ``Summary.from_dict`` that a type cannot say (the full path names them): a safe device
-        id, window times that parse and are in order, one calibrated sum and one confusion row per class."""
+        id, window times that parse and are in order, noise variance only with an epsilon, one calibrated sum
+        and one confusion row per class. (A noised summary's negative counts fail ``_Count`` and take the full
+        path, which allows them there.)"""
         try:
             check_id(self.device_id, "summary.device_id")
             if parse(self.window.end, "summary.window.end") < parse(self.window.start, "summary.window.start"):
                 return False
         except SchemaError:
+            return False
+        if self.privacy.noise_variance and self.privacy.epsilon is None:
             return False
         n = len(self.output.class_counts)
         if len(self.output.calibrated_sum) != n:

@@ -34,7 +34,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 VALID = make_summary(3, "dev-1").to_dict()
 LABELLED = {**VALID, "labels": {"confusion": [[0, 0], [1, 9]]},
-            "privacy": {"epsilon": 1.0, "epsilon_spent": 0.5}}  # the optional parts present
+            "privacy": {"epsilon": 1.0, "epsilon_spent": 0.5, "noise_variance": 2.0833}}  # the optional parts present
 
 
 def _wire(doc: Any) -> bytes:
