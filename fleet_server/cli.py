@@ -342,12 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
 
-    for module, fn in (("cli_drift", "add_drift_commands"), ("cli_drift", "add_alert_commands")):
-        try:
-            mod = __import__(f"fleet_server.{module}", fromlist=[fn])
-        except ImportError:
-            continue
-        getattr(mod, fn)(sub)
+    from .cli_drift import add_alert_commands, add_drift_commands  # scipy and numpy: loaded when the CLI is built
+
+    add_drift_commands(sub)
+    add_alert_commands(sub)
     return parser
 
 

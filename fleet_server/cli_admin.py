@@ -11,6 +11,7 @@ from edgefleet_contracts.timeutil import parse_duration
 
 from .auth import create_token, list_tokens, revoke_token, token_id
 from .cli_common import _data, _number, _print, _settings, _settings_and_sources, _storage, _storage_flags
+from .settings import STORAGE
 from .store import Store
 
 __all__ = ["add_admin_commands"]
@@ -31,12 +32,12 @@ def _housekeeping(args: argparse.Namespace) -> int:
     from .housekeeping import HousekeepingService
 
     s, sources = _settings_and_sources(args, **_storage(args))
-    # First, so a cron log shows which bounds this pass enforced and why, even if the pass fails. The interval
-    # between passes is left out: it is serve's alone.
+    # First, so a cron log shows which bounds this pass enforced and why, even if the pass fails. Settings that do
+    # not bound a pass (per_pass False: the interval between passes, serve's alone) are left out.
     print("housekeeping bounds:")
-    for name in ("quarantine_max_rows", "quarantine_max_payload_mb", "summary_retention_days",
-                 "housekeeping_chunk_rows"):
-        print(f"  {name} = {_number(getattr(s, name))} ({sources[name]})")
+    for setting in STORAGE:
+        if setting.per_pass:
+            print(f"  {setting.name} = {_number(getattr(s, setting.name))} ({sources[setting.name]})")
     sys.stdout.flush()
     store = Store(s.db_path)
     try:

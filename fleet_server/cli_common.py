@@ -1,18 +1,21 @@
 """What every `fleet-server` command shares: the data folder's settings (``server.toml`` and the storage
-bounds of its ``[storage]`` table, flags on top), the storage flags, ``--data`` and output helpers."""
+bounds of its ``[storage]`` table, flags on top), the storage flags (made from ``settings.STORAGE``), ``--data``
+and output helpers."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.tags import parse_tag
+
 from .errors import ConfigError
-from .settings import STORAGE_SETTINGS, ServerSettings, storage_table
+from .settings import STORAGE, STORAGE_SETTINGS, ServerSettings, storage_table
 
 
 def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
@@ -20,6 +23,17 @@ def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
     optional ``[storage]`` table), with ``over`` (the command's flags) on top. ConfigError when the folder is not
     initialised or server.toml is not valid (the message names the file, the key and the rule)."""
     return _settings_and_sources(args, **over)[0]
+
+
+def _settings_or_defaults(args: argparse.Namespace) -> ServerSettings:
+    """The settings of a command that needs only the database (`drift`, `alerts`): the data folder's, read and
+    checked as _settings does for every other command, when it holds ``server.toml``; the defaults when it does not
+    (a bare folder holding only ``fleet.sqlite``, such as a copy of the database taken elsewhere for analysis).
+    ConfigError as _settings when server.toml is not valid: a broken file stops these commands as it stops
+    ``serve``, rather than being ignored by some commands and not others."""
+    if not (Path(args.data) / "server.toml").exists():
+        return ServerSettings(data_dir=Path(args.data))
+    return _settings(args)
 
 
 def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[ServerSettings, dict[str, str]]:
@@ -39,17 +53,19 @@ def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[Server
                           "above it, at the end of the file)")
     stored = storage_table(base.get("storage", {}), str(conf))
     settings = ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **{**stored, **over})
-    sources = {name: f"flag --{name.replace('_', '-')}" if name in over else f"file {conf}" if name in stored
-               else "default" for name in STORAGE_SETTINGS}
+    sources = {s.name: f"flag {s.flag}" if s.name in over else f"file {conf}" if s.name in stored else "default"
+               for s in STORAGE}
     return settings, sources
 
 
-def _tags(pairs: list[str] | None) -> dict[str, str]:
+def _tags(pairs: list[str] | None, what: str = "--tag") -> dict[str, str]:
+    """``key=value`` flags by the tag contract (:mod:`edgefleet_contracts.tags`). ConfigError naming the flag."""
     out = {}
     for p in pairs or []:
-        if "=" not in p:
-            raise ConfigError(f"--tag {p!r} must be key=value")
-        k, v = p.split("=", 1)
+        try:
+            k, v = parse_tag(p, what)
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from None
         out[k] = v
     return out
 
@@ -62,25 +78,14 @@ def _data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the server's data folder")
 
 
-# The bounded-storage settings (fleet_server/housekeeping.py, settings.STORAGE_SETTINGS), as flags of `serve` and
+# The bounded-storage settings (fleet_server/housekeeping.py, settings.STORAGE) as flags of `serve` and
 # `housekeeping`. Their home is server.toml's [storage] table (read by _settings for every command, so a cron job's
 # `housekeeping` enforces what `serve` does); a flag overrides it for one run.
-_STORAGE_FLAGS: tuple[tuple[str, type, str, str], ...] = (
-    ("quarantine_max_rows", int, "N", "quarantine rows kept; the oldest are deleted past it"),
-    ("quarantine_max_payload_mb", int, "MIB", "MiB of quarantined payloads kept; past it the oldest rows keep only "
-                                              "their metadata (0 = no payloads)"),
-    ("summary_retention_days", float, "DAYS", "days summaries are kept after receipt (0 = forever, else at least 1)"),
-    ("housekeeping_interval_seconds", float, "SECONDS", "seconds between housekeeping passes"),
-    ("housekeeping_chunk_rows", int, "N", "rows deleted per write transaction"),
-)
-
-
 def _storage_flags(p: argparse.ArgumentParser) -> None:
-    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
-    for name, kind, metavar, text in _STORAGE_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar=metavar,
-                       help=f"{text} (for this run; else [storage] {name} in server.toml, else "
-                            f"{_number(defaults[name])})")
+    for s in STORAGE:
+        p.add_argument(s.flag, dest=s.name, type=s.kind, metavar=s.unit,
+                       help=f"{s.help} (for this run; else [storage] {s.name} in server.toml, else "
+                            f"{_number(s.default)})")
 
 
 def _number(v: float) -> str:
@@ -89,4 +94,5 @@ def _number(v: float) -> str:
 
 
 def _storage(args: argparse.Namespace) -> dict[str, Any]:
-    return {f[0]: getattr(args, f[0]) for f in _STORAGE_FLAGS if getattr(args, f[0]) is not None}
+    """The storage flags given on the command line (those left out are None: server.toml or the default holds)."""
+    return {s.name: getattr(args, s.name) for s in STORAGE if getattr(args, s.name) is not None}

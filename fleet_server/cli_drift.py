@@ -8,6 +8,14 @@
     fleet-server alerts rules NAME [--set JSON | --reset] --data DIR
     fleet-server alerts evaluate --data DIR [--no-deliver] [--no-hooks] [--json]   (one pass now, e.g. from cron)
     fleet-server alerts events [--kind K] [--model M] [--limit N] --data DIR [--json]
+
+Both read ``--data DIR/server.toml`` when the folder holds one, through ``cli_common._settings`` as every other
+command does: they run with the settings ``serve`` runs with (its flags aside; ``alerts evaluate`` delivers with
+them), and a server.toml that is not valid (not TOML; a bad, misplaced or unknown ``[storage]`` key) stops them
+with the error ``serve`` gives: one line naming the file, the key and the rule, exit status 1 (as from every
+command, so a broken file reads the same from all of them; 2 stays argparse's usage error). A folder holding only
+``fleet.sqlite`` (a copy of the database, a test fleet) runs with the default settings: these commands need
+nothing else from it. Alert rules are per model, in the database (``alerts rules``), not in server.toml.
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-from pathlib import Path
 from typing import Any
 
 from . import alerts, health, retraining
+from .cli_common import _data, _settings_or_defaults
 from .errors import ConfigError, RequestError
 from .settings import ServerSettings
 from .store import Store
@@ -26,12 +34,14 @@ from .store import Store
 __all__ = ["add_alert_commands", "add_drift_commands", "run_alerts", "run_drift"]
 
 
-def _store(args: argparse.Namespace) -> Store:
-    db = ServerSettings(data_dir=Path(args.data)).db_path
-    if not db.exists():
-        raise ConfigError(f"{args.data} holds no fleet database ({db.name} is missing); pass the server's --data "
-                          "folder (see `fleet-server init`)")
-    return Store(db)
+def _open(args: argparse.Namespace) -> tuple[ServerSettings, Store]:
+    """The data folder's settings (server.toml when present, see the module docstring) and its database.
+    ConfigError when server.toml is not valid or the database is missing."""
+    settings = _settings_or_defaults(args)
+    if not settings.db_path.exists():
+        raise ConfigError(f"{args.data} holds no fleet database ({settings.db_path.name} is missing); pass the "
+                          "server's --data folder (see `fleet-server init`)")
+    return settings, Store(settings.db_path)
 
 
 def _fmt_p(p: float | None) -> str:
@@ -90,7 +100,7 @@ def _report_text(r: dict[str, Any]) -> str:
 
 def run_drift(args: argparse.Namespace) -> int:
     """`fleet-server drift NAME ...`: print the health report. Returns 0, or 3 when anything drifted."""
-    store = _store(args)
+    _, store = _open(args)
     try:
         rules = alerts.rules_for(store, args.name)
         r = health.report(store, args.name, args.version, since=args.since, until=args.until, by=args.by,
@@ -111,7 +121,7 @@ def _alert_line(a: dict[str, Any]) -> str:
 
 def run_alerts(args: argparse.Namespace) -> int:
     """`fleet-server alerts ...`. Returns 0; errors raise FleetError (the caller prints them)."""
-    store = _store(args)
+    settings, store = _open(args)
     try:
         cmd = args.alerts_cmd
         if cmd == "list":
@@ -134,7 +144,7 @@ def run_alerts(args: argparse.Namespace) -> int:
             else:
                 print(json.dumps(alerts.rules_for(store, args.name).to_dict(), indent=2))
         elif cmd == "evaluate":
-            return _evaluate(store, args)
+            return _evaluate(settings, store, args)
         elif cmd == "events":
             ev = retraining.events(store, args.kind, args.model, args.limit)
             print(json.dumps(ev, indent=2) if args.json else "\n".join(
@@ -145,10 +155,9 @@ def run_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(store: Store, args: argparse.Namespace) -> int:
+def _evaluate(settings: ServerSettings, store: Store, args: argparse.Namespace) -> int:
     from .routes_drift import DriftService
 
-    settings = ServerSettings(data_dir=Path(args.data))
     svc = DriftService(settings, store)
     res = svc.run_once()
     out: dict[str, Any] = {"opened": res.opened, "updated": res.updated, "resolved": res.resolved,
@@ -164,10 +173,6 @@ def _evaluate(store: Store, args: argparse.Namespace) -> int:
           + (f"; delivery {out['delivery']}" if "delivery" in out else "")
           + ("".join(f"\n  error: {e}" for e in res.errors)))
     return 0
-
-
-def _data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="the server's data folder")
 
 
 def add_drift_commands(sub: Any) -> None:

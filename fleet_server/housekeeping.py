@@ -136,7 +136,11 @@ class HousekeepingService:
     tests); ``start``/``stop`` run passes on a thread (idempotent).
 
     ``pause_seconds`` fixes the pause between chunks (default: adaptive, see the module docstring);
-    ``check_seconds`` how often the thread checks the quarantine caps between full passes."""
+    ``check_seconds`` how often the thread checks the quarantine caps between full passes. ``clock`` (epoch
+    seconds, default ``time.time``) is the service's only wall-clock time: summary retention and the alert and
+    rollout windows are judged against it, in ``run_once`` and on the thread alike (a test injects one;
+    ``run_once`` takes no time of its own). Pauses and the interval between passes are measured on
+    ``time.monotonic``, so a wall clock set back or forward cannot stretch them."""
 
     def __init__(self, settings: ServerSettings, store: Store, *, pause_seconds: float | None = None,
                  check_seconds: float = QUARANTINE_CHECK_S, clock: Callable[[], float] = time.time) -> None:
@@ -157,14 +161,14 @@ class HousekeepingService:
         self._held_by = ""  # what held summary pruning back on the last pass (logged when it changes)
 
     # ---- the pass -----------------------------------------------------------------------------------------
-    def run_once(self, now: float | None = None, *, summaries: bool = True) -> PassResult:
-        """One pass: the quarantine caps, then (unless ``summaries`` is False) summary retention. Raises
-        sqlite3 errors (the service counts them); what earlier chunks deleted stays deleted."""
+    def run_once(self, *, summaries: bool = True) -> PassResult:
+        """One pass at ``clock()``: the quarantine caps, then (unless ``summaries`` is False) summary retention.
+        Raises sqlite3 errors (the service counts them); what earlier chunks deleted stays deleted."""
         result = PassResult()
         try:
             self._evict_quarantine(result)
             if summaries and not self._stop.is_set():
-                self._prune_summaries(result, self.clock() if now is None else now)
+                self._prune_summaries(result, self.clock())
         finally:
             result.complete = not self._stop.is_set()
             with self._lock:

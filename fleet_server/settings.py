@@ -1,16 +1,32 @@
-"""Typed server settings, validated once at start-up and passed in (no globals, nothing read at import)."""
+"""Typed server settings, validated once at start-up and passed in (no globals, nothing read at import).
+
+**Bounded-storage settings** (fleet_server/housekeeping.py) are declared once each, as a ``ServerSettings`` field
+made by ``_storage(default, unit, help, rule)``: that one declaration is the field (its annotation the type, its
+default the default), the key of server.toml's ``[storage]`` table, the flag of ``serve`` and ``housekeeping``
+(the name with dashes; ``unit`` its metavar, ``help`` its help), the rule the field, the key and the flag are all
+checked by, and whether ``fleet-server housekeeping`` prints it. :data:`STORAGE` is the table of them
+(:class:`StorageSetting`, in declaration order) that the CLI and :func:`storage_table` read. A sixth setting is one
+more ``_storage`` field. The table is collected from the fields, rather than the fields generated from a table,
+so that ``settings.quarantine_max_rows`` stays a typed attribute mypy checks.
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError
+
+__all__ = ["MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS", "ServerSettings", "StorageSetting",
+           "storage_rule_broken", "storage_table"]
 
 # The longest window the server reads summaries over by default: alert evaluation (``AlertRules.window_s``) and
 # the drift report's and dashboard's default range (``health.DEFAULT_LOOKBACK_S``), one day each (a test pins
@@ -18,57 +34,61 @@ from .errors import ConfigError
 # model's ``window_s``, an active rollout's stage) are protected by the housekeeping pass itself.
 MIN_SUMMARY_RETENTION_DAYS = 1.0
 
-
-# The bounded-storage settings (fleet_server/housekeeping.py): ServerSettings fields, keys of server.toml's
-# [storage] table and flags of `serve` and `housekeeping`. Whole numbers with their (inclusive) range:
-_WHOLE_STORAGE = {"quarantine_max_rows": (1, 10**9), "quarantine_max_payload_mb": (0, 10**7),
-                  "housekeeping_chunk_rows": (1, 10_000)}
-STORAGE_SETTINGS = ("quarantine_max_rows", "quarantine_max_payload_mb", "summary_retention_days",
-                    "housekeeping_interval_seconds", "housekeeping_chunk_rows")
+# A storage setting's rule: None when the value is allowed, else what it must be, worded to follow "must be".
+Rule = Callable[[object], str | None]
+_N = TypeVar("_N", int, float)
+_STORAGE = "edgefleet.storage"  # the dataclass field metadata key of a storage setting's declaration
 
 
-def storage_rule_broken(name: str, value: object) -> str | None:
-    """The rule ``value`` breaks as the bounded-storage setting ``name``, worded to follow "must be" (e.g. "a whole
-    number from 1 to 1,000,000,000"), or None when ``value`` is allowed. One rule for the flags, server.toml and
-    ServerSettings itself. KeyError when ``name`` is not in STORAGE_SETTINGS."""
-    if name in _WHOLE_STORAGE:
-        lo, hi = _WHOLE_STORAGE[name]
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            return f"a whole number from {lo:,} to {hi:,}"
-        return None
-    if name not in STORAGE_SETTINGS:
-        raise KeyError(name)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        return "a finite number, 0 or more"
-    if name == "housekeeping_interval_seconds" and not 0 < value <= 86400:
-        return "more than 0 and at most 86400 (one day)"
-    if name == "summary_retention_days" and 0 < value < MIN_SUMMARY_RETENTION_DAYS:
+@dataclass(frozen=True)
+class StorageSetting:
+    """One bounded-storage setting: a ``ServerSettings`` field, a ``[storage]`` key of server.toml and a flag."""
+
+    name: str  # the field and the [storage] key
+    kind: type[int] | type[float]  # int or float: the flag's type; a server.toml value is stored as this
+    default: int | float
+    unit: str  # the flag's metavar
+    help: str  # the flag's help, before "(for this run; else [storage] NAME in server.toml, else DEFAULT)"
+    rule: Rule = field(repr=False, compare=False)
+    per_pass: bool = True  # `fleet-server housekeeping` prints it (False: the interval between passes, serve's alone)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _storage(default: _N, unit: str, help: str, rule: Rule, *, per_pass: bool = True) -> _N:
+    """A ``ServerSettings`` field that is a bounded-storage setting (collected into :data:`STORAGE`)."""
+    spec = {"unit": unit, "help": help, "rule": rule, "per_pass": per_pass}
+    return field(default=default, metadata={_STORAGE: spec})
+
+
+def _whole(lo: int, hi: int) -> Rule:
+    """An int from ``lo`` to ``hi`` inclusive (not a bool, not a float however round)."""
+    def rule(value: object) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+        return None if ok else f"a whole number from {lo:,} to {hi:,}"
+    return rule
+
+
+def _finite(also: Callable[[float], str | None] | None = None) -> Rule:
+    """A finite int or float, 0 or more (not a bool), that ``also`` allows."""
+    def rule(value: object) -> str | None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            return "a finite number, 0 or more"
+        return also(value) if also is not None else None
+    return rule
+
+
+def _retention(days: float) -> str | None:
+    if 0 < days < MIN_SUMMARY_RETENTION_DAYS:
         return (f"0 (keep forever) or at least {MIN_SUMMARY_RETENTION_DAYS:g} day: alert evaluation and the drift "
                 f"report read the last {MIN_SUMMARY_RETENTION_DAYS:g} day of summaries by default")
     return None
 
 
-def storage_table(table: object, source: str) -> dict[str, int | float]:
-    """The bounded-storage settings a ``[storage]`` table sets (as read from the file ``source``), each checked with
-    the rule its flag has. ConfigError naming ``source``, the key and the rule; also for a key that is no storage
-    setting (a typo must not fall back to the default unnoticed) and for a ``storage`` that is not a table."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: storage must be a table ([storage]) of {', '.join(STORAGE_SETTINGS)}, "
-                          f"not {table!r}")
-    unknown = [str(k) for k in table if k not in STORAGE_SETTINGS]
-    if unknown:
-        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, STORAGE_SETTINGS, 1))
-                 for k in unknown]
-        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} in [storage]: {', '.join(named)}; "
-                          f"the keys are {', '.join(STORAGE_SETTINGS)}")
-    out: dict[str, int | float] = {}
-    for name, value in table.items():
-        rule = storage_rule_broken(name, value)
-        if rule is not None:
-            unquote = " (a string: write the number without quotes)" if isinstance(value, str) else ""
-            raise ConfigError(f"{source}: [storage] {name} must be {rule}, not {value!r}{unquote}")
-        out[name] = value if name in _WHOLE_STORAGE else float(value)
-    return out
+def _interval(seconds: float) -> str | None:
+    return None if 0 < seconds <= 86400 else "more than 0 and at most 86400 (one day)"
 
 
 @dataclass(frozen=True)
@@ -93,14 +113,22 @@ class ServerSettings:
     webhook_timeout_seconds: float = 5.0
     webhook_retries: int = 5
     offline_after_seconds: float = 300.0  # the dashboard shows a device offline when not seen for this long
-    # Bounded storage (fleet_server/housekeeping.py; README "Storage and retention"). Quarantine: at most this many
-    # rows (oldest deleted first) and this many MiB of payloads (past it the oldest rows keep their metadata and
-    # lose their payload; 0 keeps no payloads). Summaries: kept this many days after receipt (0 = forever).
-    quarantine_max_rows: int = 100_000
-    quarantine_max_payload_mb: int = 256
-    summary_retention_days: float = 400.0
-    housekeeping_interval_seconds: float = 60.0  # between full passes (quarantine caps are also checked each second)
-    housekeeping_chunk_rows: int = 500  # rows deleted per write transaction (short, so ingest never waits long)
+    # Bounded storage (fleet_server/housekeeping.py; README "Storage and retention"), one declaration each: the
+    # field, its [storage] key, its `serve`/`housekeeping` flag and its rule (see the module docstring). The
+    # quarantine keeps at most this many rows (oldest deleted first) and MiB of payloads (past it the oldest rows
+    # keep their metadata and lose their payload); summaries are kept this many days after receipt. Passes run
+    # every interval (the quarantine caps are also checked each second), deleting a chunk of rows per short write
+    # transaction, so ingest never waits long.
+    quarantine_max_rows: int = _storage(
+        100_000, "N", "quarantine rows kept; the oldest are deleted past it", _whole(1, 10**9))
+    quarantine_max_payload_mb: int = _storage(
+        256, "MIB", "MiB of quarantined payloads kept; past it the oldest rows keep only their metadata "
+                    "(0 = no payloads)", _whole(0, 10**7))
+    summary_retention_days: float = _storage(
+        400.0, "DAYS", "days summaries are kept after receipt (0 = forever, else at least 1)", _finite(_retention))
+    housekeeping_interval_seconds: float = _storage(
+        60.0, "SECONDS", "seconds between housekeeping passes", _finite(_interval), per_pass=False)
+    housekeeping_chunk_rows: int = _storage(500, "N", "rows deleted per write transaction", _whole(1, 10_000))
 
     def __post_init__(self) -> None:
         try:
@@ -126,11 +154,11 @@ class ServerSettings:
 
     def _storage_checks(self) -> None:
         """The bounded-storage settings; ConfigError names the setting and its ``serve`` flag."""
-        for name in STORAGE_SETTINGS:
-            rule = storage_rule_broken(name, getattr(self, name))
+        for s in STORAGE:
+            value = getattr(self, s.name)
+            rule = s.rule(value)
             if rule is not None:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{name} ({flag}) must be {rule}, not {getattr(self, name)!r}")
+                raise ConfigError(f"{s.name} ({s.flag}) must be {rule}, not {value!r}")
 
     @property
     def db_path(self) -> Path:
@@ -168,3 +196,56 @@ class ServerSettings:
         if self.broker == "embedded":
             return f"mqtt://{self.embedded_mqtt_host}:{self.embedded_mqtt_port}"
         return self.broker
+
+
+def _collect_storage(cls: type) -> tuple[StorageSetting, ...]:
+    """The storage settings ``cls`` declares with ``_storage``, in declaration order; the kind is the annotation."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        if _STORAGE not in f.metadata:
+            continue
+        kind, default = hints[f.name], f.default
+        if kind not in (int, float) or not isinstance(default, int | float) or type(default) is not kind:
+            raise TypeError(f"storage setting {f.name}: annotated {kind}, default {default!r}; both int or both float")
+        out.append(StorageSetting(name=f.name, kind=kind, default=default, **f.metadata[_STORAGE]))
+    return tuple(out)
+
+
+# The bounded-storage settings, in declaration order: the table the flags, server.toml's [storage] table and the
+# `housekeeping` printout are made from.
+STORAGE: tuple[StorageSetting, ...] = _collect_storage(ServerSettings)
+STORAGE_SETTINGS: tuple[str, ...] = tuple(s.name for s in STORAGE)  # their names, the [storage] keys
+_BY_NAME: dict[str, StorageSetting] = {s.name: s for s in STORAGE}
+
+
+def storage_rule_broken(name: str, value: object) -> str | None:
+    """The rule ``value`` breaks as the bounded-storage setting ``name``, worded to follow "must be" (e.g. "a whole
+    number from 1 to 1,000,000,000"), or None when ``value`` is allowed. One rule for the flags, server.toml and
+    ServerSettings itself. KeyError when ``name`` is not in STORAGE_SETTINGS."""
+    return _BY_NAME[name].rule(value)
+
+
+def storage_table(table: object, source: str) -> dict[str, int | float]:
+    """The bounded-storage settings a ``[storage]`` table sets (as read from the file ``source``), each checked with
+    the rule its flag has and stored as its kind (TOML's ``0`` for a float setting is 0.0). ConfigError naming
+    ``source``, the key and the rule; also for a key that is no storage setting (a typo must not fall back to the
+    default unnoticed) and for a ``storage`` that is not a table."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: storage must be a table ([storage]) of {', '.join(STORAGE_SETTINGS)}, "
+                          f"not {table!r}")
+    unknown = [str(k) for k in table if k not in _BY_NAME]
+    if unknown:
+        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, STORAGE_SETTINGS, 1))
+                 for k in unknown]
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} in [storage]: {', '.join(named)}; "
+                          f"the keys are {', '.join(STORAGE_SETTINGS)}")
+    out: dict[str, int | float] = {}
+    for name, value in table.items():
+        setting = _BY_NAME[name]
+        rule = setting.rule(value)
+        if rule is not None:
+            unquote = " (a string: write the number without quotes)" if isinstance(value, str) else ""
+            raise ConfigError(f"{source}: [storage] {name} must be {rule}, not {value!r}{unquote}")
+        out[name] = setting.kind(value)
+    return out

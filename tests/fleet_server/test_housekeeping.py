@@ -258,16 +258,36 @@ def test_pruning_keeps_what_an_active_rollout_stage_and_a_long_alert_window_stil
     rid = rollouts.start(fleet.store, model="clinical", version="1.0.0", cohort={}, stages=[100], bake_seconds=60,
                          now=now - 45 * DAY)  # its stage began 45 days ago: its gates read seq 3 and 4
     alerts.set_rules(fleet.store, "clinical", {"window_s": 60 * DAY})  # alerts read seq 2, 3, 4
-    svc = HousekeepingService(fleet.settings, fleet.store)
+    svc = HousekeepingService(fleet.settings, fleet.store, clock=lambda: now)
 
-    assert svc.run_once(now).summaries_pruned == 1
+    assert svc.run_once().summaries_pruned == 1
     assert fleet.seqs("dev-1") == [2, 3, 4]
     alerts.set_rules(fleet.store, "clinical", {})  # back to the default one-day window: the rollout still holds 3
-    assert svc.run_once(now).summaries_pruned == 1
+    assert svc.run_once().summaries_pruned == 1
     assert fleet.seqs("dev-1") == [3, 4]
     rollouts.set_state(fleet.store, rollouts.DesiredSigner(generate_key(), "http://127.0.0.1:9"), rid, "abort", "t")
-    assert svc.run_once(now).summaries_pruned == 1
+    assert svc.run_once().summaries_pruned == 1
     assert fleet.seqs("dev-1") == [4]
+
+
+def test_a_pass_judges_retention_by_the_injected_clock_alone(make_fleet: FleetFactory) -> None:
+    """The clock is the one way to tell the service the time: a pass prunes by it (here, as if run 20 days from
+    now), and ``run_once`` takes no time of its own that could disagree with the thread's passes."""
+    fleet = make_fleet(summary_retention_days=30)
+    now = time.time()
+    with fleet.store.write() as c:
+        c.executemany("INSERT INTO summaries VALUES ('dev-1', ?, 'clinical', '1.0.0', '', '', 1, '{}', ?)",
+                      [(1, now - 40 * DAY), (2, now - 20 * DAY), (3, now - DAY)])
+    today = HousekeepingService(fleet.settings, fleet.store)  # the default clock: the wall clock
+    later = HousekeepingService(fleet.settings, fleet.store, clock=lambda: now + 20 * DAY)
+
+    assert today.run_once().summaries_pruned == 1
+    assert fleet.seqs("dev-1") == [2, 3]
+    result = later.run_once()
+    assert result.summaries_pruned == 1 and fleet.seqs("dev-1") == [3]  # 40 days old by the injected clock
+    assert result.summaries_cutoff == pytest.approx(now + 20 * DAY - 30 * DAY)
+    with pytest.raises(TypeError):
+        later.run_once(now=now)  # type: ignore[call-arg]
 
 
 # ---- settings ------------------------------------------------------------------------------------------------
