@@ -20,7 +20,6 @@ verifies everything else.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from edgefleet_contracts.atomic import fsync_dir
+from edgefleet_contracts.digest import sha256_file  # re-exported: part of this module's API
 
 from .errors import AgentError
 
@@ -172,14 +172,6 @@ def part_path(folder: Path, sha256: str) -> Path:
 
 def done_path(folder: Path, sha256: str) -> Path:
     return Path(folder) / f"{sha256}{DONE_SUFFIX}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- the shell ----------------------------------------------------------------------------------------

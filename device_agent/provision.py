@@ -23,7 +23,9 @@ from datetime import datetime
 from pathlib import Path
 
 from edgefleet_contracts.atomic import atomic_write_bytes, fsync_dir
+from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.signing import Ed25519PublicKey, generate_key, key_id, save_private_key, save_public_key
+from edgefleet_contracts.tags import parse_tag as _parse_tag
 from edgefleet_contracts.targets import default_targets_dir, get_target
 from edgefleet_contracts.timeutil import utcnow
 
@@ -55,11 +57,15 @@ class AlreadyProvisionedError(ProvisionError):
 
 
 def parse_tag(text: str) -> tuple[str, str]:
-    """``key=value`` -> (key, value). Raises ProvisionError when there is no ``=`` or the key is empty."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ProvisionError(f"tag {text!r} must look like key=value (e.g. --tag site=ward-3)", reason="bad_tag")
-    return key.strip(), value.strip()
+    """``key=value`` -> (key, value) by the tag contract (:mod:`edgefleet_contracts.tags`), so the device is
+    written only tags the fleet server can store and filter on: split at the first ``=``, the value may be
+    empty or hold ``=``. Nothing is stripped any more: ``site = ward-3`` is refused (edge whitespace) rather
+    than quietly provisioned as ``site=ward-3``, and a control character (a newline would break
+    ``config.toml``) is refused before any folder is made. Raises ProvisionError (reason ``bad_tag``)."""
+    try:
+        return _parse_tag(text)
+    except SchemaError as exc:
+        raise ProvisionError(f"{exc} (e.g. --tag site=ward-3)", reason="bad_tag") from None
 
 
 @dataclass(frozen=True)

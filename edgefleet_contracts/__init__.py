@@ -5,6 +5,7 @@ Imports nothing heavy (no numpy, no runtimes): device, server and packager all d
 
 from .archive import VerifiedPackage, open_package
 from .canonical import canonical_bytes, parse_json
+from .digest import sha256_file, sha256_file_with_length
 from .errors import (
     ContractError,
     ExpiredError,
@@ -31,6 +32,7 @@ from .manifest import (
     Manifest,
     OutputSpec,
 )
+from .tags import check_tag, parse_tag
 from .trust import check_target, verify_keyset, verify_manifest
 from .versions import is_newer, parse_version
 
@@ -60,11 +62,15 @@ __all__ = [
     "UntrustedKeyError",
     "VerifiedPackage",
     "canonical_bytes",
+    "check_tag",
     "check_target",
     "is_newer",
     "open_package",
     "parse_json",
+    "parse_tag",
     "parse_version",
+    "sha256_file",
+    "sha256_file_with_length",
     "verify_keyset",
     "verify_manifest",
 ]

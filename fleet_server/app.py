@@ -137,8 +137,10 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     async def list_devices(request: Request, response: Response, _: Viewer, tag: str | None = None,
                            limit: Limit = DEFAULT_LIMIT, after: str | None = None) -> Any:
         """Enrolled devices in device id order, ``limit`` per page; ``after`` is the last device id of the
-        previous page (exclusive). ``tag=key=value`` keeps the devices with that tag (422 when it is not
-        key=value). ``Link: <...>; rel="next"`` gives the next page while there is one."""
+        previous page (exclusive). ``tag=key=value`` keeps the devices with that tag, split at the first ``=``
+        (``tag=site=`` asks for an empty site); a filter that is no tag by the contract
+        (:mod:`edgefleet_contracts.tags`) is a 422 naming the problem, never every device. ``Link: <...>;
+        rel="next"`` gives the next page while there is one."""
         t = devices.parse_tag(tag) if tag is not None else None
         rows = await run_in_threadpool(lambda: devices.list_devices(store, t, limit=limit + 1, after=after))
         return page(request, response, rows, limit, "after", "device_id")

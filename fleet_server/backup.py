@@ -15,7 +15,6 @@ the fleet's private key. ``backup.json`` in it records what was copied. Restorin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,17 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgefleet_contracts.digest import sha256_file
+
 from .errors import ConfigError
 from .settings import ServerSettings
 
 __all__ = ["backup"]
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_db(src: Path, dst: Path) -> dict[str, int]:
@@ -105,7 +99,7 @@ def _copy_packages(packages_dir: Path, partial: Path) -> list[dict[str, Any]]:
         if not src.is_file():
             raise ConfigError(f"package {name} {version} ({src}) is missing from the data folder")
         shutil.copy2(src, dst)
-        if dst.stat().st_size != length or _sha256(dst) != sha:
+        if dst.stat().st_size != length or sha256_file(dst) != sha:
             raise ConfigError(f"package {name} {version} ({src}) does not match its published length and sha256")
         out.append({"name": name, "version": version, "file": dst.name, "length": length, "sha256": sha})
     return out

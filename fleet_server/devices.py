@@ -10,6 +10,8 @@ from typing import Any
 
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.signing import public_b64, public_from_b64
+from edgefleet_contracts.tags import check_tag
+from edgefleet_contracts.tags import parse_tag as _parse_tag
 from edgefleet_contracts.topics import check_id
 
 from .errors import AuthError, ConflictError, NotFoundError, RequestError
@@ -17,9 +19,16 @@ from .store import Store, record_event
 
 
 def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Tags as stored (enroll, set_tags, enrollment tokens) follow the tag contract
+    (:mod:`edgefleet_contracts.tags`), so every stored tag can be filtered on with ``tag=key=value``: a key with
+    ``=``, a control character or edge whitespace is refused here rather than stored unreachable."""
+    if not isinstance(tags, dict):
+        raise RequestError("tags must be an object of string key=value pairs")
     for k, v in tags.items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 64 or len(v) > 128:
-            raise RequestError("tags must be short string key=value pairs")
+        try:
+            check_tag(k, v)
+        except SchemaError as exc:
+            raise RequestError(str(exc)) from None
     return tags
 
 
@@ -149,11 +158,14 @@ def get(store: Store, device_id: str) -> dict[str, Any]:
 
 
 def parse_tag(text: str) -> tuple[str, str]:
-    """A ``key=value`` tag filter as (key, value); the value may hold ``=``. Raises RequestError naming the filter."""
-    key, eq, value = text.partition("=")
-    if not eq or not key:
-        raise RequestError(f"tag filter {text!r} must be key=value, e.g. tag=site=north")
-    return key, value
+    """A ``key=value`` tag filter as (key, value), by the tag contract (:mod:`edgefleet_contracts.tags`): split
+    at the first ``=`` (the value may hold ``=``), the value may be empty (``site=`` asks for the devices whose
+    site is ``""``), a key or value with a control character or edge whitespace is refused, not stripped.
+    Raises RequestError (422) naming the filter and what is wrong with it."""
+    try:
+        return _parse_tag(text, "tag filter")
+    except SchemaError as exc:
+        raise RequestError(f"{exc}; e.g. tag=site=north") from None
 
 
 def list_devices(store: Store, tag: tuple[str, str] | None = None, *, limit: int | None = None,

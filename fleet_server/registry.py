@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet_contracts.archive import open_package
+from edgefleet_contracts.digest import sha256_file
 from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.signing import load_public_key
 from edgefleet_contracts.timeutil import parse_duration, utcnow
@@ -35,7 +35,7 @@ def publish(store: Store, packages_dir: Path, root_pub: Path, pkg: Path, *, owne
         m = vp.manifest
         profile = (Path(tmp) / "profile.json").read_text()
         calibration = (Path(tmp) / "calibration.json").read_text()
-    data_hash = hashlib.sha256(Path(pkg).read_bytes()).hexdigest()
+    data_hash = sha256_file(Path(pkg))  # streamed: a package may be hundreds of MB
     existing = store.one("SELECT sha256 FROM model_versions WHERE name = ? AND version = ?", (m.name, m.version))
     if existing is not None and existing["sha256"] != data_hash:
         raise ConflictError(f"{m.name} {m.version} is already published with different content; "

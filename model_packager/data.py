@@ -17,6 +17,7 @@ import numpy as np
 from device_agent.errors import InputError
 from device_agent.imaging import decode as decode_image
 from device_agent.imaging import image_stats, stat_names, to_input
+from edgefleet_contracts.digest import sha256_file
 from edgefleet_contracts.manifest import ImageSpec
 
 from .errors import DataError
@@ -39,14 +40,6 @@ class Dataset:
         return int(self.x.shape[0])
 
 
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_npz(path: Path, feature_names: list[str] | None = None) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -62,7 +55,7 @@ def load_npz(path: Path, feature_names: list[str] | None = None) -> Dataset:
     if y is not None and len(y) != len(x):
         raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
     names = names or feature_names or [f"f{i}" for i in range(x.shape[1])]
-    return Dataset(x, y, names, x.astype(np.float64), _sha_file(path), str(path))
+    return Dataset(x, y, names, x.astype(np.float64), sha256_file(path), str(path))
 
 
 def load_csv(path: Path, label_column: str | None = "label") -> Dataset:
@@ -94,7 +87,7 @@ def load_csv(path: Path, label_column: str | None = "label") -> Dataset:
             except ValueError:
                 raise DataError(f"{path}:{r}: label {row[label_idx][:20]!r} is not an integer class index") from None
     names = [header[i] for i in feat_idx]
-    return Dataset(x, y, names, x.astype(np.float64), _sha_file(path), str(path))
+    return Dataset(x, y, names, x.astype(np.float64), sha256_file(path), str(path))
 
 
 def load_image_folder(path: Path, spec: ImageSpec) -> Dataset:

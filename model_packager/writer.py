@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -12,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet_contracts.atomic import fsync_dir
+from edgefleet_contracts.digest import sha256_file_with_length
 from edgefleet_contracts.manifest import KEYSET_NAME, MANIFEST_NAME, FileEntry
 
 
 def file_entry(path: Path) -> FileEntry:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return FileEntry(h.hexdigest(), path.stat().st_size)
+    """The manifest entry of a payload file: its sha256 and length, of one read. Raises OSError."""
+    return FileEntry(*sha256_file_with_length(path))
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:

@@ -10,10 +10,10 @@ Decisions:
 
 from __future__ import annotations
 
-import hashlib
 import tomllib
 from pathlib import Path
 
+from edgefleet_contracts.digest import sha256_file
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.manifest import Manifest
 from edgefleet_contracts.targets import Target
@@ -41,15 +41,12 @@ def check_reserved(manifest: Manifest) -> None:
 def files_intact(folder: Path, manifest: Manifest) -> str | None:
     """None when every payload file in ``folder`` matches the manifest; else what differs."""
     for name, entry in sorted(manifest.files.items()):
-        h = hashlib.sha256()
         try:
-            with open(folder / name, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 - fh is bound per iteration
-                    h.update(chunk)
+            got = sha256_file(folder / name)
         except OSError as exc:
             return f"{name}: {exc.strerror or exc}"
-        if h.hexdigest() != entry.sha256:
-            return f"{name} changed on disk (sha256 {h.hexdigest()[:12]}…, manifest {entry.sha256[:12]}…)"
+        if got != entry.sha256:
+            return f"{name} changed on disk (sha256 {got[:12]}…, manifest {entry.sha256[:12]}…)"
     return None
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.tags import parse_tag as _parse_tag
 from edgefleet_contracts.timeutil import parse
 
 from .. import alerts, health
@@ -36,13 +38,16 @@ def _iso(t: float) -> str:
 
 
 def parse_tag(tag: str | None) -> tuple[str, str] | None:
-    """``key=value`` (a cohort filter) or None. Raises RequestError naming the bad value."""
+    """``key=value`` (a cohort filter) by the tag contract (:mod:`edgefleet_contracts.tags`), or None for no
+    filter (no ``tag``, or ``tag=`` empty: the page's "all devices"). As everywhere, the split is at the first
+    ``=`` and the value may be empty: ``site=`` is the cohort of devices whose site is ``""`` (this function
+    refused it before the contract). Raises RequestError (422) naming the filter and what is wrong with it."""
     if not tag:
         return None
-    k, sep, v = tag.partition("=")
-    if not sep or not k or not v:
-        raise RequestError(f"tag={tag!r} must be key=value, e.g. site=north")
-    return k, v
+    try:
+        return _parse_tag(tag, "tag filter")
+    except SchemaError as exc:
+        raise RequestError(f"{exc}; e.g. tag=site=north") from None
 
 
 # ---- overview ---------------------------------------------------------------------------------------------

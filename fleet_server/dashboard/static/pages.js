@@ -96,8 +96,8 @@ export async function devicesPage(params) {
   const o = await api("/api/v1/overview");
   const list = o.devices.list.filter((d) => {
     if (!tag) return true;
-    const [k, v] = tag.split("=");
-    return d.tags[k] === v;
+    const at = tag.indexOf("=");  // split at the first "=" only: a value may hold "=" (the tag contract)
+    return at > 0 && d.tags[tag.slice(0, at)] === tag.slice(at + 1);
   });
   const select = h("select", { id: "device-tag", name: "tag" }, h("option", { value: "", text: "all devices" }),
     ...Object.entries(o.devices.by_tag).flatMap(([k, counts]) => Object.keys(counts).map((v) =>
