@@ -122,7 +122,12 @@ class ValidatorProcess:
 
 def _worker_main(conn: Any, settings: ServerSettings, parent: int) -> None:
     """A validator process: answers each batch of messages with their Submissions, in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops its workers
+    # The server owns this process's life: it asks it to exit (close), kills it by PID past a timeout, and the
+    # orphan watch below ends it if the server dies. Ctrl-C (SIGINT) and a stop sent to the whole process group
+    # (SIGTERM from `timeout`, or systemd's default KillMode=control-group) reach this process too; dying of them
+    # first made a clean stop look like a crashed validator (and started a replacement mid-stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def orphan_watch() -> None:  # a SIGKILLed server closes no pipe we would notice while busy: do not linger
         while os.getppid() == parent:

@@ -417,6 +417,20 @@ def test_a_clean_stop_is_not_reported_as_a_validator_failure(fleet: Fleet,
     assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
 
 
+def test_a_stop_sent_to_the_whole_process_group_leaves_the_validators_to_the_server(fleet: Fleet) -> None:
+    """systemd's default KillMode and `timeout` send SIGTERM to every process of the group: the validators must
+    not die of it (the server stops them), or the stop reads as a crash and a replacement starts mid-stop."""
+    svc = IngestService(fleet.settings, fleet.store, validator_processes=1)
+    svc.start()
+    try:
+        pid = svc.worker_pids()[0]
+        os.kill(pid, signal.SIGTERM)
+        assert not wait_until(lambda: svc.worker_pids() != [pid], 1.5), "the validator died of SIGTERM"
+        assert svc.ingest(fleet["dev-1"].message([1])).accepted == 1
+    finally:
+        assert svc.stop(10)
+
+
 def test_submissions_with_no_rows_still_complete(fleet: Fleet) -> None:
     svc = IngestService(fleet.settings, fleet.store)
     svc.start()
