@@ -241,7 +241,7 @@ SPECS: dict[str, Spec] = {
         why="ID: a spare viewer token made for this, as the walkthrough's operator token is used later"),
     "fleet-server alerts events --kind token --data srv": Spec(expect=('"action": "revoked"', '"action": "created"')),
     "fleet-server devices enroll --data srv --device-id clinic-7 --public-key /srv/dev-7/keys/device.pub "
-    "--tag site=north": Spec(expect=("enrolled clinic-7",)),
+    "--tag site=north --tag hw=rpi4": Spec(expect=("enrolled clinic-7",)),
     "fleet-server devices revoke clinic-9 --data srv --reason stolen from ward 3": Spec(
         before=enroll_spare_device, expect=("revoked clinic-9: stolen from ward 3",),
         why="clinic-9: a spare device enrolled for this (clinic-7 is the walkthrough's device)"),
@@ -257,7 +257,7 @@ SPECS: dict[str, Spec] = {
     "fleet-server models show clinical --data srv":
         Spec(expect=("owner: clinical-ml", "paged at: {pager}", "retraining: every 30 days", "due ")),
     "fleet-server drift clinical --data srv --by site --by hw": Spec(
-        exit=3, expect=("site=north", "DRIFT on", "output drift", "operations", "accuracy"),
+        exit=3, expect=("site=north", "hw=rpi4", "DRIFT on", "output drift", "operations", "accuracy"),
         why="exit 3 means drift found (as the README says): site north's inputs were shifted"),
     "fleet-server alerts list --data srv": Spec(expect=("input_drift",), capture={"alert_id": r"^\s*(\d+)\s+open\s"}),
     "fleet-server alerts ack ID --data srv": Spec(subs={"ID": "{alert_id}"}, expect=("acknowledged",)),

@@ -53,7 +53,8 @@ def parse_json(payload: bytes, limit: int) -> Any:
     RejectedError.
     """
     if len(payload) > limit:
-        raise reject("too_large", f"message is {len(payload)} bytes, over the {limit}-byte limit")
+        # "at least": an HTTP body is read no further than just past the limit, so its true size is unknown here
+        raise reject("too_large", f"message is at least {len(payload):,} bytes, over the {limit:,}-byte limit")
     check_nesting(payload)
     if _orjson is not None:
         try:

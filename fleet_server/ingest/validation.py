@@ -117,9 +117,13 @@ class Validator(StoreLookups):
                 return canonical
             break
         enrolled = short(dk.keyid)
+        if any(keyid == dk.keyid for keyid, _ in signatures):  # the right key's signature, over other bytes
+            raise reject("bad_signature", f"{what} carries a signature by device {device_id}'s enrolled key "
+                                          f"{enrolled} that does not verify: the document was changed after it "
+                                          "was signed, or the signature is damaged")
         seen = ", ".join(short(k) for k, _ in signatures)
-        raise reject("bad_signature", f"{what} is not validly signed by device {device_id}'s enrolled key "
-                                      f"{enrolled} (signed by {seen}); re-enroll the device if its key changed")
+        raise reject("bad_signature", f"{what} is not signed by device {device_id}'s enrolled key {enrolled} "
+                                      f"(signed by {seen}); re-enroll the device if its key changed")
 
     @staticmethod
     def _envelope_signatures(envelope: dict[str, Any], what: str) -> list[tuple[str, bytes]]:

@@ -142,6 +142,8 @@ def test_a_bad_message_is_rejected_quarantined_and_counted_and_ingest_goes_on(ht
     assert doc["accepted"] == 0 and doc["duplicates"] == 0
     assert [x["reason"] for x in doc["rejected"]] == [reason]
     assert doc["rejected"][0]["detail"]
+    if case == "oversized_10_MB":  # the body is read only just past the limit: no false exact size
+        assert doc["rejected"][0]["detail"].startswith("message is at least ")
 
     rows = fleet.quarantined()
     assert [(q["reason"], q["source"]) for q in rows] == [(reason, "http")]
@@ -429,6 +431,17 @@ def test_a_stop_sent_to_the_whole_process_group_leaves_the_validators_to_the_ser
         assert svc.ingest(fleet["dev-1"].message([1])).accepted == 1
     finally:
         assert svc.stop(10)
+
+
+def test_a_signature_refusal_says_whether_the_key_or_the_document_is_wrong(http: Http) -> None:
+    """A changed document signed by the enrolled key and a document signed by another key are different problems
+    for the integrator; the refusal used to name the same key twice for the first."""
+    client, fleet, _ = http
+    tampered = fleet["dev-1"].message([1]).replace(b'"count":', b'"count":1', 1)
+    detail = post(client, tampered).json()["rejected"][0]["detail"]
+    assert "does not verify: the document was changed after it was signed" in detail, detail
+    other = post(client, fleet["dev-1"].message([2], signer=generate_key())).json()["rejected"][0]["detail"]
+    assert "is not signed by device dev-1's enrolled key" in other and "(signed by " in other, other
 
 
 def test_submissions_with_no_rows_still_complete(fleet: Fleet) -> None:
