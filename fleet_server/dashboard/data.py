@@ -201,7 +201,8 @@ def histogram(store: Store, model: str, version: str, feature: str, *, since: st
     for _, _, vec in _rows(store, ref, layout, a, b, cohort):
         cur += vec
     size = layout.sizes[j]
-    current = layout.feature_matrix_from(layout.part(cur, "bins"))[j, :size]
+    # Noised summaries (dp_epsilon) carry signed counts that are unbiased only in sum: a bar is never below zero.
+    current = np.clip(np.rint(layout.feature_matrix_from(layout.part(cur, "bins"))[j, :size]), 0, None)
     reference = layout.reference[j, :size]
     return {"model": model, "version": version, "feature": feature, "tag": tag, "since": a, "until": b,
             "edges": list(ref.profile.features[j].edges), "reference": reference.astype(int).tolist(),

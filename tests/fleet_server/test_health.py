@@ -6,6 +6,7 @@ Summaries come from the agent's own window code on the clinical data and are sto
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -267,3 +268,20 @@ def test_drift_api_needs_a_viewer_and_the_cli_reads_the_data_folder(drift_fleet,
     assert json.loads(capsys.readouterr().out)["fleet"]["count"] == 900
     assert fleet_cli(["drift", "clinical", "--data", str(Path(f.settings.data_dir) / "missing")]) == 1
     assert "holds no fleet database" in capsys.readouterr().err
+
+
+def test_noised_windows_never_draw_a_negative_bar(drift_fleet):
+    """A noised release may carry negative counts (unbiased only in sum); the dashboard's histogram clips them."""
+    from device_agent.summarizer import add_laplace_noise
+    from fleet_server.dashboard.data import histogram
+
+    f = drift_fleet
+    f.enroll("d")
+    rows, _ = f.sample(30)
+    s = f.window("d", rows)  # stored plain; now a noised release of another window, with a negative count
+    noised = add_laplace_noise(dataclasses.replace(s, seq=s.seq + 1000), 1.0, np.random.default_rng(0))
+    name = noised.features[0].name
+    noised.features[0].counts[0] = -40
+    f.insert(noised)
+    h = histogram(f.store, "clinical", f.model.version, name, since="1d")
+    assert min(h["current"]) >= 0 and h["current"][0] == 0
