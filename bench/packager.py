@@ -42,7 +42,7 @@ def main() -> int:
     for label, model, cal, hold, pre in jobs:
         r = build_package(BuildRequest(model=model, name="bench", version="1.0.0", target="x86_64-avx2",
                                        calibration=cal, holdout=hold, keys=out / "keys", out=out / "b.efpkg",
-                                       preprocess=pre, max_accuracy_drop=100.0,
+                                       preprocess=pre, max_accuracy_drop=100.0, force=True,
                                        latency_runs=args.runs))
         for c in r.report["candidates"]:
             acc = f"{c['accuracy']:.4f}" if c["accuracy"] is not None else "-"

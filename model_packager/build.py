@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,19 @@ from rich.progress import Progress
 
 from device_agent.errors import AgentError
 from device_agent.runtime import open_runtime
-from edgefleet_contracts.manifest import ImageSpec, InputSpec, Manifest, OutputSpec
+from edgefleet_contracts.errors import SchemaError
+from edgefleet_contracts.manifest import FeatureSpec, FileEntry, ImageSpec, InputSpec, Manifest, OutputSpec
 from edgefleet_contracts.signing import sign_envelope
 from edgefleet_contracts.targets import Target, get_target
 from edgefleet_contracts.timeutil import utcnow
-from edgefleet_contracts.versions import parse_version
 
 from .data import Dataset, load_dataset
-from .errors import DataError, ModelError, PackagerError, QuantizationError
+from .errors import DataError, FlagError, ModelError, QuantizationError
 from .evaluate import Candidate, measure
 from .keys import KeyFolder
 from .profiling import calibration_map, feature_ranges, golden_tolerance, reference_profile
 from .quantize import op_types, quantize
-from .writer import file_entry, write_archive
+from .writer import file_entry, refuse_existing, write_archive
 
 MODES = ("auto", "none", "int8-dynamic", "int8-static")
 
@@ -56,6 +57,7 @@ class BuildRequest:
     mlflow_run: str | None = None
     progress: bool = False
     latency_runs: int = 300
+    force: bool = False  # replace an existing ``out``
 
 
 @dataclass
@@ -144,12 +146,50 @@ def _choose(cands: list[Candidate], target: Target, mode: str, bound: float, lab
     )
 
 
-def build_package(req: BuildRequest, console: Console | None = None) -> BuildResult:
-    """Build, sign and write a package. Raises PackagerError subclasses or ContractError with the reason."""
-    console = console or Console(stderr=True, quiet=not req.progress)
+def check_request(req: BuildRequest) -> None:
+    """Check the values a build is asked for before any work. Every manifest field a flag sets (name, version,
+    owner, classes, expiry, MLflow run) goes through the manifest schema's own rule (``Manifest.from_signed``), so
+    build refuses what ``verify`` would refuse. Raises FlagError naming the flag."""
     if req.quantize not in MODES:
-        raise PackagerError(f"--quantize {req.quantize!r} is not one of {', '.join(MODES)}")
-    parse_version(req.version)
+        raise FlagError(f"--quantize {req.quantize!r} is not one of {', '.join(MODES)}")
+    drop = req.max_accuracy_drop
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not math.isfinite(drop) or drop < 0:
+        raise FlagError(f"--max-accuracy-drop {drop!r} must be 0 or more: the percentage points of accuracy a "
+                        "quantized variant may lose")
+    if req.expires_in <= timedelta(0):
+        raise FlagError("--expires-in must be longer than 0: every device refuses a package that has expired")
+    if req.classes is not None:
+        names = list(req.classes)
+        if any(not c.strip() for c in names) or len(set(names)) != len(names):
+            raise FlagError(f"--classes {','.join(names)!r} must be distinct, non-empty class names")
+    now = utcnow()
+    probe = Manifest(  # a manifest that passes the schema; each flag's value is put into it alone
+        name="probe", version="1", target=req.target or "probe", runtime="onnxruntime", kind="tabular",
+        model_file="model.onnx", input=InputSpec("x", "float32", (-1, 1), (FeatureSpec("f0", 0.0, 1.0),)),
+        output=OutputSpec("probabilities", ("a", "b")), files={"model.onnx": FileEntry("0" * 64, 0)},
+        created=now, expires=now + timedelta(days=1))
+    flags: list[tuple[str, object, dict[str, Any]]] = [
+        ("--name", req.name, {"name": req.name}),
+        ("--version", req.version, {"version": req.version}),
+        ("--owner", req.owner, {"owner": req.owner}),
+        ("--expires-in", req.expires_in, {"expires": now + req.expires_in}),
+        ("--mlflow-run", req.mlflow_run, {"lineage": {"mlflow_run_id": req.mlflow_run}}),
+    ]
+    if req.classes is not None:
+        flags.append(("--classes", ",".join(req.classes), {"output": OutputSpec("probabilities", tuple(req.classes))}))
+    for flag, value, change in flags:
+        try:
+            Manifest.from_signed(replace(probe, **change).to_signed())
+        except SchemaError as exc:
+            raise FlagError(f"{flag} {value!r} is not allowed in a package manifest: {exc}") from None
+
+
+def build_package(req: BuildRequest, console: Console | None = None) -> BuildResult:
+    """Build, sign and write a package. Raises PackagerError subclasses (FlagError and OutputExistsError before any
+    work) or ContractError with the reason."""
+    console = console or Console(stderr=True, quiet=not req.progress)
+    check_request(req)
+    refuse_existing(Path(req.out), overwrite=req.force)
     target = get_target(req.target)
     folder = KeyFolder(Path(req.keys))
     signing_key, keyset = folder.signing_key()  # fail early, before minutes of measuring
@@ -236,7 +276,7 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
             lineage=report["lineage"],
         )
         manifest_env = sign_envelope(manifest.to_signed(), signing_key)
-        write_archive(req.out, folder.keyset_envelope(), manifest_env, payload)
+        write_archive(req.out, folder.keyset_envelope(), manifest_env, payload, overwrite=req.force)
         del keyset
     return BuildResult(Path(req.out), manifest, report)
 

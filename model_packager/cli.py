@@ -40,7 +40,7 @@ def _build(args: argparse.Namespace) -> int:
         expires_in=parse_duration(args.expires_in), label_column=args.label_column or None,
         preprocess=Path(args.preprocess) if args.preprocess else None, probabilities=args.probabilities,
         classes=args.classes.split(",") if args.classes else None, max_accuracy_drop=args.max_accuracy_drop,
-        mlflow_run=args.mlflow_run, progress=not args.quiet,
+        mlflow_run=args.mlflow_run, progress=not args.quiet, force=args.force,
     )
     result = build_package(req)
     ch = result.report["chosen"]
@@ -110,14 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--holdout", help=".npz, .csv or image folder (labels enable accuracy and calibration)")
     b.add_argument("--quantize", default="auto", choices=["auto", "none", "int8-dynamic", "int8-static"])
     b.add_argument("--keys", required=True, help="key folder from `keys init`")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="the package file to write (refused if it exists, unless --force)")
+    b.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     b.add_argument("--owner", help="model owner (team or person)")
     b.add_argument("--expires-in", default="365d")
     b.add_argument("--label-column", default="label", help="CSV column holding the class index")
     b.add_argument("--preprocess", help="JSON image preprocessing spec (required for image folders)")
     b.add_argument("--probabilities", help="name of the model output holding class probabilities")
     b.add_argument("--classes", help="comma-separated class names")
-    b.add_argument("--max-accuracy-drop", type=float, default=0.5, help="percentage points (default 0.5)")
+    b.add_argument("--max-accuracy-drop", type=float, default=0.5,
+                   help="percentage points a quantized variant may lose, 0 or more (default 0.5)")
     b.add_argument("--mlflow-run", help="MLflow run id, recorded in the lineage")
     b.add_argument("--quiet", action="store_true", help="no progress display")
     b.set_defaults(func=_build)
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify a package as a device would")
     v.add_argument("package")
     v.add_argument("--root", required=True, help="root public key (root.pub)")
-    v.add_argument("--target", help="refuse packages built for another target")
+    v.add_argument("--target", help="refuse packages built for another target (a known target name)")
     v.add_argument("--keyset", help="the newest keyset you hold (revocations take effect)")
     v.set_defaults(func=_verify)
 

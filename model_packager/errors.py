@@ -23,4 +23,18 @@ class QuantizationError(PackagerError):
     """No quantization candidate could be produced or none meets the accuracy bound."""
 
 
-__all__ = ["ContractError", "DataError", "KeysError", "ModelError", "PackagerError", "QuantizationError"]
+class FlagError(PackagerError):
+    """A flag (a ``BuildRequest`` field) has a value the package format or the build does not allow; the message
+    names the flag. Raised before any work."""
+
+
+class OutputExistsError(PackagerError):
+    """The output file already exists and replacing it was not asked for (``--force``)."""
+
+
+class InputFileError(PackagerError):
+    """A file named on the command line (package, root key, keyset) does not exist or is not a file."""
+
+
+__all__ = ["ContractError", "DataError", "FlagError", "InputFileError", "KeysError", "ModelError", "OutputExistsError",
+           "PackagerError", "QuantizationError"]

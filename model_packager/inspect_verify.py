@@ -12,14 +12,36 @@ from edgefleet_contracts.archive import VerifiedPackage, open_package
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.errors import PackageError, SchemaError
 from edgefleet_contracts.signing import load_public_key
+from edgefleet_contracts.targets import get_target
 from edgefleet_contracts.timeutil import utcnow
 from edgefleet_contracts.trust import verify_keyset
+
+from .errors import InputFileError
+
+
+def _existing(path: Path, what: str) -> Path:
+    """``path`` when it is a file; else InputFileError saying what is missing (not a verdict on a package)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise InputFileError(f"{what} {path} is not a file")
+    return path
 
 
 def verify(path: Path, root_pub: Path, *, target: str | None = None, keyset: Path | None = None,
            now: datetime | None = None) -> VerifiedPackage:
     """Verify ``path`` as a device would. ``keyset`` is the newest keyset the verifier knows (so a package
-    carrying an older one is refused, and revocations take effect). Raises ContractError subclasses."""
+    carrying an older one is refused, and revocations take effect).
+
+    Raises UnknownTargetError (``target`` is no known target; the message lists them), InputFileError (a file
+    given does not exist) or ContractError subclasses (the package's verdict)."""
+    if target is not None:
+        get_target(target, require_supported=False)  # a typo is not a package built for another target
+    _existing(path, "package file")
+    _existing(root_pub, "root key")
+    if keyset is not None:
+        _existing(keyset, "keyset file")
     now = now or utcnow()
     root = load_public_key(root_pub)
     trusted = None
@@ -30,7 +52,9 @@ def verify(path: Path, root_pub: Path, *, target: str | None = None, keyset: Pat
 
 
 def read_manifest_unverified(path: Path) -> dict[str, Any]:
-    """The manifest's ``signed`` part, without verifying it (``inspect`` says so). Raises PackageError."""
+    """The manifest's ``signed`` part, without verifying it (``inspect`` says so). Raises InputFileError (no such
+    file) or PackageError."""
+    _existing(path, "package file")
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar:

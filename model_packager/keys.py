@@ -181,6 +181,10 @@ def revoke_key(path: Path, keyid_prefix: str, *, now: datetime | None = None) ->
     if len(keyid_prefix) < 8:
         raise KeysError("give at least 8 hex digits of the key id to revoke")
     matches = [k for k in old.keys if k.startswith(keyid_prefix.lower())]
+    gone = [k for k in old.revoked if k.startswith(keyid_prefix.lower())]
+    if not matches and len(gone) == 1:
+        raise KeysError(f"key {gone[0][:16]} is already revoked, since keyset v{_revoked_in(folder, gone[0], old)} "
+                        f"(the current keyset is v{old.version}); nothing was published")
     if len(matches) != 1:
         known = ", ".join(k[:16] for k in old.keys)
         raise KeysError(f"key id {keyid_prefix!r} matches {len(matches)} keys in keyset v{old.version}; keys: {known}")
@@ -190,3 +194,18 @@ def revoke_key(path: Path, keyid_prefix: str, *, now: datetime | None = None) ->
                 keys, old.revoked | {kid})
     _publish(folder, root, ks)
     return ks
+
+
+def _revoked_in(folder: KeyFolder, kid: str, current: Keyset) -> int:
+    """The first keyset version that lists ``kid`` as revoked, from the folder's history (``keysets/v<N>.json``);
+    the current version when the history does not say."""
+    first = current.version
+    for f in (folder.path / "keysets").glob("v*.json"):
+        try:
+            signed = parse_json(f.read_bytes(), what=str(f))["signed"]
+            version, revoked = int(signed["version"]), signed["revoked"]
+        except (OSError, ContractError, KeyError, TypeError, ValueError):
+            continue  # a damaged history entry: the message then names a later version, never a wrong earlier one
+        if isinstance(revoked, list) and kid in revoked:
+            first = min(first, version)
+    return first

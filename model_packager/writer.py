@@ -14,6 +14,8 @@ from edgefleet_contracts.atomic import fsync_dir
 from edgefleet_contracts.digest import sha256_file_with_length
 from edgefleet_contracts.manifest import KEYSET_NAME, MANIFEST_NAME, FileEntry
 
+from .errors import OutputExistsError
+
 
 def file_entry(path: Path) -> FileEntry:
     """The manifest entry of a payload file: its sha256 and length, of one read. Raises OSError."""
@@ -30,10 +32,24 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+def refuse_existing(out: Path, *, overwrite: bool) -> None:
+    """Raises OutputExistsError when ``out`` is a folder, or exists and ``overwrite`` is False."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a folder; give --out the path of the package file to write")
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise OutputExistsError(f"{out} already exists; refusing to overwrite it (pass --force to replace it)")
+
+
 def write_archive(
-    out: Path, keyset_env: dict[str, Any], manifest_env: dict[str, Any], payload: dict[str, Path]
+    out: Path, keyset_env: dict[str, Any], manifest_env: dict[str, Any], payload: dict[str, Path], *,
+    overwrite: bool = False,
 ) -> None:
-    """Atomically write the package: readers see no file or the whole one."""
+    """Atomically write the package: readers see no file or the whole one.
+
+    Without ``overwrite`` an existing ``out`` is never replaced, not even one created while the package was being
+    written (the finished file is linked into place, which fails if the name is taken). Raises OutputExistsError
+    or OSError."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -50,8 +66,25 @@ def write_archive(
                         tar.addfile(_info(name, src.stat().st_size), sf)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            _place_new(Path(tmp), out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(out.parent)
+
+
+def _place_new(tmp: Path, out: Path) -> None:
+    """Give the finished ``tmp`` the name ``out`` only if nothing has it. On an error the caller removes ``tmp``."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        refuse_existing(out, overwrite=False)
+        raise
+    except OSError:  # a file system without hard links: check, then rename (not atomic against a racing writer)
+        refuse_existing(out, overwrite=False)
+        os.replace(tmp, out)
+        return
+    tmp.unlink()
