@@ -53,11 +53,16 @@ def _copy_db(src: Path, dst: Path) -> dict[str, int]:
 def backup(settings: ServerSettings, to: Path) -> dict[str, Any]:
     """Copy the data folder of ``settings`` to ``to`` (which must not exist); returns what ``backup.json`` says.
 
-    Raises ConfigError when the source is not a data folder, ``to`` exists, or the copy does not check out.
+    Raises ConfigError when the source is not a data folder, ``to`` is inside it (checked on the resolved paths,
+    so through symlinks and ``..`` too: the copy would land in the folder being copied, and every later backup
+    would copy the earlier ones again), ``to`` exists, or the copy does not check out.
     """
     data, to = settings.data_dir, Path(to)
     if not (data / "server.toml").is_file() or not settings.db_path.is_file():
         raise ConfigError(f"{data} is not a fleet-server data folder (no server.toml or database)")
+    if to.resolve().is_relative_to(data.resolve()):
+        raise ConfigError(f"{to} is inside the data folder {data} it would copy; back up to a folder outside it "
+                          f"(e.g. {data.resolve().parent / (data.resolve().name + '-backup')})")
     if to.exists():
         raise ConfigError(f"{to} exists; back up into a new folder (a backup never overwrites one)")
     partial = to.with_name(to.name + ".partial")

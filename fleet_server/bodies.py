@@ -1,15 +1,18 @@
 """Reading fields of a JSON request body: each getter checks the type (and range) and raises RequestError (422)
 naming the field, so a wrong type is a clear refusal and never a 500 from a ``float()``, ``dict()`` or
-``.items()`` deeper down."""
+``.items()`` deeper down. :func:`known_fields` refuses a field the route does not read, so a misspelled optional
+field (``bake`` for ``bake_seconds``) is a 422 rather than its default applied unnoticed."""
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import RequestError
 
-__all__ = ["body_object", "floats", "integer", "integers", "number", "string", "strings"]
+__all__ = ["body_object", "floats", "integer", "integers", "known_fields", "number", "string", "strings"]
 
 _INT_MAX = 2**63 - 1  # what SQLite stores
 
@@ -19,6 +22,24 @@ def body_object(b: Any, shape: str) -> dict[str, Any]:
     if not isinstance(b, dict):
         raise RequestError(f"body must be a JSON object {shape}")
     return b
+
+
+def known_fields(b: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """``b`` when each of its fields is one of ``fields``; else RequestError naming the unknown ones (each with
+    the nearest known field, if one is close) and listing ``fields``."""
+    unknown = [str(k) for k in b if k not in fields]
+    if unknown:
+        named = [k + "".join(f" (did you mean {m}?)" for m in _nearest(k, fields)) for k in unknown]
+        raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; the fields are "
+                           f"{', '.join(fields)}")
+    return b
+
+
+def _nearest(word: str, fields: Sequence[str]) -> list[str]:
+    """The known field ``word`` most likely meant: one it begins (``bake`` for ``bake_seconds``), else the closest
+    spelling (``max-per-minute`` for ``max_per_minute``), else none."""
+    begun = [f for f in fields if word and f.startswith(word)]
+    return begun[:1] or difflib.get_close_matches(word.replace("-", "_"), fields, 1)
 
 
 def string(b: dict[str, Any], key: str, default: str | None = None) -> str:

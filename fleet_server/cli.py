@@ -122,6 +122,7 @@ def _model_text(d: dict[str, Any]) -> str:
         f"  owner: {d['owner']}   paged at: {d['oncall']}",
         f"  retraining: {every}; last retrained {when(d['last_retrained'])}; due {when(d['retrain_due'])}"
         + ("  (OVERDUE)" if d["retrain_overdue"] else ""),
+        f"  retrain hook: {d['retrain_hook'] or '-'}   retrain on drift: {'yes' if d['retrain_on_drift'] else 'no'}",
         "  versions:",
     ]
     for v in d["versions"]:
@@ -132,25 +133,19 @@ def _model_text(d: dict[str, Any]) -> str:
 
 # ---- rollouts ----------------------------------------------------------------------------------------------
 def _rollout(args: argparse.Namespace) -> int:
-    from .rollouts import service
-    from .rollouts.plan import parse_stages
+    from .rollouts import params, service
 
     s = _settings(args)
     store = Store(s.db_path)
     signer = service.DesiredSigner.from_settings(s)
     if args.rollout_cmd == "start":
-        try:
-            stages = parse_stages(args.stages)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        thresholds = {}
-        for g in args.gate or []:
-            k, _, v = g.partition("=")
-            thresholds[k] = float(v)
-        rid = service.start(store, model=args.name, version=args.version, cohort=_tags(args.cohort), stages=stages,
-                            bake_seconds=parse_duration(args.bake).total_seconds(), max_per_minute=args.max_per_minute,
-                            window=args.window or "", thresholds=thresholds,
-                            approve_stages=[int(x) for x in (args.approve or "").split(",") if x], actor="cli")
+        # The flags' own syntax is read here; what the values may be is checked by service.start, the check the
+        # API shares (params.check), with errors naming the flags.
+        rid = service.start(store, model=args.name, version=args.version, cohort=_tags(args.cohort, "--cohort"),
+                            stages=args.stages, bake_seconds=_bake_flag(args.bake),
+                            max_per_minute=args.max_per_minute, window=args.window or "",
+                            thresholds=_gate_flags(args.gate), approve_stages=_approve_flag(args.approve),
+                            actor="cli", names=params.FLAGS)
         print(rid)
         return 0
     if args.rollout_cmd == "list":
@@ -166,10 +161,43 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bake_flag(text: str) -> float:
+    """``--bake 10m`` in seconds. ConfigError naming the flag when it is not a duration."""
+    try:
+        return parse_duration(text).total_seconds()
+    except ContractError:
+        raise ConfigError(f"--bake {text!r} must be a whole number followed by d, h, m or s, e.g. 10m") from None
+
+
+def _gate_flags(pairs: list[str] | None) -> dict[str, float]:
+    """``--gate NAME=NUMBER`` flags. ConfigError naming the flag when one is not NAME=NUMBER; which names and
+    numbers are allowed is params.check's to say."""
+    out: dict[str, float] = {}
+    for g in pairs or []:
+        k, sep, v = g.partition("=")
+        try:
+            if not (k and sep):
+                raise ValueError(g)
+            out[k] = float(v)
+        except ValueError:
+            raise ConfigError(f"--gate {g!r} must be NAME=NUMBER, e.g. max_p95_latency_ratio=1.5") from None
+    return out
+
+
+def _approve_flag(text: str | None) -> list[int]:
+    """``--approve 3,4``: stage numbers. ConfigError naming the flag when one is not a whole number; which stages
+    exist is params.check's to say."""
+    try:
+        return [int(x) for x in (text or "").split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--approve {text!r} must be stage numbers separated by commas, e.g. 3,4") from None
+
+
 def _rollout_text(st: dict[str, Any]) -> str:
     lines = [f"rollout {st['id']} ({st['kind']}): {st['model']} {st['version']} (previous {st['previous']})",
              f"  state {st['state']}, stage {st['stage']} of {len(st['stages'])} {st['stages']}, cohort "
              f"{st['cohort'] or 'all'}",
+             f"  pace: {_pace_text(st)}",
              f"  devices: {st['devices'] or 'none asked yet'}", "  decisions:"]
     for d in st["decisions"]:
         lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(d['at']))} {d['actor']:<8} {d['kind']:<15} "
@@ -177,12 +205,27 @@ def _rollout_text(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pace_text(st: dict[str, Any]) -> str:
+    """The rollout's maintenance window and rate limit, and whether it waits for the window now."""
+    per = st["max_per_minute"]
+    rate = f"at most {per} device(s) a minute" if per else "no rate limit"
+    if not st["window"]:
+        return f"any time (no maintenance window), {rate}"
+    text = f"maintenance window {st['window']} UTC, {rate}"
+    if st["waiting_for_window"]:
+        opens = st["window_opens_in_seconds"]
+        text += (f"; WAITING for the window (opens in {int(opens // 3600)}h{int(opens % 3600 // 60):02d}m): "
+                 "devices of this stage are asked to move only inside it")
+    return text
+
+
 def _rollback(args: argparse.Namespace) -> int:
     from .rollouts import service
 
     s = _settings(args)
     store = Store(s.db_path)
-    rid = service.rollback(store, service.DesiredSigner.from_settings(s), args.name, args.to, _tags(args.cohort), "cli")
+    rid = service.rollback(store, service.DesiredSigner.from_settings(s), args.name, args.to,
+                           _tags(args.cohort, "--cohort"), "cli", cohort_name="--cohort")
     print(f"{rid}: {args.name} rolled back to {args.to}")
     return 0
 
@@ -190,13 +233,21 @@ def _rollback(args: argparse.Namespace) -> int:
 # ---- simulate ----------------------------------------------------------------------------------------------
 def _simulate(args: argparse.Namespace) -> int:
     """Provision N simulated devices (the real agent code) against a running server and stream rows for a
-    bounded time; prints predictions made, summaries queued and outbox depth."""
-    import numpy as np
+    bounded time; prints predictions made and the outbox depth at stop.
 
-    from .simulator import Fleet, SimConfig, rows_sampler
+    Exit status 0 when the server heard from the devices (a warning on the standard error when some devices never
+    connected to the broker), 1 when nothing was delivered: no device could connect to ``--broker``, or they
+    connected and the server heard from none (``--broker`` is not the broker the server ingests from); see
+    ``simulator.Delivery``. The summary line is printed in every case. An unreachable ``--server``, a refused or
+    viewer ``--token`` and a ``--rows`` file that is not ``.npz``/``.npy`` stop it before any device is made."""
+    from .simulator import Fleet, SimConfig, load_rows, rows_sampler
 
-    with np.load(args.rows, allow_pickle=False) as z:
-        x = np.asarray(z["x"], dtype=np.float32)
+    for flag, value, least in (("--devices", args.devices, 1), ("--batch", args.batch, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least}, not {value}")
+    if not args.duration > 0:
+        raise ConfigError(f"--duration must be more than 0 seconds, not {args.duration:g}")
+    x = load_rows(Path(args.rows))
     fleet = Fleet(SimConfig(root=Path(args.dir), server_url=args.server, broker_url=args.broker,
                             operator_token=args.token, root_pub=Path(args.root_key), fleet_pub=Path(args.fleet_key),
                             devices=args.devices, first_package=Path(args.package) if args.package else None,
@@ -206,20 +257,30 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         fleet.provision()
     except AgentError as exc:  # e.g. --package built for another target: a clear error, not a traceback
+        fleet.stop()
         raise ConfigError(f"cannot provision the simulated devices: {exc}") from None
+    except BaseException:
+        fleet.stop()
+        raise
     fleet.start()
     sample = rows_sampler(x, args.seed)
     made, t0 = 0, time.monotonic()
     try:
         while time.monotonic() - t0 < args.duration:
             made += fleet.stream(sample, args.batch)
-    finally:
         fleet.flush_windows()
         depth = fleet.outbox_depth()
-        fleet.stop()
-    elapsed = time.monotonic() - t0
+        elapsed = time.monotonic() - t0
+        delivery = fleet.delivery(depth)
+    finally:
+        fleet.stop()  # each runner closes its window and keeps what was not acknowledged in its outbox
     print(f"{len(fleet.devices)} devices, {made} predictions in {elapsed:.1f} s ({made / elapsed:,.0f}/s), "
           f"outbox depth at stop {depth}")
+    error, warning = delivery.verdict()
+    if warning:
+        print(f"fleet-server: warning: {warning}", file=sys.stderr)
+    if error:
+        raise ConfigError(error)
     return 0
 
 
@@ -277,11 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("publish", help="verify and publish a package")
     p.add_argument("package")
     _data(p)
-    p.add_argument("--owner", required=True)
-    p.add_argument("--oncall", required=True, help="the owner's on-call webhook URL")
-    p.add_argument("--retrain-every", help="retraining cadence such as 30d")
-    p.add_argument("--retrain-hook", help="command to run when retraining is due")
-    p.add_argument("--retrain-on-drift", action="store_true", help="also raise retraining when drift alerts fire")
+    p.add_argument("--owner", help="the model's owner, a team or a person (needed on its first publish; "
+                   "kept when left out)")
+    p.add_argument("--oncall", help="the owner's on-call webhook URL (needed on its first publish; kept when left out)")
+    p.add_argument("--retrain-every", help='retraining cadence such as 30d ("" clears it; kept when left out)')
+    p.add_argument("--retrain-hook", help='command to run when retraining is due ("" clears it; kept when left out)')
+    p.add_argument("--retrain-on-drift", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the retraining hook when a drift alert opens (kept when left out)")
     p.set_defaults(func=_models)
     p = msub.add_parser("show")
     p.add_argument("name")
@@ -324,13 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", action="append")
     p.set_defaults(func=_rollback)
 
-    p = sub.add_parser("simulate", help="run N simulated devices (real agent code) against a server, bounded in time")
+    p = sub.add_parser("simulate", help="run N simulated devices (real agent code) against a server, bounded in time",
+                       epilog="exit status: 0 when the server heard from the devices, 1 when nothing was delivered "
+                              "(no device reached --broker, or the server heard from none) or on an error")
     p.add_argument("--server", required=True, help="the server's HTTP URL (enrollment, package downloads)")
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT the server ingests from")
     p.add_argument("--token", required=True, help="an operator token (enrollment)")
     p.add_argument("--root-key", required=True)
     p.add_argument("--fleet-key", required=True, help="the server's keys/fleet.pub")
-    p.add_argument("--rows", required=True, help=".npz with x: rows the devices predict on (resampled)")
+    p.add_argument("--rows", required=True, help=".npz holding x, or .npy: rows the devices predict on (resampled)")
     p.add_argument("--dir", required=True, help="where the device folders go")
     p.add_argument("--devices", type=int, default=100)
     p.add_argument("--package", help="first package installed at provisioning (otherwise roll one out)")

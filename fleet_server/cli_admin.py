@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -60,8 +61,9 @@ def _tokens_create(args: argparse.Namespace) -> int:
     token = create_token(store, args.role, args.name or "", ttl)
     print(token)
     tid = token_id(store, token)
+    # The revoke command as it can be pasted: with this data folder (quoted for a POSIX shell).
     print(f"(a {args.role} token, id {tid}; shown once — store it as a secret; revoke it with "
-          f"`fleet-server tokens revoke {tid}`)", file=sys.stderr)
+          f"`fleet-server tokens revoke {tid} --data {shlex.quote(str(args.data))}`)", file=sys.stderr)
     return 0
 
 

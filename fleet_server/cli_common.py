@@ -1,10 +1,18 @@
 """What every `fleet-server` command shares: the data folder's settings (``server.toml`` and the storage
 bounds of its ``[storage]`` table, flags on top), the storage flags (made from ``settings.STORAGE``), ``--data``
-and output helpers."""
+and output helpers.
+
+**server.toml is strict.** It holds exactly what is read from it: ``fleet = "NAME"`` (what ``init`` writes; a
+quoted fleet id) and an optional ``[storage]`` table (:func:`settings.storage_table`, its own keys checked
+there). Anything else at the top level (a misspelled table ``[storag]``, a misspelled key ``flet = "x"``) stops
+every command with one line naming the file, the entry and the nearest known name, rather than letting the
+defaults apply unnoticed; so does a fleet that is not a quoted string (``fleet = 5`` is not read as ``"5"``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import tomllib
 from collections.abc import Callable
@@ -13,6 +21,7 @@ from typing import Any
 
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.tags import parse_tag
+from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError
 from .settings import STORAGE, STORAGE_SETTINGS, ServerSettings, storage_table
@@ -45,17 +54,54 @@ def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[Server
                           "--root-key ROOT_PUB` first")
     try:
         base = tomllib.loads(conf.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{conf} is not valid TOML: {exc}") from None
+    fleet = _top_level(base, conf)
+    stored = storage_table(base.get("storage", {}), str(conf))
+    settings = ServerSettings(data_dir=data, fleet=fleet, **{**stored, **over})
+    sources = {s.name: f"flag {s.flag}" if s.name in over else f"file {conf}" if s.name in stored else "default"
+               for s in STORAGE}
+    return settings, sources
+
+
+# server.toml's top level: the fleet's name (what `init` writes) and the [storage] table. Nothing else is read.
+SERVER_TOML_TOP_LEVEL = ("fleet", "storage")
+
+
+def _top_level(base: dict[str, Any], conf: Path) -> str:
+    """Check server.toml's top level (see the module docstring); the fleet's name. ConfigError naming ``conf``:
+    for a storage key above the ``[storage]`` line, an unknown key or table (with the nearest known name), a
+    fleet that is not a quoted string or not a fleet id."""
     misplaced = [k for k in base if k in STORAGE_SETTINGS]
     if misplaced:  # above any table header: read as top-level keys, so they would silently do nothing
         raise ConfigError(f"{conf}: {', '.join(misplaced)} must be in the [storage] table (a `[storage]` line "
                           "above it, at the end of the file)")
-    stored = storage_table(base.get("storage", {}), str(conf))
-    settings = ServerSettings(data_dir=data, fleet=str(base.get("fleet", "default")), **{**stored, **over})
-    sources = {s.name: f"flag {s.flag}" if s.name in over else f"file {conf}" if s.name in stored else "default"
-               for s in STORAGE}
-    return settings, sources
+    unknown = [k for k in base if k not in SERVER_TOML_TOP_LEVEL]
+    if unknown:
+        named = [_unknown_entry(k, base[k]) for k in unknown]
+        raise ConfigError(f"{conf}: unknown {', '.join(named)}; "
+                          f'server.toml holds fleet = "NAME" and a [storage] table of {", ".join(STORAGE_SETTINGS)}')
+    fleet = base.get("fleet", "default")
+    if not isinstance(fleet, str):
+        raise ConfigError(f'{conf}: fleet must be a quoted string, like fleet = "default", not {fleet!r}')
+    try:
+        return check_id(fleet, "fleet")
+    except SchemaError as exc:
+        raise ConfigError(f"{conf}: {exc}") from None
+
+
+def _unknown_entry(key: str, value: object) -> str:
+    """An unknown top-level entry of server.toml as the error names it: ``table [storag] (did you mean
+    [storage]?)``, ``key flet (did you mean fleet?)``, ``key summary_retention_day (did you mean
+    summary_retention_days in the [storage] table?)``."""
+    if isinstance(value, dict):
+        match = difflib.get_close_matches(key, ["storage"], 1)
+        return f"table [{key}]" + (" (did you mean [storage]?)" if match else "")
+    match = difflib.get_close_matches(key, ["fleet", *STORAGE_SETTINGS], 1)
+    if not match:
+        return f"key {key}"
+    where = " in the [storage] table" if match[0] in STORAGE_SETTINGS else ""
+    return f"key {key} (did you mean {match[0]}{where}?)"
 
 
 def _tags(pairs: list[str] | None, what: str = "--tag") -> dict[str, str]:

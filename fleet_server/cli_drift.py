@@ -220,7 +220,7 @@ def add_alert_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_alerts)
     p = asub.add_parser("events", help="retraining, hook and alert events, newest first")
-    p.add_argument("--kind")
+    p.add_argument("--kind", help=f"only this kind: {', '.join(retraining.EVENT_KINDS)} (another is refused)")
     p.add_argument("--model")
     p.add_argument("--limit", type=int, default=50)
     _data(p)

@@ -17,6 +17,7 @@ environment, and records its exit status (or the timeout) in ``events`` as ``ret
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shlex
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alerts import dedup_key, raise_alert, record_event
+from .errors import RequestError
 from .health import fmt_epoch
 from .store import Store
 
@@ -126,10 +128,21 @@ def run_hook(store: Store, run: HookRun, timeout_s: float = HOOK_TIMEOUT_S) -> i
     return status
 
 
+# Every kind of row the ``events`` table holds (``store.record_event`` callers and the ``device_state`` trigger;
+# a test keeps this in step with the code). Listing by another kind is refused rather than answered "no events".
+EVENT_KINDS = ("alert_opened", "alert_acknowledged", "alert_resolved", "alert_delivery_failed", "retraining_due",
+               "retrain_hook", "token", "device", "device_state")
+
+
 def events(store: Store, kind: str | None = None, subject: str | None = None, limit: int = 100
            ) -> list[dict[str, Any]]:
     """Recent events, newest first (retraining, hooks, alert transitions; device state changes, which are the
-    dashboard's device history, only when asked for by ``kind="device_state"``)."""
+    dashboard's device history, only when asked for by ``kind="device_state"``). Raises RequestError when
+    ``kind`` is not one of :data:`EVENT_KINDS` (the message lists them)."""
+    if kind and kind not in EVENT_KINDS:
+        near = difflib.get_close_matches(kind, EVENT_KINDS, 1)
+        raise RequestError(f"unknown event kind {kind!r}{''.join(f' (did you mean {m}?)' for m in near)}; the kinds "
+                           f"are {', '.join(EVENT_KINDS)}")
     sql, args = "SELECT * FROM events WHERE 1 = 1", []
     if kind:
         sql += " AND kind = ?"
@@ -144,4 +157,4 @@ def events(store: Store, kind: str | None = None, subject: str | None = None, li
              "detail": json.loads(r["detail"])} for r in rows]
 
 
-__all__ = ["HOOK_TIMEOUT_S", "HookRun", "check_due", "events", "on_drift_alerts", "run_hook"]
+__all__ = ["EVENT_KINDS", "HOOK_TIMEOUT_S", "HookRun", "check_due", "events", "on_drift_alerts", "run_hook"]

@@ -5,6 +5,18 @@ Used by `make demo`, by end-to-end tests and by ``fleet-server simulate`` for lo
 each simulated device is a provisioned device folder opened by ``device_agent.runner.DeviceRunner`` (without its
 HTTP API), so packages are verified and smoke-tested, summaries are windowed, signed, queued and published, and
 desired states are accepted or refused exactly as on hardware.
+
+Errors the operator can fix are ConfigError, one line naming the problem and the fix, never a traceback from
+httpx or NumPy: :meth:`Fleet.provision` first asks the server who the token is (``GET /api/v1/whoami``), so an
+unreachable server, a token it refuses (401) or a token that may not enroll devices (a viewer's: 403) stops it
+before any device folder is written; :func:`load_rows` refuses a rows file that is not ``.npz``/``.npy``.
+
+**Delivery.** A run whose devices never reached the server is a failure, not a result: :meth:`Fleet.delivery`
+says how many devices' MQTT links ever connected to the broker and whether the server heard from any of them
+(``last_seen`` moved during the run: summaries, reports and heartbeats all move it), and :meth:`Delivery.verdict`
+turns that into an error (no device connected; or devices connected but the server heard from none: the broker
+is not the one the server ingests from) or a warning (some devices never connected). ``fleet-server simulate``
+prints its summary line either way, then exits 1 on the error and 0 with the warning on the standard error.
 """
 
 from __future__ import annotations
@@ -21,6 +33,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from .errors import ConfigError
 
 log = logging.getLogger("edgefleet.simulator")
 
@@ -73,6 +87,36 @@ class SimDevice:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What reached where in a run (:meth:`Fleet.delivery`)."""
+
+    devices: int
+    connected: int  # devices whose MQTT link connected to the broker at least once
+    heard: int  # devices the server heard from during the run (their last_seen moved)
+    queued: int  # outbox rows (summaries, reports) still queued on the devices
+    broker: str
+    server: str
+    link_error: str | None = None  # the last error of a device that never connected
+
+    def verdict(self) -> tuple[str | None, str | None]:
+        """(error, warning) for the operator: an error when nothing was delivered, a warning when part was."""
+        if self.devices and not self.connected:
+            why = f": {self.link_error}" if self.link_error else ""
+            return (f"nothing was delivered: no simulated device could connect to the broker {self.broker}{why}; "
+                    f"{self.queued} message(s) are still queued in the device outboxes. Pass the broker the server "
+                    "ingests from as --broker (`fleet-server serve` prints it)"), None
+        if self.connected and not self.heard:
+            return (f"nothing was delivered: the devices connected to the broker {self.broker}, but the server at "
+                    f"{self.server} heard from none of them; --broker must be the broker the server ingests from "
+                    "(`fleet-server serve` prints it)"), None
+        if self.connected < self.devices:
+            why = f" (last error: {self.link_error})" if self.link_error else ""
+            return None, (f"{self.devices - self.connected} of {self.devices} simulated devices never connected to "
+                          f"the broker {self.broker}{why}; their summaries stayed queued")
+        return None, None
+
+
 class Fleet:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
@@ -81,6 +125,52 @@ class Fleet:
                                   headers={"Authorization": f"Bearer {cfg.operator_token}"})
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
+        self._seen_before: dict[str, float | None] = {}
+
+    # ---- the server's API ------------------------------------------------------------------------------
+    def _api(self, method: str, path: str, **kw: Any) -> Any:
+        """One request to the server; its JSON. ConfigError (one line, with the fix) when the server cannot be
+        reached, refuses the token (401), does not let it enroll devices (403) or answers another error."""
+        url = self.cfg.server_url
+        try:
+            r = self._http.request(method, path, **kw)
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise ConfigError(f"cannot reach the fleet server at {url}: {str(exc) or type(exc).__name__}; is "
+                              "`fleet-server serve` running there (check --server)?") from None
+        if r.status_code == 401:
+            raise ConfigError(f"the fleet server at {url} refused the token ({_detail(r)}); pass an operator token "
+                              "(`fleet-server tokens create --data DIR --role operator`) as --token") from None
+        if r.status_code == 403:
+            raise ConfigError(f"the token may not enroll devices at {url} ({_detail(r)}); pass an operator token "
+                              "(`fleet-server tokens create --data DIR --role operator`) as --token") from None
+        if r.status_code >= 400:
+            raise ConfigError(f"the fleet server at {url} answered {r.status_code} to {method} {path}: "
+                              f"{_detail(r)}") from None
+        try:
+            return r.json()
+        except ValueError:
+            raise ConfigError(f"{url} answered {method} {path} with something other than JSON; is --server a "
+                              "fleet server?") from None
+
+    def check_server(self) -> None:
+        """The server answers and the token may enroll devices (operator or admin). ConfigError otherwise."""
+        who = self._api("GET", "/api/v1/whoami")
+        role = who.get("role") if isinstance(who, dict) else None
+        if role not in ("operator", "admin"):
+            raise ConfigError(f"the token is a {role} token; enrolling the simulated devices needs an operator "
+                              "token (`fleet-server tokens create --data DIR --role operator`) as --token")
+
+    def _last_seen(self) -> dict[str, float | None]:
+        """The server's ``last_seen`` of each simulated device (the device list, a page at a time)."""
+        ours = {d.device_id for d in self.devices}
+        out: dict[str, float | None] = {}
+        after: str | None = None
+        while True:
+            page = self._api("GET", "/api/v1/devices", params={"limit": 10_000, **({"after": after} if after else {})})
+            out.update({d["device_id"]: d.get("last_seen") for d in page if d["device_id"] in ours})
+            if len(page) < 10_000:
+                return out
+            after = page[-1]["device_id"]
 
     # ---- setup ----------------------------------------------------------------------------------------
     def provision(self) -> list[SimDevice]:
@@ -89,6 +179,7 @@ class Fleet:
         from device_agent.provision import ProvisionRequest, provision
         from edgefleet_contracts.signing import load_public_key, public_b64
 
+        self.check_server()  # before any folder is written: an unreachable server or a bad token stops here
         c = self.cfg
         for i in range(c.devices):
             dev_id = f"{c.prefix}-{i:04d}"
@@ -110,10 +201,10 @@ class Fleet:
                 cfg = replace(cfg, probation_latency_ratio=c.probation_latency_ratio)
             dd.save_config(cfg)
             pub = public_b64(load_public_key(dd.device_pub))
-            r = self._http.post("/api/v1/devices", json={"device_id": dev_id, "public_key": pub, "tags": tags,
-                                                         "replace": True})
-            r.raise_for_status()
+            self._api("POST", "/api/v1/devices", json={"device_id": dev_id, "public_key": pub, "tags": tags,
+                                                        "replace": True})
             self.devices.append(SimDevice(dev_id, tags, folder))
+        self._seen_before = self._last_seen()
         return self.devices
 
     def start(self) -> None:
@@ -204,6 +295,27 @@ class Fleet:
     def outbox_depth(self) -> int:
         return sum(d.runner.agent.sink.depth() for d in self.devices if d.runner is not None)
 
+    def delivery(self, queued: int, wait: float = 10.0) -> Delivery:
+        """What this run delivered (see the module docstring), ``queued`` being the outbox depth at stop. When
+        devices connected but the server has not heard from any yet, asks again for up to ``wait`` seconds (its
+        ingest commits in batches). ConfigError when the server cannot be asked."""
+        links = [d.runner.link for d in self.devices if d.runner is not None and d.runner.link is not None]
+        connected = sum(1 for link in links if link.counters()["connects"] > 0)
+        errors = [link.last_error for link in links if link.counters()["connects"] == 0 and link.last_error]
+        heard = 0
+        if connected:
+            end = time.monotonic() + wait
+            while True:
+                now = self._last_seen()
+                heard = sum(1 for dev, seen in now.items()
+                            if seen is not None and seen != self._seen_before.get(dev))
+                if heard or time.monotonic() >= end:
+                    break
+                time.sleep(0.5)
+        return Delivery(devices=len(self.devices), connected=connected, heard=heard, queued=queued,
+                        broker=self.cfg.broker_url, server=self.cfg.server_url,
+                        link_error=errors[-1] if errors else None)
+
 
 def _set_target_threads(target_file: Path, threads: int) -> None:
     """Set ``[runtime] threads`` in a device's target.toml (atomically). Raises ValueError when it has none."""
@@ -217,6 +329,43 @@ def _set_target_threads(target_file: Path, threads: int) -> None:
     if not sep or n != 1:
         raise ValueError(f"{target_file} has no [runtime] threads to set")
     atomic_write_text(target_file, head + sep + new)
+
+
+def load_rows(path: Path) -> np.ndarray:
+    """The rows simulated devices predict on: an ``.npz`` holding them as ``x`` or an ``.npy`` array, 2-D, numeric,
+    at least one row; as float32. ConfigError naming the file and what to do otherwise (a CSV: save its feature
+    columns with ``numpy.savez``). Never unpickles (``allow_pickle=False``)."""
+    path = Path(path)
+    fix = f"save the feature columns with numpy.savez({path.with_suffix('.npz').name!r}, x=rows)"
+    if path.suffix not in (".npz", ".npy"):
+        raise ConfigError(f"rows file {path} must be .npz (holding the rows as x) or .npy; for a CSV, {fix}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                if "x" not in loaded.files:
+                    held = ", ".join(loaded.files) or "nothing"
+                    raise ConfigError(f"rows file {path} holds no array x (it holds {held}); {fix}")
+                loaded = loaded["x"]
+        x = np.asarray(loaded, dtype=np.float32)
+    except OSError as exc:
+        raise ConfigError(f"cannot read rows file {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, EOFError) as exc:  # not NumPy's format, pickled objects, not numbers
+        raise ConfigError(f"rows file {path} is not a NumPy array of numbers ({exc}); {fix}") from None
+    if x.ndim != 2 or not len(x):
+        raise ConfigError(f"rows file {path} must hold a 2-D array with at least one row (rows x features), not "
+                          f"shape {x.shape}")
+    return x
+
+
+def _detail(r: httpx.Response) -> str:
+    """The server's error detail (its JSON ``detail``), else the start of the body."""
+    try:
+        doc = r.json()
+    except ValueError:
+        return f"{r.status_code}: {r.text[:200]}"
+    detail = doc.get("detail") if isinstance(doc, dict) else None
+    return f"{r.status_code}: {detail if detail is not None else r.text[:200]}"
 
 
 def rows_sampler(x: np.ndarray, seed: int = 0) -> Callable[[SimDevice, int], np.ndarray]:

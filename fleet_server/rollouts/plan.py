@@ -32,10 +32,23 @@ def stage_devices(model: str, devices: Iterable[tuple[str, Mapping[str, str]]], 
     return chosen
 
 
-def parse_stages(text: str) -> list[float]:
-    """'1,10,50,100' -> [1.0, 10.0, 50.0, 100.0]; raises ValueError unless strictly increasing in (0, 100]."""
-    stages = [float(s) for s in text.split(",") if s.strip()]
+def parse_stages(text: str, name: str = "stages") -> list[float]:
+    """'1,10,50,100' -> [1.0, 10.0, 50.0, 100.0]; raises ValueError (naming ``name``) unless strictly increasing
+    percentages in (0, 100]."""
+    try:
+        stages = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(_STAGES_RULE.format(name=name, shown=repr(text))) from None
+    return check_stages(stages, name, repr(text))
+
+
+def check_stages(stages: list[float], name: str = "stages", shown: str | None = None) -> list[float]:
+    """``stages`` as floats when they are strictly increasing percentages in (0, 100]; else ValueError naming
+    ``name`` and showing ``shown`` (by default the list)."""
     if not stages or any(not 0 < s <= 100 for s in stages) or any(b <= a for a, b in zip(stages, stages[1:],
                                                                                            strict=False)):
-        raise ValueError(f"stages {text!r} must be increasing percentages in (0, 100], e.g. 1,10,50,100")
-    return stages
+        raise ValueError(_STAGES_RULE.format(name=name, shown=shown or repr(stages)))
+    return [float(s) for s in stages]
+
+
+_STAGES_RULE = "{name} {shown} must be increasing percentages in (0, 100], e.g. 1,10,50,100"

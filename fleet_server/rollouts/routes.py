@@ -8,10 +8,10 @@ from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..app import DEFAULT_LIMIT, Limit, Operator, Viewer, page, read_json, with_app
-from ..bodies import body_object, floats, integer, integers, number, string, strings
-from ..errors import RequestError
-from . import service
-from .plan import parse_stages
+from ..bodies import body_object, known_fields, string
+from . import params, service
+
+ROLLBACK_FIELDS = ("model", "to", "cohort")  # the fields of a POST /api/v1/rollbacks body
 
 
 def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publish: bool = True) -> Any:
@@ -39,34 +39,31 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
 
     @app.post("/api/v1/rollouts")
     async def start(request: Request, who: Operator) -> Any:
-        b = body_object(await _json(request), "{model, version, stages?, cohort?, bake_seconds?, max_per_minute?, "
-                                              "window?, thresholds?, approve_stages?}")
-        try:
-            stages = parse_stages(string(b, "stages", "1,10,50,100"))
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        model, version, cohort = string(b, "model"), string(b, "version"), strings(b, "cohort")
-        bake, per_minute = number(b, "bake_seconds", 600, lo=0, hi=365 * 86400), integer(b, "max_per_minute", 0,
-                                                                                        hi=10**9)
-        window, thresholds = string(b, "window", ""), floats(b, "thresholds")
-        approve = integers(b, "approve_stages", lo=1, hi=len(stages))
+        """Start a rollout. The body's fields are :data:`params.START_FIELDS` (any other is a 422 naming it);
+        every value is checked by ``service.start`` (the check the CLI shares), a 422 naming the field."""
+        b = known_fields(body_object(await _json(request), "{model, version, stages?, cohort?, bake_seconds?, "
+                                                           "max_per_minute?, window?, thresholds?, approve_stages?}"),
+                         params.START_FIELDS)
+        model, version, stages = string(b, "model"), string(b, "version"), string(b, "stages", "1,10,50,100")
 
         def begin() -> Any:
-            rid = service.start(store, model=model, version=version, cohort=cohort, stages=stages, bake_seconds=bake,
-                                max_per_minute=per_minute, window=window, thresholds=thresholds,
-                                approve_stages=approve, actor=who[0])
+            rid = service.start(store, model=model, version=version, cohort=b.get("cohort"), stages=stages,
+                                bake_seconds=b.get("bake_seconds", 600), max_per_minute=b.get("max_per_minute", 0),
+                                window=b.get("window", ""), thresholds=b.get("thresholds"),
+                                approve_stages=b.get("approve_stages"), actor=who[0], names=params.BODY)
             return service.status(store, rid)
 
         return await run_in_threadpool(begin)
 
     @app.post("/api/v1/rollouts/{rid}/{action}")
     def act(rid: str, action: str, who: Operator) -> Any:
+        """pause, resume, abort or approve (``service.ACTIONS``); another action is a 404 listing them."""
         return service.set_state(store, svc.signer, rid, action, who[0])
 
     @app.post("/api/v1/rollbacks")
     async def rollback(request: Request, who: Operator) -> Any:
-        b = body_object(await _json(request), "{model, to (version), cohort?}")
-        model, to, cohort = string(b, "model"), string(b, "to"), strings(b, "cohort")
+        b = known_fields(body_object(await _json(request), "{model, to (version), cohort?}"), ROLLBACK_FIELDS)
+        model, to, cohort = string(b, "model"), string(b, "to"), b.get("cohort")
         return await run_in_threadpool(lambda: service.status(store, service.rollback(
             store, svc.signer, model, to, cohort, who[0])))
 

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -24,13 +25,15 @@ import numpy as np
 from edgefleet_contracts.desired import Desired, sign_desired
 from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
+from edgefleet_contracts.timeutil import DailyWindow
 from edgefleet_contracts.topics import topic
 
 from ..errors import ConflictError, NotFoundError, RequestError
 from ..registry import version_row
 from ..settings import ServerSettings
 from ..store import Store
-from .engine import TERMINAL, Decision, Rollout, step
+from . import params
+from .engine import TERMINAL, Decision, Rollout, in_window, step
 from .gates import DEFAULT_THRESHOLDS, GroupStats, Snapshot
 from .plan import in_cohort, stage_devices
 
@@ -71,7 +74,15 @@ def get(store: Store, rollout_id: str) -> Rollout:
     return _load(row)
 
 
-def status(store: Store, rollout_id: str) -> dict[str, Any]:
+def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str, Any]:
+    """A rollout as the CLI's ``rollout status`` and ``GET /api/v1/rollouts/ID`` show it: what it was started
+    with (stages, cohort, bake, thresholds, approvals, ``window`` — ``""`` for any time — and ``max_per_minute``,
+    0 for no limit), where it is, its devices per state and its decision log.
+
+    ``waiting_for_window`` is true when the rollout is running outside its maintenance window with devices of the
+    current stage not yet asked to move: they are asked when the window opens (``window_opens_in_seconds``, else
+    None). Raises NotFoundError for an unknown id."""
+    now = time.time() if now is None else now
     r = get(store, rollout_id)
     decisions = [
         {"at": d["at"], "actor": d["actor"], "kind": d["kind"], "detail": d["detail"],
@@ -98,9 +109,19 @@ def status(store: Store, rollout_id: str) -> dict[str, Any]:
         "id": r.id, "kind": r.kind, "model": r.model, "version": r.version, "previous": r.previous,
         "cohort": r.cohort, "stages": r.stages, "stage": r.stage + 1, "state": r.state,
         "bake_seconds": r.bake_seconds, "thresholds": {**DEFAULT_THRESHOLDS, **r.thresholds},
-        "approve_stages": [s + 1 for s in r.approve_stages], "targeted": len(r.targeted),
-        "devices": dict(states), "decisions": decisions,
+        "approve_stages": [s + 1 for s in r.approve_stages], "window": r.window, "max_per_minute": r.max_per_minute,
+        **_window_wait(store, r, now), "targeted": len(r.targeted), "devices": dict(states), "decisions": decisions,
     }
+
+
+def _window_wait(store: Store, r: Rollout, now: float) -> dict[str, Any]:
+    """``waiting_for_window`` and ``window_opens_in_seconds`` of :func:`status`."""
+    if not r.window or r.state != "running" or in_window(r.window, now):
+        return {"waiting_for_window": False, "window_opens_in_seconds": None}
+    members = stage_devices(r.model, _devices(store), r.cohort, r.stages[r.stage])
+    waiting = any(d not in r.targeted for d in members)
+    opens = DailyWindow.parse(r.window).seconds_until_open(datetime.fromtimestamp(now, UTC))
+    return {"waiting_for_window": waiting, "window_opens_in_seconds": opens if waiting else None}
 
 
 def list_rollouts(store: Store, *, limit: int | None = None, before: str | None = None) -> list[dict[str, Any]]:
@@ -134,54 +155,64 @@ def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
 
 
 # ---- operator actions -----------------------------------------------------------------------------------------
-def start(store: Store, *, model: str, version: str, cohort: dict[str, str], stages: list[float],
-          bake_seconds: float, max_per_minute: int = 0, window: str = "", thresholds: dict[str, float] | None = None,
+def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] | None, stages: str | list[float],
+          bake_seconds: float, max_per_minute: int = 0, window: str = "", thresholds: Mapping[str, float] | None = None,
           approve_stages: list[int] | None = None, actor: str = "operator", previous: str | None = None,
-          now: float | None = None) -> str:
-    """Create and start a rollout. Raises NotFoundError (version not published), ConflictError (another rollout
-    of this model is active), RequestError (bad thresholds/window)."""
-    now = now or time.time()
-    version_row(store, model, version)
-    unknown = set(thresholds or {}) - set(DEFAULT_THRESHOLDS)
-    if unknown:
-        raise RequestError(f"unknown gate thresholds {sorted(unknown)}; known: {sorted(DEFAULT_THRESHOLDS)}")
-    if window:
-        from .engine import in_window
+          now: float | None = None, names: Mapping[str, str] = params.BODY) -> str:
+    """Create and start a rollout. Every parameter is checked here, types included, by :func:`params.check` (the
+    one check the CLI and the API share: the API passes the body's values as they came), its errors naming the
+    parameter as ``names`` spells it (:data:`params.BODY` fields or :data:`params.FLAGS`). With stage 1 in
+    ``approve_stages`` the rollout starts ``awaiting_approval`` and moves nothing until approved.
 
-        try:
-            in_window(window, now)
-        except ValueError:
-            raise RequestError(f"--window {window!r} must be HH:MM-HH:MM (UTC)") from None
+    Raises RequestError (a parameter breaks its rule), NotFoundError (version not published), ConflictError
+    (another rollout of this model is active)."""
+    now = now or time.time()
+    p = params.check(cohort=cohort, stages=stages, bake_seconds=bake_seconds, max_per_minute=max_per_minute,
+                     window=window, thresholds=thresholds, approve_stages=approve_stages, names=names)
+    version_row(store, model, version)
     if previous is None:
         reported = _reported(store)
         versions = Counter(
             (reported.get(d) or {}).get("active", {}).get("version") for d, tags in _devices(store)
-            if in_cohort(tags, cohort) and ((reported.get(d) or {}).get("active") or {}).get("name") == model)
+            if in_cohort(tags, p.cohort) and ((reported.get(d) or {}).get("active") or {}).get("name") == model)
         versions.pop(version, None)
         versions.pop(None, None)
         previous = versions.most_common(1)[0][0] if versions else None
     rid = "r-" + secrets.token_hex(4)
+    state = "awaiting_approval" if 1 in p.approve_stages else "running"
     with store.write() as c:  # the check and the insert in one transaction: two racing starts, one rollout
         active = c.execute("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
                            "'awaiting_approval')", (model,)).fetchone()
         if active is not None:
             raise ConflictError(f"rollout {active['id']} of {model} is still active; pause, abort or wait for it")
-        c.execute("INSERT INTO rollouts VALUES (?, 'rollout', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 0, ?, '[]', "
+        c.execute("INSERT INTO rollouts VALUES (?, 'rollout', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, '[]', "
                   "'{}', ?, ?, ?)",
-                  (rid, model, version, previous, json.dumps(cohort, sort_keys=True), json.dumps(stages),
-                   bake_seconds, max_per_minute, window, json.dumps(thresholds or {}),
-                   json.dumps([s - 1 for s in (approve_stages or [])]), now, now, actor, now))
+                  (rid, model, version, previous, json.dumps(p.cohort, sort_keys=True), json.dumps(p.stages),
+                   p.bake_seconds, p.max_per_minute, p.window, json.dumps(p.thresholds),
+                   json.dumps([s - 1 for s in p.approve_stages]), state, now, now, actor, now))
         _decide(c, rid, Decision("start", f"rollout of {model} {version} (previous {previous or 'none'}) to cohort "
-                                 f"{cohort or 'all devices'} in stages {stages}", actor=actor), now)
+                                 f"{p.cohort or 'all devices'} in stages {p.stages}", actor=actor), now)
+        if state == "awaiting_approval":
+            _decide(c, rid, Decision("await_approval", "stage 1 needs an operator's approval before any device "
+                                     "moves"), now)
     return rid
+
+
+ACTIONS = ("pause", "resume", "abort", "approve")  # what an operator can do to a rollout (set_state)
 
 
 def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str, actor: str,
               now: float | None = None) -> dict[str, Any]:
-    """pause | resume | abort | approve. Abort sends every moved device back to the previous version.
+    """pause | resume | abort | approve (:data:`ACTIONS`). Abort sends every moved device back to the previous
+    version.
 
     Read, checked and saved in one write transaction, so two operators' actions (or an action and the engine's
-    tick) cannot overwrite each other."""
+    tick) cannot overwrite each other. Raises NotFoundError for an action that is none of these (checked first,
+    whatever the rollout's state: ``POST /api/v1/rollouts/ID/explode`` names no operation, so it is a 404 listing
+    the actions, as an unknown path would be) or an unknown rollout; ConflictError when the rollout's state does
+    not allow the action."""
+    if action not in ACTIONS:
+        raise NotFoundError(f"no rollout action {action!r}; the actions are {', '.join(ACTIONS)}")
     now = now or time.time()
     with store.write() as c:
         r = get(store, rollout_id)  # this thread's connection: read inside the transaction
@@ -195,7 +226,7 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
 
 
 def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
-    """Change ``r`` for ``action``; the devices to send back (abort). Raises ConflictError, RequestError."""
+    """Change ``r`` for ``action``; the devices to send back (abort). Raises ConflictError, NotFoundError."""
     if r.state in TERMINAL:
         raise ConflictError(f"rollout {rollout_id} is {r.state}; nothing to {action}")
     revert: list[str] = []
@@ -214,14 +245,17 @@ def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
         r.state = "aborted"
         revert = sorted(r.targeted)
     else:
-        raise RequestError(f"unknown action {action!r}; pause, resume, abort or approve")
+        raise NotFoundError(f"no rollout action {action!r}; the actions are {', '.join(ACTIONS)}")
     return revert
 
 
-def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: dict[str, str], actor: str,
-             now: float | None = None) -> str:
-    """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision)."""
+def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: Mapping[str, str] | None,
+             actor: str, now: float | None = None, cohort_name: str = "cohort") -> str:
+    """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision).
+    Raises RequestError when ``cohort`` is not an object of tags (named as ``cohort_name`` spells it),
+    NotFoundError when the version is not published."""
     now = now or time.time()
+    cohort = params.check_cohort(cohort, cohort_name)
     version_row(store, model, to_version)
     rid = "rb-" + secrets.token_hex(4)
     devices = [d for d, tags in _devices(store) if in_cohort(tags, cohort)]

@@ -127,3 +127,25 @@ def test_a_package_file_lost_from_the_data_folder_is_a_clear_503_not_a_broken_do
             assert "publish it again" in r.json()["detail"] and r.headers["Retry-After"] == "300"
     finally:
         store.close()
+
+
+def test_a_backup_into_the_data_folder_it_copies_is_refused_and_writes_nothing(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The copy would land in the folder being copied (and every later backup would copy the earlier ones), so a
+    destination inside it is refused, however it is spelled: a subfolder, the folder itself, through ``..`` or a
+    symlink."""
+    (tmp_path / "link").symlink_to(data)
+
+    def listing() -> list[Path]:  # SQLite's -wal and -shm come and go as the fixture's connections close
+        return sorted(p.relative_to(data) for p in data.rglob("*") if not p.name.endswith(("-wal", "-shm")))
+
+    before = listing()
+    expected = f"(e.g. {data.resolve().parent / (data.name + '-backup')})"
+
+    for to in (data / "inside", data / "keys" / "b", data, data / ".." / data.name / "x", tmp_path / "link" / "b"):
+        assert fleet_cli(["backup", "--data", str(data), "--to", str(to)]) == 1, to
+        out, err = capsys.readouterr()
+        assert out == "" and err == (f"fleet-server: error: {to} is inside the data folder {data} it would copy; back "
+                                     f"up to a folder outside it {expected}\n")
+
+    assert listing() == before  # nothing written, no .partial left

@@ -201,3 +201,20 @@ def test_a_models_first_publish_needs_an_owner_and_an_oncall_route(server, built
     assert store.query("SELECT * FROM models") == [] and not _kept(settings).exists()
     with pytest.raises(RequestError, match="--retrain-every"):
         _publish(settings, store, built.package, retrain_every="monthly", **OWNER)
+
+
+def test_the_cli_republish_keeps_what_it_is_not_told_and_show_says_it(cli_data: Path, built,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(cli_data)
+    assert fleet_cli(["models", "publish", str(built.package), "--data", d, "--retrain-hook", "true",
+                      "--retrain-on-drift"]) == 0  # owner and on-call kept from the first publish
+    assert fleet_cli(["models", "publish", str(built.package), "--data", d, "--oncall", "http://127.0.0.1:9/y"]) == 0
+    capsys.readouterr()
+    assert fleet_cli(["models", "show", "clinical", "--data", d]) == 0
+    out = capsys.readouterr().out
+    assert "owner: ml   paged at: http://127.0.0.1:9/y" in out
+    assert "retrain hook: true   retrain on drift: yes" in out
+    assert fleet_cli(["models", "publish", str(built.package), "--data", d, "--no-retrain-on-drift"]) == 0
+    capsys.readouterr()
+    assert fleet_cli(["models", "show", "clinical", "--data", d]) == 0
+    assert "retrain on drift: no" in capsys.readouterr().out

@@ -131,9 +131,8 @@ def test_enrollment_refuses_a_tag_that_no_filter_could_reach(server: Server, tag
 
 
 def test_the_cli_tag_flags_follow_the_tag_contract(cli_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fleet_server.cli import main as fleet_cli
-
     from edgefleet_contracts.signing import save_public_key
+    from fleet_server.cli import main as fleet_cli
 
     data = cli_data
     key = str(data.parent / "d1.pub")
