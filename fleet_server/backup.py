@@ -72,9 +72,11 @@ def backup(settings: ServerSettings, to: Path) -> dict[str, Any]:
     partial.mkdir(mode=0o700, parents=True)
     try:
         shutil.copy2(data / "server.toml", partial / "server.toml")
+        rows = _copy_db(settings.db_path, partial / "fleet.sqlite")
+        # The keys after the database: a publish racing the backup can then only leave the copy's keys/keyset.json
+        # newer than the copied database's packages (harmless: keysets move forward), never older.
         shutil.copytree(data / "keys", partial / "keys")  # copy2 keeps each key file's mode (0600)
         (partial / "keys").chmod(0o700)
-        rows = _copy_db(settings.db_path, partial / "fleet.sqlite")
         packages = _copy_packages(settings.packages_dir, partial)
         doc = {"source": str(data.resolve()), "started": started, "finished": time.time(), "rows": rows,
                "packages": packages}
