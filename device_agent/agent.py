@@ -55,6 +55,7 @@ from .hotpath import HotModel, Prediction, VersionStats
 from .model import LoadedModel, load_model
 from .predlog import PredictionLog
 from .probation import StatsSnapshot
+from .status import device_status_fields
 from .summarizer import Closed, MemorySink, Summarizer, SummarySink
 from .window import Window
 
@@ -443,21 +444,22 @@ class Agent(OtherPaths):
         return self._model
 
     def status(self) -> dict[str, Any]:
+        """What GET /v1/status answers: ``status.device_status_fields`` and ``status.RUNTIME_STATUS_FIELDS``
+        (``device-agent status`` shows the same fields)."""
         m = self._model
-        return {
-            "device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "target": self.target.name,
-            "model": {"name": m.name, "version": m.version} if m else None,
+        runtime = {
             "predictions": self.counters.predictions, "rejected": dict(self.counters.rejected),
             "feedback": self.counters.feedback, "feedback_unmatched": self.counters.feedback_unmatched,
             "windows_closed": self.counters.windows_closed, "summaries_emitted": self.summarizer.emitted,
-            "windows_held_for_k": self.summarizer.held, "k": self.cfg.min_window_samples,
+            "windows_held_for_k": self.summarizer.held,
             "windows_held_disk_full": self.summarizer.windows_held_disk_full,
             "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
             "summarizer_failures": self.summarizer.failures, "outbox": self._outbox_counters(),
             "reload_failures": self.reload_failures, "tick_failures": self.tick_failures,
             "prediction_log": self.log.counters() if self.log is not None else None,
-            "dp_epsilon": self.cfg.dp_epsilon, "dp_epsilon_spent": self._epsilon_spent(),
         }
+        model = {"name": m.name, "version": m.version} if m else None
+        return {**device_status_fields(self.cfg, self.target.name, model, self._epsilon_spent()), **runtime}
 
     def _outbox_counters(self) -> dict[str, int] | None:
         """The outbox's depth and write errors (disk full), or None when the sink keeps none or is busy."""

@@ -73,7 +73,10 @@ def _items(path: Path) -> Iterator[tuple[str, Any]]:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "key" not in reader.fieldnames:
-                raise BatchError(f"{path} needs a 'key' column naming each row")
+                have = reader.fieldnames or []
+                shown = ", ".join(repr(c) for c in have[:20]) + (f", … ({len(have)} in all)" if len(have) > 20 else "")
+                raise BatchError(f"{path} needs a 'key' column naming each row; its header has "
+                                 f"{shown or 'no columns'}")
             for i, rec in enumerate(reader):
                 key = rec.pop("key")
                 rec.pop("label", None)

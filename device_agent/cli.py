@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +19,12 @@ from edgefleet_contracts.errors import ContractError
 
 from .config import DeviceDir
 from .errors import AgentError
+from .status import link_state, outbox_depth, status_doc  # re-exported: tools and tests import them from here
 
 if TYPE_CHECKING:
     from .updater import InstallResult
 
-LINK_FILE = "link.json"
+__all__ = ["REGISTRARS", "build_parser", "link_state", "main", "outbox_depth", "status_doc"]
 
 
 # ---- provision ----------------------------------------------------------------------------------------
@@ -111,70 +111,11 @@ def _rollback(args: argparse.Namespace) -> int:
 
 # ---- status -------------------------------------------------------------------------------------------
 def _add_status(sub: Any) -> None:
-    p = sub.add_parser("status", help="what the device runs, its update state, outbox and link")
+    p = sub.add_parser("status", help="what the device runs, its update state, outbox, link, k and the running "
+                                      "agent's counters (the fields of GET /v1/status and more)")
     p.add_argument("--dir", required=True, type=Path, help="device folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
-
-
-def outbox_depth(path: Path) -> int | None:
-    """Rows queued in the outbox (read-only; 0 when there is no outbox yet; None when it cannot be read)."""
-    if not path.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.OperationalError as exc:
-        return 0 if "no such table" in str(exc) else None
-    except sqlite3.Error:
-        return None
-
-
-def link_state(device: DeviceDir, broker: str) -> dict[str, Any]:
-    """``link.json`` as the agent wrote it; without one, offline (no broker) or unknown (never connected)."""
-    path = device.path / LINK_FILE
-    try:
-        doc = json.loads(path.read_text())
-        if isinstance(doc, dict):
-            return {"state": str(doc.get("state", "unknown")), "since": doc.get("since"),
-                    "last_error": doc.get("last_error")}
-        return {"state": "unknown", "since": None, "last_error": f"{path} is not a JSON object"}
-    except FileNotFoundError:
-        if not broker:
-            return {"state": "offline", "since": None, "last_error": None, "detail": "no broker configured"}
-        return {"state": "unknown", "since": None, "last_error": None, "detail": "the agent has not reported"}
-    except (OSError, ValueError) as exc:
-        return {"state": "unknown", "since": None, "last_error": f"{path} unreadable: {exc}"}
-
-
-def status_doc(device: DeviceDir) -> dict[str, Any]:
-    """Everything ``status`` shows; runs start-up recovery first. Raises AgentError / ContractError."""
-    from .updater import Updater
-
-    up = Updater(device)
-    recovered = up.recover()
-    rec = up.record()
-    active, standby = up.slots.active(), up.slots.standby()
-    pointer = up.slots.pointer() if active else None
-    cfg = up.config
-    return {
-        "device_id": cfg.device_id,
-        "fleet": cfg.fleet,
-        "target": cfg.target,
-        "active": None if active is None else {
-            "name": active[1].name, "version": active[1].version, "slot": active[0].name,
-            "activated": pointer.activated if pointer else None},
-        "standby": None if standby is None else {
-            "name": standby[1].name, "version": standby[1].version, "slot": standby[0].name},
-        "update": {"state": str(rec.state), "entered": rec.entered, "reason": rec.reason},
-        "last_result": rec.last_result,
-        "outbox_depth": outbox_depth(device.outbox),
-        "link": link_state(device, cfg.broker),
-        "recovered": recovered,
-    }
 
 
 def _model(d: dict[str, Any] | None) -> str:
@@ -185,6 +126,23 @@ def _what(result: dict[str, Any]) -> str:
     if result.get("name"):
         return f"{result['name']} {result.get('version')}"
     return Path(result["package"]).name if result.get("package") else "-"
+
+
+def _privacy(doc: dict[str, Any]) -> str:
+    eps, spent = doc["dp_epsilon"], doc["dp_epsilon_spent"]
+    noise = "no noise (dp_epsilon 0)" if not eps else (
+        f"dp_epsilon {eps:g} per window, {'unreadable' if spent < 0 else f'{spent:g}'} spent")
+    return f"k {doc['k']} (windows below k are held and merged forward); {noise}"
+
+
+def _agent(doc: dict[str, Any]) -> str:
+    agent = doc["agent"]
+    if agent["state"] != "running" or doc["predictions"] is None:
+        return f"{agent['state'].replace('_', ' ')}: {agent['detail']}"
+    rejected = sum((doc["rejected"] or {}).values())
+    return (f"running (pid {agent['pid']}, {agent['url']}): {doc['predictions']} predictions, {rejected} rejected, "
+            f"{doc['windows_closed']} windows closed, {doc['summaries_emitted']} summaries, "
+            f"{doc['windows_held_for_k']} held below k")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -209,6 +167,8 @@ def _status(args: argparse.Namespace) -> int:
                         f"{last['at']}: {last['message']}"),
         f"outbox    {'unreadable' if depth is None else depth} queued",
         f"link      {link_text}",
+        f"privacy   {_privacy(doc)}",
+        f"agent     {_agent(doc)}",
     ]
     lines += [f"recovered {a}" for a in doc["recovered"]]
     print("\n".join(lines))

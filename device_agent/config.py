@@ -16,18 +16,25 @@ A device folder, written by ``device-agent provision``::
     downloads/           partial package downloads (resumed with HTTP Range)
     outbox.sqlite        durable queue of signed summaries and reports (WAL)
     predictions/         bounded, rotating prediction log (binary segments; see predlog.py)
+    link.json            the MQTT link's state (written by the link)
+    agent.json           pid and local API address of the running `device-agent run` (removed when it stops);
+                         `device-agent status` asks that agent for its counters
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Hashable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from edgefleet_contracts.atomic import atomic_write_text
+from edgefleet_contracts.timeutil import DailyWindow
 from edgefleet_contracts.topics import check_id
 
 from .errors import AgentError
@@ -83,6 +90,12 @@ class DeviceConfig:
     busy_defer_seconds: float = 300.0  # wait this long for a running batch before deferring a swap
 
     def __post_init__(self) -> None:
+        """Raises ConfigError naming the key, for a value of the wrong type (``check_types``) or out of range."""
+        check_types(self, type(self))
+        for name in _FLOAT_KEYS:  # a whole number written for a float key (``window_seconds = 300``) is kept a float
+            value = getattr(self, name)
+            if type(value) is int:
+                object.__setattr__(self, name, float(value))
         try:
             check_id(self.device_id, "device_id")
             check_id(self.fleet, "fleet")
@@ -96,14 +109,12 @@ class DeviceConfig:
             raise ConfigError(f"server {self.server!r} must look like http://host:port")
         for name in ("window_seconds", "heartbeat_seconds"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)!r}")
         for name in ("window_count", "outbox_max_rows", "prediction_log_max_rows", "image_stats_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if not isinstance(self.allow_small_windows, bool):
-            raise ConfigError(f"allow_small_windows must be true or false, not {self.allow_small_windows!r}")
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)!r}")
         if self.min_window_samples < 1:
-            raise ConfigError("min_window_samples must be at least 1")
+            raise ConfigError(f"min_window_samples must be at least 1, not {self.min_window_samples!r}")
         if self.min_window_samples < MIN_WINDOW_SAMPLES_FLOOR and not self.allow_small_windows:
             raise ConfigError(
                 f"min_window_samples is {self.min_window_samples}, below the privacy floor of "
@@ -112,21 +123,46 @@ class DeviceConfig:
                 f"min_window_samples = {MIN_WINDOW_SAMPLES_FLOOR} or more (20 is the default); only a test, "
                 f"benchmark or simulation on synthetic data may set allow_small_windows = true to waive the floor")
         if self.dp_epsilon < 0:
-            raise ConfigError("dp_epsilon must be 0 (off) or positive")
+            raise ConfigError(f"dp_epsilon must be 0 (off) or positive, not {self.dp_epsilon!r}")
         if not 0 < self.http_port < 65536:
-            raise ConfigError("http_port must be 1..65535")
+            raise ConfigError(f"http_port must be 1..65535, not {self.http_port!r}")
+        # The rollout keys (read by the desired-state handler and the probation watch): checked here, so a bad
+        # value stops the device at start-up naming its key, rather than the first rollout.
+        for name in ("probation_seconds", "download_read_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, not {getattr(self, name)!r}")
+        for name in ("download_rate_limit", "busy_defer_seconds", "probation_latency_floor_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, not {getattr(self, name)!r}")
+        if self.probation_predictions < 1:
+            raise ConfigError(f"probation_predictions must be at least 1, not {self.probation_predictions!r}")
+        if not 0 <= self.probation_max_error_rate < 1:
+            raise ConfigError("probation_max_error_rate must be at least 0 and below 1 (0.05 is 5 %), not "
+                              f"{self.probation_max_error_rate!r}")
+        if self.probation_latency_ratio < 1:
+            raise ConfigError(f"probation_latency_ratio must be at least 1.0, not {self.probation_latency_ratio!r}")
+        if self.maintenance_window:
+            try:
+                DailyWindow.parse(self.maintenance_window)
+            except ValueError as exc:
+                raise ConfigError(f"maintenance_window: {exc}; empty means any time") from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> DeviceConfig:
         """Build from a parsed config.toml; a key it lacks takes its default (older files load).
+
+        Every key is checked for its type first (``check_types``: ``window_count = "1000"`` is refused naming
+        ``source``, the key, the type expected and the value), then for its range.
 
         One invalid value loads anyway: a ``min_window_samples`` from 1 to 9 without ``allow_small_windows = true``
         (a file written before the privacy floor existed, or edited by hand) runs at k = 10, the floor, and logs a
         warning naming ``source``, the value in the file, the value used and what to change. A device upgraded
         with such a file keeps serving, with the privacy-safe k, instead of stopping. The file is not rewritten:
         it is the operator's (a rewrite would drop their comments and layout, and may fail on a read-only
-        folder), and the warning, logged each time the file is loaded, keeps the mismatch visible until they
-        change it. Everything that writes a config (DeviceConfig in code, ``save_config``, ``device-agent
+        folder), and the warning keeps the mismatch visible until they change it. It is logged once per process
+        for each file and value (``warn_once``): every start of ``device-agent run`` and every other command
+        warns once, however many of its parts (agent, updater, desired-state handler, each report) load the
+        file. Everything that writes a config (DeviceConfig in code, ``save_config``, ``device-agent
         provision``) stays strict.
 
         Raises ConfigError, prefixed with ``source``, for an unknown key or an invalid value.
@@ -135,16 +171,22 @@ class DeviceConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        try:
+            check_types(d, cls)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         configured = _below_the_floor(d)
         if configured is not None:
             d = {**d, "min_window_samples": MIN_WINDOW_SAMPLES_FLOOR}
-            log.warning("%s: min_window_samples is %s, below the privacy floor of %d, and allow_small_windows is not "
-                        "true: using min_window_samples = %d instead (smaller windows are held and merged forward). "
-                        "A summary of so few predictions gives their inputs away through its exact per-feature sums "
-                        "(dp_epsilon noise covers the histogram counts only). Set min_window_samples = %d or more "
-                        "in %s (20 is the default) to silence this warning; the file is left as it is",
-                        source, configured, MIN_WINDOW_SAMPLES_FLOOR, MIN_WINDOW_SAMPLES_FLOOR,
-                        MIN_WINDOW_SAMPLES_FLOOR, source)
+            if warn_once(("min_window_samples", source, configured)):
+                log.warning("%s: min_window_samples is %s, below the privacy floor of %d, and allow_small_windows is "
+                            "not true: using min_window_samples = %d instead (smaller windows are held and merged "
+                            "forward). A summary of so few predictions gives their inputs away through its exact "
+                            "per-feature sums (dp_epsilon noise covers the histogram counts only). Set "
+                            "min_window_samples = %d or more in %s (20 is the default) to silence this warning; the "
+                            "file is left as it is",
+                            source, configured, MIN_WINDOW_SAMPLES_FLOOR, MIN_WINDOW_SAMPLES_FLOOR,
+                            MIN_WINDOW_SAMPLES_FLOOR, source)
         try:
             return cls(**d)
         except (TypeError, ConfigError) as exc:
@@ -169,16 +211,101 @@ class DeviceConfig:
         return "\n".join(lines) + "\n"
 
 
-def _below_the_floor(d: dict[str, Any]) -> int | float | None:
-    """The k of a parsed config file that loads at the floor instead: 1 <= k < 10 with the floor not waived.
+def _below_the_floor(d: dict[str, Any]) -> int | None:
+    """The k of a parsed (and type-checked) config file that loads at the floor instead: 1 <= k < 10 with the
+    floor not waived.
 
-    None for anything else, which DeviceConfig then judges as usual (k below 1 or not a number: refused; an
-    ``allow_small_windows`` that is not a boolean: refused, whatever k is).
+    None for anything else, which DeviceConfig then judges as usual (k below 1: refused).
     """
     k = d.get("min_window_samples")
-    if isinstance(k, bool) or not isinstance(k, int | float) or d.get("allow_small_windows", False) is not False:
+    if not isinstance(k, int) or d.get("allow_small_windows", False) is not False:
         return None
     return k if 1 <= k < MIN_WINDOW_SAMPLES_FLOOR else None
+
+
+# ---- types ------------------------------------------------------------------------------------------------
+# What each annotation of DeviceConfig accepts, how the message names it and an example of the right form.
+_TYPE_NAMES = {"str": "a string in quotes", "int": "a whole number", "float": "a number", "bool": "true or false",
+               "dict[str, str]": "a table of strings"}
+_FLOAT_KEYS = tuple(f.name for f in fields(DeviceConfig) if f.type == "float")
+
+
+def _example(name: str, default: Any) -> str:
+    if name == "tags":
+        return '[tags] site = "north"'
+    if isinstance(default, str):
+        return f"{name} = {_toml_str(default or '…')}"
+    if isinstance(default, bool):
+        return f"{name} = {'true' if default else 'false'}"
+    return f"{name} = {default}"
+
+
+def _described(value: Any) -> str:
+    """A value as a TOML reader would name it: ``the string "1000"``, ``the number 5.5``, ``a table {…}``."""
+    if isinstance(value, str):
+        return f"the string {_toml_str(value[:60])}" + ("…" if len(value) > 60 else "")
+    if isinstance(value, bool):
+        return f"the boolean {'true' if value else 'false'}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, Mapping):
+        return f"a table {dict(value)!r}"[:80]
+    if isinstance(value, list):
+        return f"an array {value!r}"[:80]
+    return f"the {type(value).__name__} {value!r}"[:80]  # a TOML date or time
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if annotation == "dict[str, str]":
+        return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    raise AssertionError(f"DeviceConfig has a field of type {annotation}: teach check_types about it")
+
+
+def check_types(values: Any, cls: type[DeviceConfig]) -> None:
+    """Raise ConfigError for the first key of ``values`` (a mapping of config keys, or a DeviceConfig) whose value
+    does not have the type its field declares, naming the key, the type, an example and the value: ``window_count
+    must be a whole number (window_count = 1000), not the string "1000"``. A float key takes a whole number too,
+    but no infinity or NaN; nothing takes a boolean but a boolean key."""
+    items = values.items() if isinstance(values, Mapping) else ((f.name, getattr(values, f.name)) for f in fields(cls))
+    declared = {f.name: f for f in fields(cls)}
+    for name, value in items:
+        f = declared.get(name)
+        if f is None:
+            continue
+        annotation = str(f.type)
+        if not _type_ok(annotation, value):
+            default = (f.default if f.default is not MISSING
+                       else f.default_factory() if f.default_factory is not MISSING else "")
+            kind = _TYPE_NAMES[annotation]
+            if annotation == "float" and isinstance(value, float):
+                kind = "a finite number"
+            raise ConfigError(f"{name} must be {kind} ({_example(name, default)}), not {_described(value)}")
+
+
+# ---- warnings given once per process ----------------------------------------------------------------------
+_warned: set[Hashable] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_once(key: Hashable) -> bool:
+    """True the first time this process asks about ``key``, False ever after.
+
+    For warnings about a file that several parts of one process load (the agent, its updater, its desired-state
+    handler, each rebuilt report all read config.toml): the operator sees each one once per start of a command,
+    not once per load. The only state this module keeps, and only to deduplicate log lines."""
+    with _warned_lock:
+        if key in _warned:
+            return False
+        _warned.add(key)
+        return True
 
 
 def _toml_str(s: str) -> str:
@@ -203,6 +330,7 @@ class DeviceDir:
     outbox = property(lambda self: self.path / "outbox.sqlite")
     prediction_log = property(lambda self: self.path / "predictions")
     link_file = property(lambda self: self.path / "link.json")
+    agent_file = property(lambda self: self.path / "agent.json")
 
     def slot(self, name: str) -> Path:
         return self.path / "slots" / name
@@ -211,7 +339,8 @@ class DeviceDir:
         """Raises ConfigError when the folder is not a provisioned device or config.toml is invalid.
 
         A ``min_window_samples`` below the privacy floor without the waiver is not an error here: the config
-        comes back with k = 10 and a warning is logged (see DeviceConfig.from_dict); the file is not rewritten.
+        comes back with k = 10 and a warning is logged, once per process (see DeviceConfig.from_dict); the file
+        is not rewritten.
         """
         if not self.config_file.exists():
             raise ConfigError(f"{self.path} is not a provisioned device folder (no config.toml); "

@@ -112,13 +112,25 @@ def _bad(agent: Agent, detail: str, kind: str) -> InputError:
     return InputError(detail, kind=kind)
 
 
-def _one(agent: Agent, inst: Any) -> Any:
+# The fields one input may come in, and what each holds (a body may also be {"instances": [...]} of them).
+INPUT_FIELDS = {"features": "an object of feature name -> value", "inputs": "a list of numbers",
+                "image_b64": "base64 of encoded image bytes"}
+_ONE_OF = ", ".join(f"'{k}' ({v})" for k, v in INPUT_FIELDS.items())
+BODY_FIELDS_HELP = (f"give exactly one of {_ONE_OF}, or 'instances' (a list of up to {MAX_INSTANCES} objects, "
+                    "each with one of those three)")
+INSTANCE_FIELDS_HELP = f"give exactly one of {_ONE_OF}"
+
+
+def _one(agent: Agent, inst: Any, *, top: bool = False) -> Any:
+    """Predict one input given as ``{"features"|"inputs"|"image_b64": ...}``. ``top``: ``inst`` is the whole
+    request body (where ``instances`` is accepted too, so the refusal lists it), not one of its instances."""
+    what, fields = ("the request body", BODY_FIELDS_HELP) if top else ("each instance", INSTANCE_FIELDS_HELP)
     if not isinstance(inst, dict):
-        raise _bad(agent, "each instance must be an object with 'features', 'inputs' or 'image_b64'",
-                   "invalid_input")
-    keys = {"features", "inputs", "image_b64"} & set(inst)
+        raise _bad(agent, f"{what} must be a JSON object: {fields}", "invalid_input")
+    keys = INPUT_FIELDS.keys() & set(inst)
     if len(keys) != 1:
-        raise _bad(agent, "give exactly one of 'features', 'inputs' or 'image_b64'", "invalid_input")
+        given = ", ".join(f"'{k}'" for k in sorted(inst)[:10]) or "no field"
+        raise _bad(agent, f"{fields}; {what} has {given}", "invalid_input")
     if "features" in inst:
         return agent.predict(inst["features"])
     if "inputs" in inst:
@@ -176,7 +188,7 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
                     except InputError as exc:
                         out.append({"error": exc.kind, "detail": str(exc), "feature": exc.feature})
                 return JSONResponse({"predictions": out})
-            return JSONResponse(_one(agent, body).to_dict())
+            return JSONResponse(_one(agent, body, top=True).to_dict())
         except InputError as exc:
             return _error(422, exc.kind, str(exc), exc.feature)
         except NoModelError as exc:

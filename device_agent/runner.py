@@ -14,6 +14,8 @@ back if below k), the outbox keeps whatever was not acknowledged, the link stops
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.manifest import MANIFEST_NAME
 from edgefleet_contracts.report import Report
 from edgefleet_contracts.timeutil import fmt, utcnow
@@ -36,6 +39,15 @@ from .updater import Updater
 
 log = logging.getLogger("edgefleet.agent")
 AGENT_VERSION = "0.1.0"
+
+
+def local_url(host: str, port: int) -> str | None:
+    """The address a process on the device reaches an API bound to ``host``:``port`` at (None for port 0: chosen
+    by the kernel at start, not known here). A wildcard host is reached over loopback."""
+    if not port:
+        return None
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def build_report(device: DeviceDir) -> Report:
@@ -138,6 +150,7 @@ class DeviceRunner:
         except TrustStoreError as exc:
             log.warning("the trust store's clock mark will only move with decisions: %s", exc)
         self._server: Any = None
+        self._announced = False  # agent.json written by this runner (``_announce``)
         self.handler = DesiredHandler(self.device, agent=self.agent, on_change=self._update_changed,
                                       options=handler_options)
         if self.cfg.broker:
@@ -218,6 +231,7 @@ class DeviceRunner:
                 config = uvicorn.Config(app, host=self.cfg.http_host, port=self.http_port, log_level="warning",
                                         access_log=False, lifespan="off")
                 self._server = graceful_server(config)  # the agent closes its window, stops its link
+                self._announce(local_url(self.cfg.http_host, self.http_port))
                 self._server.run()  # SIGTERM/SIGINT stop it gracefully; we then clean up below
             else:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,7 +241,27 @@ class DeviceRunner:
             self.stop()
         return 0
 
+    def _announce(self, url: str | None) -> None:
+        """Write ``agent.json`` (pid, local API address), so ``device-agent status`` can ask this agent for its
+        counters; removed again by ``stop``. Best effort: a folder it cannot be written to only costs that."""
+        doc = {"pid": os.getpid(), "http": url, "started": fmt(utcnow())}
+        try:
+            atomic_write_text(self.device.agent_file, json.dumps(doc, sort_keys=True) + "\n")
+            self._announced = True
+        except OSError as exc:
+            log.warning("cannot write %s (device-agent status will not show this agent's counters): %s",
+                        self.device.agent_file, exc)
+
+    def _withdraw(self) -> None:
+        if not self._announced:
+            return
+        self._announced = False
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.device.agent_file.read_text()).get("pid") == os.getpid():
+                self.device.agent_file.unlink()
+
     def stop(self) -> None:
+        self._withdraw()
         self._stop.set()
         if self._server is not None:
             self._server.should_exit = True

@@ -34,7 +34,7 @@ from edgefleet_contracts.atomic import atomic_write_text, fsync_dir
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.manifest import MANIFEST_NAME, Manifest
-from edgefleet_contracts.timeutil import fmt
+from edgefleet_contracts.timeutil import fmt, parse
 
 from .config import DeviceDir
 from .errors import AgentError
@@ -150,6 +150,13 @@ class Slots:
         """fsync the whole unpacked tree, then write the ``.complete`` marker last (fsynced)."""
         fsync_tree(folder)
         atomic_write_text(folder / COMPLETE_MARKER, fmt(at) + "\n")
+
+    def installed_at(self, slot: str) -> datetime | None:
+        """When the model in ``slot`` was installed (the time its ``.complete`` marker holds); None when unknown."""
+        try:
+            return parse((self.path(slot) / COMPLETE_MARKER).read_text().strip(), COMPLETE_MARKER)
+        except (OSError, UnicodeDecodeError, ContractError):
+            return None
 
     def mark_smoke_passed(self, folder: Path, result: dict[str, Any]) -> None:
         atomic_write_text(folder / SMOKE_FILE, json.dumps({"passed": True, **result}, sort_keys=True))

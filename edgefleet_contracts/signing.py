@@ -1,7 +1,9 @@
 """Ed25519 keys, key ids and signed envelopes (the TUF shape: ``{"signed": {...}, "signatures": [...]}``).
 
 Key id = hex sha256 of the raw 32-byte public key. Public keys travel as base64 of those raw bytes; on disk
-they are PEM files. Private keys are written 0600 and never overwritten.
+they are PEM files. Private keys are written 0600 and never overwritten, and a private key file that grants any
+permission to its group or to others is refused when loaded (``InsecureKeyFileError``), as OpenSSH refuses one:
+such a key may already have been read by another account, and using it quietly would hide that.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import base64
 import binascii
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,9 @@ from .canonical import canonical_bytes
 from .errors import SchemaError, TamperedError, UnsignedError, UntrustedKeyError
 
 __all__ = [
+    "PRIVATE_KEY_MODE_MASK",
     "Ed25519PrivateKey",
+    "InsecureKeyFileError",
     "Ed25519PublicKey",
     "generate_key",
     "key_id",
@@ -39,6 +45,19 @@ __all__ = [
     "verify_envelope",
     "short",
 ]
+
+
+# Permission bits a private key file must not have: any access by its group or by others.
+PRIVATE_KEY_MODE_MASK = 0o077
+
+
+class InsecureKeyFileError(SchemaError):
+    """A private key file is accessible by its group or by others (its mode has a bit of 0o077 set).
+
+    A SchemaError (callers that caught SchemaError for an unusable key file still do) with its own reason token.
+    """
+
+    reason = "insecure_key_file"
 
 
 def generate_key() -> Ed25519PrivateKey:
@@ -85,10 +104,32 @@ def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
     atomic_write_bytes(path, pem, mode=0o644)
 
 
+def _read_private(path: Path) -> bytes:
+    """The bytes of a private key file whose mode grants its group and others nothing.
+
+    The mode is taken from the open file (``fstat``), so the file checked is the file read. Raises
+    InsecureKeyFileError for a group- or world-accessible file, OSError when it cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if mode & PRIVATE_KEY_MODE_MASK:
+            raise InsecureKeyFileError(
+                f"private key {path} is accessible by group or others (mode {stat.filemode(mode)}, "
+                f"{stat.S_IMODE(mode):04o}); refusing to use it: run `chmod 600 {path}` (and, if another account "
+                "may have read it, replace the key)")
+        return fh.read()
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """Raises SchemaError when the file is not an unencrypted Ed25519 PEM private key."""
+    """Load an unencrypted Ed25519 PEM private key from a file only its owner may access (like OpenSSH).
+
+    Raises InsecureKeyFileError (a SchemaError) when the file's mode grants any permission to its group or to
+    others (``chmod 600`` fixes it), SchemaError when the file is not an unencrypted Ed25519 PEM private key,
+    OSError when it cannot be read.
+    """
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(_read_private(Path(path)), password=None)
     except (ValueError, TypeError) as exc:
         raise SchemaError(f"{path} is not a PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):

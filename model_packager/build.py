@@ -47,7 +47,7 @@ class BuildRequest:
     quantize: str = "auto"
     owner: str = ""
     expires_in: timedelta = timedelta(days=365)
-    label_column: str | None = "label"
+    label_column: str | None = None  # None: the column named "label", when the CSV has one; a name: it must exist
     preprocess: Path | None = None
     probabilities: str | None = None
     classes: list[str] | None = None
@@ -202,8 +202,15 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
     if not Path(req.model).is_file():
         raise ModelError(f"model file {req.model} does not exist")
     spec = _image_spec(req.preprocess)
-    cal = load_dataset(req.calibration, label_column=req.label_column, image_spec=spec)
-    hold = load_dataset(req.holdout, label_column=req.label_column, image_spec=spec) if req.holdout else cal
+    label = req.label_column or "label"
+    cal = load_dataset(req.calibration, label_column=label, image_spec=spec)
+    hold = load_dataset(req.holdout, label_column=label, image_spec=spec) if req.holdout else cal
+    for data in (cal, hold):  # a label column named explicitly must exist: a typo would be read as a feature
+        if req.label_column and data.y is None and data.source.endswith(".csv"):
+            cols = data.feature_names  # no label column was found, so these are all the CSV's columns
+            shown = ", ".join(cols[:40]) + (f", … ({len(cols)} in all)" if len(cols) > 40 else "")
+            raise DataError(f"{data.source}: --label-column {req.label_column!r} is not a column of this CSV; its "
+                            f"{len(cols)} columns are: {shown}")
     if runtime == "onnxruntime":
         input_name, shape, prob_name = _onnx_interface(req.model, req.probabilities)
     else:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     b.add_argument("--owner", help="model owner (team or person)")
     b.add_argument("--expires-in", default="365d")
-    b.add_argument("--label-column", default="label", help="CSV column holding the class index")
+    b.add_argument("--label-column", help="CSV column holding the class index (default: the column named 'label', "
+                                         "when the CSV has one)")
     b.add_argument("--preprocess", help="JSON image preprocessing spec (required for image folders)")
     b.add_argument("--probabilities", help="name of the model output holding class probabilities")
     b.add_argument("--classes", help="comma-separated class names")

@@ -9,7 +9,12 @@ brings the slots to the accepted desired state; its ``receive`` hands each messa
   on the new model must not keep serving it. A newer desired state that names the previous version ends the
   watch at once with a rollback (``desired_rollback``; :mod:`.watch`);
 * desired version already active: nothing to do (outcome ``current``);
-* desired version in the standby slot: the updater's signed-rollback path, no download;
+* desired version in the standby slot, older than the active one: the updater's rollback, no download
+  (``rolled_back``, ``desired_rollback``);
+* desired version in the standby slot and not older (a version rolled out again after it was rolled back):
+  ``Updater.activate_standby``, no download, then probation like any new version. It is reported as a switch to
+  the standby slot, never as a rollback (the fleet's gates count a rollback to a version as that version
+  failing);
 * otherwise ``Updater.deploy``: download (``device_agent.download``: Range resume from
   ``downloads/<sha256>.part``) -> [the serving version's p95 measured: the probation baseline] -> verify -> stage ->
   smoke test -> [maintenance window open? no batch running?] -> activate -> probation (``device_agent.probation``)
@@ -209,8 +214,10 @@ class DesiredHandler:
                 return self._switch_to_standby(up, d)
             return self._deploy(up, d)
 
-    # ---- the three paths ------------------------------------------------------------------------------------
+    # ---- the paths ------------------------------------------------------------------------------------------
     def _switch_to_standby(self, up: Updater, d: Desired) -> Step:
+        if up.standby_is_older() is False:
+            return self._forward_to_standby(up, d)
         if not self._wait_not_busy():
             self._settle(d, None, "deferred", "busy", "a batch is running; the switch waits", final=False)
             return Step("deferred: busy", self._backoff(d.seq))
@@ -222,6 +229,23 @@ class DesiredHandler:
             return Step("deferred: another process is updating", self._backoff(d.seq))
         self._reload_agent()
         return self._after(d, r, retryable=False)
+
+    def _forward_to_standby(self, up: Updater, d: Desired) -> Step:
+        """The desired version is the newer one in the standby slot: switch to it and watch it on probation."""
+        want = {"name": d.name, "version": d.version, "url": d.url, "sha256": d.sha256, "length": d.length,
+                "seq": d.seq}
+        self._baseline = None  # measured by _before_activate, from the traffic of the version serving now
+        try:
+            r = up.activate_standby(want, probation=self.policy.to_dict(), before_activate=self._before_activate)
+        except (BusyError, InProbationError) as exc:
+            self._settle(d, None, "deferred", exc.reason, str(exc), final=False)
+            return Step(f"deferred: {exc.reason}", self._backoff(d.seq))
+        if r.status == "probation":
+            self._watching = (d.name, d.version)
+            self._reload_agent()
+            return self._probation(up)
+        self._reload_agent()
+        return self._after(d, r, retryable=r.reason in RETRYABLE)
 
     def _deploy(self, up: Updater, d: Desired) -> Step:
         self._clean_downloads(keep=d.sha256)

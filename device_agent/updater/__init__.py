@@ -8,7 +8,9 @@ States and transitions (``TRANSITIONS`` is the single source; ``Updater._enter``
                                                                         probation ─▶ rolling_back ─▶ idle
                                                                                      (rolled_back | rollback_failed)
     downloading | verifying | staging | smoke_test ─▶ idle                        (rejected | failed | deferred)
-    idle ──rollback─▶ rolling_back ─▶ idle     (rolled_back; no usable standby: refused before entering, failed)
+    idle ──rollback─▶ rolling_back ─▶ idle     (rolled_back; no usable standby: refused before entering, failed;
+                                                a standby that is not older: refused, failed (standby_not_older))
+    idle ──activate_standby─▶ activating ─▶ probation ─▶ …          (a rollout names the newer standby version)
 
 * **downloading** (``deploy``): the caller's ``fetch`` brings the package file (``device_agent.download``: HTTP
   Range resume, never past the declared length, sha256 checked against the desired state). A failure goes back
@@ -30,9 +32,14 @@ States and transitions (``TRANSITIONS`` is the single source; ``Updater._enter``
 * **probation** (only when the caller asks for it): the new version serves while a watcher
   (``device_agent.probation``) judges it; ``finish_probation`` commits (``committed``) or rolls back.
 * **rolling_back**: ``active.json`` is switched to the standby slot (ready, unexpired, files intact); no
-  download. Asked for while idle, a missing or damaged standby is refused before anything changes
-  (``failed``); from probation the state is entered first, and a rollback that cannot be done is reported as
-  ``rollback_failed`` (the new version keeps serving), distinct from every other status.
+  download. Asked for while idle, a missing or damaged standby is refused before anything changes (``failed``),
+  and so is a standby that is not older than the active model (``standby_not_older``: a rollback only goes
+  back, ``checks.goes_back``); from probation the state is entered first, and a rollback that cannot be done is
+  reported as ``rollback_failed`` (the new version keeps serving), distinct from every other status.
+* **activating** straight from idle (``activate_standby``): a rollout names the version the standby slot holds
+  and it is not older than the active one (rolled out again after being rolled back). The pointer is switched
+  without a download, then the version is on probation like a new install; the result says it was a switch to
+  the standby slot, never a rollback.
 
 Modules: ``states`` (the states, ``TRANSITIONS``, ``InstallResult``, the ``update.json`` record and the
 ``EDGEFLEET_FAILPOINT`` test hook), ``errors`` (``UpdateError`` and its refusals), ``checks`` (version order,
@@ -41,7 +48,7 @@ shell that enters the states) and ``recovery`` (what ``Updater.recover()`` repai
 Everything public is re-exported here; import from ``device_agent.updater``.
 """
 
-from .checks import check_newer, check_reserved, files_intact, load_device_target
+from .checks import check_newer, check_reserved, files_intact, goes_back, load_device_target
 from .errors import (
     DeferredError,
     IllegalTransitionError,
@@ -50,6 +57,7 @@ from .errors import (
     NotNewerError,
     ReservedNameError,
     SmokeTestError,
+    StandbyNotOlderError,
     UpdateError,
     WrongPackageError,
 )
@@ -81,6 +89,7 @@ __all__ = [
     "NotNewerError",
     "ReservedNameError",
     "SmokeTestError",
+    "StandbyNotOlderError",
     "UpdateError",
     "UpdateRecord",
     "UpdateState",
@@ -91,6 +100,7 @@ __all__ = [
     "check_transition",
     "compare_golden",
     "files_intact",
+    "goes_back",
     "load_device_target",
     "smoke_test",
 ]

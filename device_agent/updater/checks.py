@@ -6,11 +6,16 @@ Decisions:
   it is an operator decision expressed by publishing a signed package for the device's target). Only the same
   name must move forward in version (:func:`check_newer`); going back is ``rollback`` to a version the device
   already holds.
+* A rollback only goes back (:func:`goes_back`): to an older version of the same model, or, when the standby
+  holds another model (no version order between the two), to the one installed before the active one. After a
+  rollback the standby holds the newer version; a second ``device-agent rollback`` is refused rather than
+  switching forward to it again (a fleet's rollout does that, on probation: ``Updater.activate_standby``).
 """
 
 from __future__ import annotations
 
 import tomllib
+from datetime import datetime
 from pathlib import Path
 
 from edgefleet_contracts.digest import sha256_file
@@ -28,6 +33,18 @@ def check_newer(candidate: Manifest, active: Manifest | None) -> None:
     if active is not None and candidate.name == active.name and not is_newer(candidate.version, active.version):
         raise NotNewerError(f"{candidate.version} is not newer than the active {active.version} "
                             f"(model {candidate.name}); to go back to a version this device holds, roll back")
+
+
+def goes_back(active: Manifest, standby: Manifest, active_installed: datetime | None,
+              standby_installed: datetime | None) -> bool:
+    """Is switching from ``active`` to ``standby`` a step back? Same model name: the standby's version is older.
+    Two names: the standby was installed no later than the active one (what the device ran before); an unknown
+    install time counts as a step back."""
+    if active.name == standby.name:
+        return is_newer(active.version, standby.version)
+    if active_installed is None or standby_installed is None:
+        return True
+    return standby_installed <= active_installed
 
 
 def check_reserved(manifest: Manifest) -> None:

@@ -42,6 +42,13 @@ class NoStandbyError(UpdateError):
     reason = "no_standby"
 
 
+class StandbyNotOlderError(UpdateError):
+    """Rollback asked for, but the standby slot holds a newer model than the active one (the active one was
+    rolled back to already): a rollback only goes back."""
+
+    reason = "standby_not_older"
+
+
 class IllegalTransitionError(UpdateError):
     """A transition outside ``TRANSITIONS`` (a bug, never a user error)."""
 

@@ -12,6 +12,11 @@ Decisions:
 * A failed rollback (no ready standby) is recorded in ``last_result`` too: it is the latest update operation.
 * ``install`` is refused while a version is on probation (``InProbationError``); ``rollback`` is allowed (an
   operator ending the probation by hand).
+* ``rollback`` only goes back (``checks.goes_back``: an older version of the same model). After one, the standby
+  slot holds the newer version; a second ``device-agent rollback`` is refused (``standby_not_older``) instead of
+  switching forward to it and calling that a rollback. Moving forward to a version the device still holds is
+  ``activate_standby``, which the desired-state handler uses when a rollout names that version: no download,
+  ``idle -> activating -> probation``, reported as a switch to the standby slot and watched like any new version.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ..config import ConfigError, DeviceDir
 from ..errors import AgentError
 from ..slots import BusyError, Slots, other
 from ..trust_store import TrustStore, TrustStoreError
-from .checks import check_newer, check_reserved, files_intact, load_device_target
+from .checks import check_newer, check_reserved, files_intact, goes_back, load_device_target
 from .errors import (
     DeferredError,
     InProbationError,
@@ -40,6 +45,7 @@ from .errors import (
     NotNewerError,
     ReservedNameError,
     SmokeTestError,
+    StandbyNotOlderError,
     WrongPackageError,
 )
 from .recovery import recover_locked
@@ -281,12 +287,21 @@ class Updater:
     # ---- rollback -------------------------------------------------------------------------------------
     def rollback(self, reason: str = "operator_request", *, message: str = "",
                  details: dict[str, Any] | None = None) -> InstallResult:
-        """Point at the standby slot (ready, unexpired, files intact) without any download.
+        """Go back to the older model held in the standby slot (ready, unexpired, files intact), without any
+        download.
+
+        A rollback only goes back (``checks.goes_back``): to an older version of the same model, or to another
+        model installed before the active one. When the standby holds a newer one (the active version was rolled
+        back to already, so the standby is the version that was rolled back from) it is refused, ``failed``
+        (``standby_not_older``), and nothing changes: switching forward to it is no rollback, and doing it
+        quietly would put a version back into service that was taken out, without the probation a rollout gives
+        it. To run it again, install its package or roll it out (``activate_standby``). From probation the
+        standby is always the previous version and the rollback is never refused for its order.
 
         ``reason`` is a short token saying why (``operator_request``; the rollout path passes its own) and
         ``message`` an optional sentence put in front of the result's message. Returns ``rolled_back`` or
-        ``failed`` (``no_standby``, ``expired``, ``file_mismatch``) when idle; from probation a rollback that
-        cannot be done is ``rollback_failed``. Raises BusyError.
+        ``failed`` (``no_standby``, ``expired``, ``file_mismatch``, ``standby_not_older``) when idle; from
+        probation a rollback that cannot be done is ``rollback_failed``. Raises BusyError.
         """
         with self.slots.lock():
             self._recover_locked()
@@ -304,10 +319,34 @@ class Updater:
             return "file_mismatch", f"the standby {m.name} {m.version} is damaged: {bad}"
         return None
 
+    def standby_is_older(self) -> bool | None:
+        """Whether switching to the standby slot goes back (``checks.goes_back``); None without an active model
+        or a ready standby."""
+        active, standby = self.slots.active(), self.slots.standby()
+        if active is None or standby is None:
+            return None
+        return goes_back(active[1], standby[1], self.slots.installed_at(active[0].name),
+                         self.slots.installed_at(standby[0].name))
+
+    def _not_older(self, active: tuple[Path, Manifest], standby: tuple[Path, Manifest]) -> StandbyNotOlderError:
+        (slot, s), (_, a) = standby, active
+        order = f"newer than the active {a.name} {a.version}" if s.name == a.name else (
+            f"installed after the active {a.name} {a.version}")
+        return StandbyNotOlderError(
+            f"no rollback to do: the standby slot {slot.name} holds {s.name} {s.version}, {order}, and a rollback "
+            f"only goes back. To run {s.name} {s.version} again, install its package (`device-agent install`) or "
+            "roll it out from the fleet server; nothing was changed")
+
     def _rollback_locked(self, rec: UpdateRecord, reason: str, why: str, details: dict[str, Any]) -> InstallResult:
         from_probation = rec.state == S.PROBATION
         active, standby = self.slots.active(), self.slots.standby()
         problem = self._standby_problem(standby)
+        if problem is None and not from_probation and self.standby_is_older() is False:
+            assert active is not None and standby is not None
+            err = self._not_older(active, standby)
+            result = self._result("failed", err.reason, str(err))
+            self._save_idle(rec, result, f"rollback refused ({err.reason})")
+            return result
         old = f"{active[1].name} {active[1].version}" if active else "no model"
         if problem is not None and not from_probation:
             result = self._result("failed", problem[0], problem[1] + ("; install a package instead"
@@ -345,6 +384,72 @@ class Updater:
         self._enter(rec, S.IDLE, f"rolled_back ({reason})", package=None, candidate=None,
                     last_result=result.to_dict())
         return result
+
+    # ---- forward to the standby ---------------------------------------------------------------------------
+    def activate_standby(self, want: dict[str, Any], *, probation: dict[str, Any] | None = None,
+                         before_activate: Callable[[], dict[str, Any]] | None = None) -> InstallResult:
+        """The rollout path to a version the device still holds in its standby slot and that does not go back
+        (``standby_is_older()`` is False: a version rolled out again after it was rolled back): no download, no
+        unpacking and no smoke test (the slot passed them when it was installed, and ``_standby_problem`` checks
+        it is unexpired and intact), ``idle -> activating -> probation`` as for a new version, or ``-> idle``
+        without ``probation``.
+
+        ``want`` describes the target as for ``deploy`` (``name``, ``version``, ``seq``, …) and is kept with the
+        candidate. ``before_activate`` runs before the switch, as for ``install`` (it may defer it). Returns
+        ``probation`` (the caller watches it and calls ``finish_probation``), ``switched`` (no probation asked
+        for), ``deferred``, or ``failed`` when the standby is not ``want`` or not usable (``no_standby``,
+        ``expired``, ``file_mismatch``) or the pointer cannot be written. Raises BusyError, InProbationError.
+        """
+        with self.slots.lock():
+            self._recover_locked()
+            rec = self.record()
+            self._refuse_in_probation(rec)
+            active, standby = self.slots.active(), self.slots.standby()
+            what = f"{want.get('name')} {want.get('version')}"
+            problem = self._standby_problem(standby)
+            if problem is None and standby is not None and (
+                    (standby[1].name, standby[1].version) != (want.get("name"), want.get("version"))):
+                problem = ("no_standby", f"the standby slot {standby[0].name} holds {standby[1].name} "
+                           f"{standby[1].version}, not {what}")
+            if problem is not None or standby is None:
+                reason, msg = problem or ("no_standby", "no standby")
+                result = InstallResult("failed", reason, f"cannot switch to {what} in the standby slot: {msg}",
+                                       self._now(), want.get("name"), want.get("version"))
+                self._save_idle(rec, result, f"switch to the standby refused ({reason})")
+                return result
+            folder, m = standby
+            slot = folder.name
+            try:
+                extra = before_activate() if before_activate is not None else {}
+            except DeferredError as exc:
+                result = self._result("deferred", exc.reason, str(exc), m, slot)
+                self._save_idle(rec, result, f"switch to the standby deferred ({exc.reason})")
+                return result
+            was = f"{active[1].name} {active[1].version}" if active else "no model"
+            cand = {**want, "name": m.name, "version": m.version, "slot": slot}
+            self._enter(rec, S.ACTIVATING, f"{m.name} {m.version} is in the standby slot {slot} (installed and "
+                        f"smoke-tested before): switching to it from {was}, no download", package=None,
+                        candidate=cand)
+            try:
+                self.slots.set_pointer(slot, m, self.clock())
+            except OSError as exc:
+                result = self._result("failed", "io_error", f"cannot write {self.device.active_file}: {exc}; still "
+                                      f"serving {was}", m, slot)
+                self._enter(rec, S.IDLE, "failed (io_error)", candidate=None, last_result=result.to_dict())
+                return result
+            now = f"switched to the standby slot {slot}: {m.name} {m.version} active" + (
+                f"; standby {was} in slot {other(slot)}" if active else "")
+            details = {"from": None if active is None else {"name": active[1].name, "version": active[1].version}}
+            if probation is not None:
+                previous = None if active is None else {"name": active[1].name, "version": active[1].version,
+                                                        "slot": active[0].name}
+                cand = {**cand, "previous": previous,
+                        "probation": {**probation, **extra, "started": self._now(), "resumes": 0}}
+                self._enter(rec, S.PROBATION, f"{now}; on probation", candidate=cand)
+                return self._result("probation", "probation", f"{now}, on probation (no download)", m, slot, details)
+            result = self._result("switched", "standby", f"{now} (no download)", m, slot, details)
+            self._enter(rec, S.IDLE, "switched (standby)", candidate=None, last_result=result.to_dict())
+            return result
 
     # ---- recovery -------------------------------------------------------------------------------------
     def recover(self) -> list[str]:

@@ -40,7 +40,7 @@ class UpdateState(StrEnum):
 
 S = UpdateState
 TRANSITIONS: dict[UpdateState, frozenset[UpdateState]] = {
-    S.IDLE: frozenset({S.DOWNLOADING, S.VERIFYING, S.ROLLING_BACK}),
+    S.IDLE: frozenset({S.DOWNLOADING, S.VERIFYING, S.ROLLING_BACK, S.ACTIVATING}),
     S.DOWNLOADING: frozenset({S.VERIFYING, S.IDLE}),
     S.VERIFYING: frozenset({S.STAGING, S.IDLE}),
     S.STAGING: frozenset({S.SMOKE_TEST, S.IDLE}),
@@ -58,7 +58,7 @@ def check_transition(current: UpdateState, new: UpdateState) -> None:
         raise IllegalTransitionError(f"update state {current} cannot go to {new} (allowed: {allowed})")
 
 
-OK_STATUSES = frozenset({"installed", "probation", "committed", "rolled_back"})
+OK_STATUSES = frozenset({"installed", "probation", "committed", "rolled_back", "switched"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class InstallResult:
     """The outcome of one install or rollback; stored as ``last_result`` in update.json."""
 
     # "installed" | "probation" (activated, being watched) | "committed" | "rejected" | "failed" | "deferred"
-    # | "rolled_back" | "rollback_failed"
+    # | "rolled_back" (to an older version) | "rollback_failed" | "switched" (forward to the standby slot's newer
+    # version, without probation: ``Updater.activate_standby`` called without one)
     # name/version/slot: what the operation installed, or for a rollback what the device switched to; a rollback's
     # details["from"] = {"name", "version"} names the version rolled back (rollback_failed: still serving it).
     status: str

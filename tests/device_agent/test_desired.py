@@ -284,6 +284,40 @@ def test_the_standby_version_is_switched_to_without_any_download(built, tmp_path
     assert agent.model is not None and agent.model.version == "1.0.0"
 
 
+def test_a_version_rolled_out_again_from_the_standby_is_a_switch_on_probation_not_a_rollback(built, tmp_path, server,
+                                                                                             agent_for):
+    """After a fleet rollback (1.1.0 -> 1.0.0) the standby holds 1.1.0; a rollout of 1.1.0 switches to it without a
+    download, watches it on probation and commits. The old agent reported this as `rolled_back (desired_rollback)
+    ... rolled back from clinical 1.0.0 to clinical 1.1.0`, which the fleet's gates count as 1.1.0 failing."""
+    pk = packages(built)
+    dev = provisioned(built, tmp_path / "dev", package=pk.v100)
+    assert Updater(dev).install(pk.v110).ok
+    agent = agent_for(dev)
+    h = DesiredHandler(dev, agent=agent, options=options())
+    old_url = server.add("clinical-1.0.0", pk.v100.read_bytes())
+    assert h.receive(desired(7, "1.0.0", old_url, pk.v100.read_bytes(), reason="rollback: p95 gate")).kind == "accepted"
+    settle(h)
+    assert versions(dev) == ("1.0.0", "1.1.0") and last_result(dev)["status"] == "rolled_back"
+
+    url = server.add("clinical-1.1.0", pk.v110.read_bytes())
+    with Traffic(agent, rows(built)):
+        time.sleep(0.2)  # the serving version's latency: the probation's baseline
+        assert h.receive(desired(8, "1.1.0", url, pk.v110.read_bytes(), reason="stage 1")).kind == "accepted"
+        settle(h)
+    assert server.requests == []  # nothing downloaded
+    last = last_result(dev)
+    assert (last["status"], last["reason"], last["version"]) == ("committed", "probation_passed", "1.1.0")
+    assert last["details"]["baseline"]["version"] == "1.0.0"  # watched against the version it replaced
+    history = UpdateRecord.load(dev.update_file).history
+    switched = next(h for h in history if (h["from"], h["to"]) == ("idle", "activating"))
+    assert "is in the standby slot b" in switched["reason"] and "no download" in switched["reason"]
+    assert ("activating", "probation") in [(h["from"], h["to"]) for h in history]
+    assert not any("rolled back" in h["reason"] or h["to"] == "rolling_back" for h in history[-4:])
+    assert versions(dev) == ("1.1.0", "1.0.0") and serve(dev) == "1.1.0"
+    assert agent.model is not None and agent.model.version == "1.1.0"
+    assert h.record().outcome["status"] == "committed"  # type: ignore[index]
+
+
 @pytest.mark.parametrize("fault", ["more bytes than declared", "hash mismatch"])
 def test_a_package_that_is_not_the_one_declared_is_refused_and_nothing_is_installed(built, tmp_path, server, fault):
     pk = packages(built)

@@ -62,6 +62,34 @@ def test_bad_requests_get_clear_errors_and_counters(agent, rows):
     assert client.post("/v1/predict", json={"inputs": [float(v) for v in x[1]]}).status_code == 200
 
 
+def test_a_body_without_an_input_field_lists_every_field_accepted_instances_included(agent):
+    """The refusal named 'features', 'inputs' and 'image_b64' only, although 'instances' is accepted too."""
+    client = TestClient(create_app(agent))
+    for body in ({}, {"feature": {}}, {"inputs": [1.0], "features": {}}):
+        r = client.post("/v1/predict", json=body)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_input"
+        detail = r.json()["detail"]
+        for name in ("'features'", "'inputs'", "'image_b64'", "'instances'"):
+            assert name in detail, (name, detail)
+    assert r.json()["detail"].endswith("the request body has 'features', 'inputs'")
+    r = client.post("/v1/predict", json=[1.0, 2.0])
+    assert r.status_code == 422 and r.json()["detail"].startswith("the request body must be a JSON object: give "
+                                                                  "exactly one of 'features'")
+    # inside "instances" another "instances" is not accepted, and the refusal does not offer it
+    r = client.post("/v1/predict", json={"instances": [{}, {"instances": []}, 5]})
+    errors = [p["detail"] for p in r.json()["predictions"]]
+    assert all("'features'" in d and "'image_b64'" in d and "or 'instances' (" not in d for d in errors), errors
+    assert errors[0].endswith("each instance has no field") and errors[1].endswith("each instance has 'instances'")
+    assert errors[2].startswith("each instance must be a JSON object")
+
+
+def test_a_batch_csv_without_a_key_column_names_the_columns_it_has(agent, tmp_path):
+    (tmp_path / "nokey.csv").write_text("id,mean_radius,label\n1,2,0\n")
+    with pytest.raises(BatchError, match=r"needs a 'key' column naming each row; its header has 'id', "
+                                         r"'mean_radius', 'label'$"):
+        run_batch(agent, tmp_path / "nokey.csv", KVStore(tmp_path / "kv.sqlite"))
+
+
 def test_instances_batch_keeps_good_results_beside_errors(agent, rows):
     client = TestClient(create_app(agent))
     x, _ = rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -203,3 +204,100 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     assert main(["install", "--dir"]) == 2
     assert main(["frobnicate"]) == 2
+
+
+# ---- status shows what GET /v1/status shows ------------------------------------------------------------------
+def _below_the_floor(dev: DeviceDir) -> None:
+    text = dev.config_file.read_text()
+    dev.config_file.write_text(text.replace("min_window_samples = 20", "min_window_samples = 5"))
+
+
+def test_status_shows_every_field_of_the_http_status_with_the_k_in_force(built, tmp_path, capsys):
+    """README: with a config.toml below the privacy floor, "`status` shows "k": 10"; the CLI showed no k at all."""
+    from device_agent.agent import Agent
+
+    dev = new_device(built, tmp_path / "dev", package=built.package)
+    _below_the_floor(dev)
+    agent = Agent.open(dev.path, background=False)
+    try:
+        http = agent.status()  # what GET /v1/status answers
+    finally:
+        agent.close()
+    assert main(["status", "--dir", str(dev.path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert set(http) <= set(st), sorted(set(http) - set(st))
+    assert (st["k"], http["k"]) == (10, 10)
+    for name in ("device_id", "fleet", "target", "model", "dp_epsilon", "dp_epsilon_spent"):
+        assert st[name] == http[name], name
+    assert st["predictions"] is None and st["rejected"] is None  # counters of a running agent: none runs
+    assert st["agent"]["state"] == "not_running"
+
+    assert main(["status", "--dir", str(dev.path)]) == 0
+    text = capsys.readouterr().out
+    assert "privacy   k 10 (windows below k are held and merged forward); no noise (dp_epsilon 0)" in text
+    assert "agent     not running: no `device-agent run`" in text
+
+    import subprocess
+    import sys
+
+    from tests.brokers import free_port
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dev.agent_file.write_text(json.dumps({"pid": int(gone.stdout), "http": "http://127.0.0.1:1"}))  # SIGKILLed
+    assert main(["status", "--dir", str(dev.path), "--json"]) == 0
+    agent_state = json.loads(capsys.readouterr().out)["agent"]
+    assert agent_state["state"] == "not_running" and "which is not running" in agent_state["detail"]
+    url = f"http://127.0.0.1:{free_port()}"  # a live pid whose API does not answer
+    dev.agent_file.write_text(json.dumps({"pid": os.getpid(), "http": url}))
+    assert main(["status", "--dir", str(dev.path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["agent"]["state"] == "unreachable" and st["agent"]["url"] == url and st["predictions"] is None
+
+
+def test_status_asks_the_running_agent_for_its_counters(built, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import numpy as np
+
+    from tests.brokers import free_port
+
+    dev = new_device(built, tmp_path / "dev", package=built.package)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--dir", str(dev.path), "--http-port",
+                             str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/status", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the agent did not come up"
+            time.sleep(0.05)
+        with np.load(built.holdout) as z:
+            rows = z["x"][:3]
+        for row in rows:
+            assert httpx.post(f"{base}/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
+        assert httpx.post(f"{base}/v1/predict", json={"inputs": [1.0]}).status_code == 422
+        http = httpx.get(f"{base}/v1/status").json()
+
+        assert main(["status", "--dir", str(dev.path), "--json"]) == 0  # the agent on a non-default port: found
+        st = json.loads(capsys.readouterr().out)
+        assert st["agent"] == {"state": "running", "pid": proc.pid, "url": base, "detail": None}
+        assert set(http) <= set(st)
+        assert (st["predictions"], st["rejected"], st["k"]) == (3, {"wrong_shape": 1}, 20)
+        assert main(["status", "--dir", str(dev.path)]) == 0
+        assert f"agent     running (pid {proc.pid}, {base}): 3 predictions, 1 rejected" in capsys.readouterr().out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not dev.agent_file.exists()  # a clean stop withdraws it
+    assert main(["status", "--dir", str(dev.path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["agent"]["state"] == "not_running" and st["predictions"] is None

@@ -107,9 +107,45 @@ def test_rollback_switches_to_the_standby_without_the_package_file(built, tmp_pa
     last = _last(dev)
     assert (last["status"], last["reason"], last["version"]) == ("rolled_back", "operator_request", "1.0.0")
 
-    r = Updater(dev).rollback("probation_failed")  # and forward again: both slots stay ready
-    assert (r.status, r.reason, r.version) == ("rolled_back", "probation_failed", "1.1.0")
-    assert serve(dev) == "1.1.0"
+    assert Slots(dev).is_ready("b")  # both slots stay ready: 1.1.0 can be switched to again by a rollout
+
+
+def test_a_second_rollback_does_not_switch_forward_to_the_version_rolled_back_from(built, upgraded, capsys):
+    """After a rollback the standby holds the newer version. Switching to it would be no rollback (the old agent
+    reported `rolled back from clinical 1.0.0 to clinical 1.1.0`): it is refused and nothing changes."""
+    assert Updater(upgraded).rollback().status == "rolled_back"
+    assert _versions(upgraded) == ("1.0.0", "1.1.0")
+    pointer = upgraded.active_file.read_bytes()
+
+    assert main(["rollback", "--dir", str(upgraded.path)]) == 1
+    err = capsys.readouterr().err
+    assert "device-agent: failed (standby_not_older): no rollback to do: the standby slot b holds clinical " \
+           "1.1.0, newer than the active clinical 1.0.0" in err
+    assert "install its package (`device-agent install`) or roll it out from the fleet server" in err
+    assert "rolled back from clinical 1.0.0 to clinical 1.1.0" not in err
+    assert upgraded.active_file.read_bytes() == pointer and serve(upgraded) == "1.0.0"
+    last = _last(upgraded)
+    assert (last["status"], last["reason"], last["version"]) == ("failed", "standby_not_older", None)
+    assert UpdateRecord.load(upgraded.update_file).state == UpdateState.IDLE
+
+    r = Updater(upgraded).install(packages(built).v110)  # what the refusal says to do works
+    assert (r.status, r.version) == ("installed", "1.1.0") and serve(upgraded) == "1.1.0"
+
+
+def test_a_rollback_to_another_model_goes_to_the_one_installed_before_the_active_one(built, dev, tmp_path):
+    """Two model names have no version order: the standby is older when it was installed first."""
+    pk = packages(built)
+    other = with_version(built, pk.v100, tmp_path / "triage-1.0.0.efpkg", "1.0.0")
+    other = repack(other, tmp_path / "triage.efpkg", signing_key(built.keys), mutate=lambda s: s.update(name="triage"))
+    assert Updater(dev, clock=lambda: utcnow() - timedelta(minutes=5)).install(pk.v100).ok
+    assert Updater(dev).install(other).ok  # triage active (installed later), clinical in standby
+    slots = Slots(dev)
+    assert slots.installed_at("a") is not None and slots.installed_at("b") is not None
+    r = Updater(dev).rollback()
+    assert (r.status, r.name) == ("rolled_back", "clinical")
+    r = Updater(dev).rollback()  # back again would be forward, to the model installed later
+    assert (r.status, r.reason) == ("failed", "standby_not_older")
+    assert "installed after the active clinical 1.0.0" in r.message and serve(dev) == "1.0.0"
 
 
 def test_rollback_without_a_ready_standby_fails_and_changes_nothing(built, dev, capsys):
@@ -365,7 +401,8 @@ def test_a_second_updater_is_refused_while_one_holds_the_lock(built, dev):
 def test_the_transition_table_is_the_only_way_between_states():
     assert set(TRANSITIONS) == set(UpdateState)
     check_transition(UpdateState.IDLE, UpdateState.VERIFYING)
-    for bad in [(UpdateState.IDLE, UpdateState.ACTIVATING), (UpdateState.VERIFYING, UpdateState.ACTIVATING),
+    check_transition(UpdateState.IDLE, UpdateState.ACTIVATING)  # activate_standby: nothing to verify or unpack
+    for bad in [(UpdateState.IDLE, UpdateState.PROBATION), (UpdateState.VERIFYING, UpdateState.ACTIVATING),
                 (UpdateState.ACTIVATING, UpdateState.STAGING)]:
         with pytest.raises(IllegalTransitionError):
             check_transition(*bad)

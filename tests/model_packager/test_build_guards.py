@@ -147,3 +147,24 @@ def test_revoking_a_key_again_says_it_is_already_revoked_and_since_which_keyset(
     err = capsys.readouterr().err
     assert f"key {first[:16]} is already revoked, since keyset v3 (the current keyset is v4)" in err
     assert KeyFolder(keys).keyset().version == 4  # nothing published
+
+
+# ---- --label-column ----------------------------------------------------------------------------------------
+def test_a_label_column_that_is_not_in_the_csv_is_named_with_the_columns(built, tmp_path, capsys):
+    """It used to be read as one more feature: 'model input has shape [-1, 30] but the data rows have [31]'."""
+    import numpy as np
+
+    with np.load(built.calibration) as z:
+        x, y = z["x"], z["y"]
+    csv = tmp_path / "cal.csv"
+    header = ",".join([f"f{i}" for i in range(x.shape[1])] + ["label"])
+    np.savetxt(csv, np.column_stack([x, y]), delimiter=",", header=header, comments="", fmt="%.6g")
+    out = tmp_path / "clinical.efpkg"
+    args = _args(built, out, "--label-column", "nope")
+    args[args.index(str(built.calibration))] = args[args.index(str(built.holdout))] = str(csv)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "--label-column 'nope' is not a column of this CSV" in err and "columns are: f0, f1" in err
+    assert not out.exists()
+    args[args.index("nope")] = "label"  # the column the examples use, named
+    assert main(args) == 0
