@@ -139,13 +139,13 @@ class Validator:
         unexpected = sorted(k for k in fields if k not in self._index)
         if missing and unexpected:
             raise InputError(
-                f"input schema changed upstream: missing {missing[:5]} and unexpected {unexpected[:5]} "
+                f"input schema changed upstream: missing {_listed(missing)} and unexpected {_listed(unexpected)} "
                 "(renamed fields?)", kind="missing_field", feature=missing[0])
         if missing:
-            raise InputError(f"missing feature(s) {missing[:5]}", kind="missing_field", feature=missing[0])
+            raise InputError(f"missing feature(s) {_listed(missing)}", kind="missing_field", feature=missing[0])
         if unexpected:
-            raise InputError(f"unexpected field(s) {unexpected[:5]}; the model takes {self.width} named features",
-                             kind="unexpected_field")
+            raise InputError(f"unexpected field(s) {_listed(unexpected)}; the model takes {self.width} named "
+                             "features", kind="unexpected_field")
         values = []
         for n in self.names:
             v = fields[n]
@@ -156,3 +156,9 @@ class Validator:
                                  feature=n)
             values.append(v)
         return self.row(values)
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` names, and how many more there are (an error message must not pass for the full list)."""
+    head = ", ".join(repr(n) for n in names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown} more ({len(names)} in all)"

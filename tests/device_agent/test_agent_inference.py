@@ -71,10 +71,12 @@ def test_bad_inputs_name_the_feature_are_counted_and_the_agent_keeps_serving(cli
         agent.predict(renamed)
     with pytest.raises(InputError, match="unexpected field"):
         agent.predict({**fields, "extra": 1.0})
+    with pytest.raises(InputError, match=r"missing feature\(s\) '.*' and 24 more \(29 in all\)"):
+        agent.predict({names[0]: 1.0})  # a partial list of what is missing says it is partial
     with pytest.raises(InputError, match="must be a number, got str"):
         agent.predict({**fields, names[2]: "12"})
     assert agent.predict(fields).version == "1.0.0"  # still serving
-    assert agent.counters.rejected == {"nan": 1, "out_of_range": 1, "wrong_shape": 2, "missing_field": 1,
+    assert agent.counters.rejected == {"nan": 1, "out_of_range": 1, "wrong_shape": 2, "missing_field": 2,
                                        "unexpected_field": 1, "invalid_input": 1}
     for i in range(10):
         agent.predict(x[i])
@@ -82,7 +84,7 @@ def test_bad_inputs_name_the_feature_are_counted_and_the_agent_keeps_serving(cli
     s = agent.sink.summaries[-1]  # type: ignore[attr-defined]
     f3 = next(f for f in s.features if f.name == names[3])
     assert (f3.nan, f3.out_of_range) == (1, 1)
-    assert s.errors["nan"] == 1 and s.errors["missing_field"] == 1
+    assert s.errors["nan"] == 1 and s.errors["missing_field"] == 2
     agent.close()
 
 
