@@ -31,19 +31,17 @@ import fcntl
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edgefleet_contracts.archive import MAX_METADATA_BYTES, VerifiedPackage, open_package
+from edgefleet_contracts.archive import VerifiedPackage, carried_keyset, open_package
 from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.keyset import Keyset
-from edgefleet_contracts.manifest import KEYSET_NAME
 from edgefleet_contracts.signing import Ed25519PublicKey, load_public_key
 from edgefleet_contracts.timeutil import fmt, parse, utcnow
 from edgefleet_contracts.trust import verify_keyset
@@ -228,7 +226,7 @@ class TrustStore:
         """
         wall = self.clock()
         self._observe(wall)
-        carried = _carried_keyset(Path(pkg))
+        carried = carried_keyset(Path(pkg))
         vp = open_package(Path(pkg), self.root, now=self.state.effective_now(wall), target=target,
                           trusted_keyset=self.trusted_keyset(), staging=staging)
         envelope: dict[str, Any] = {}
@@ -279,16 +277,3 @@ class TrustStore:
     def initialise(device: DeviceDir, now: datetime) -> None:
         """Write a fresh trust.json (no keyset yet, high-water = ``now``)."""
         atomic_write_text(device.trust_file, TrustState.fresh(now).to_json(), mode=TRUST_MODE)
-
-
-def _carried_keyset(pkg: Path) -> object:
-    """The package's ``keyset.json`` document, unverified (None when unreadable: open_package then says why)."""
-    try:
-        with tarfile.open(pkg, mode="r:") as tar:
-            m = tar.next()
-            if m is None or m.name != KEYSET_NAME or not m.isreg() or m.size > MAX_METADATA_BYTES:
-                return None
-            fh = tar.extractfile(m)
-            return None if fh is None else parse_json(fh.read(m.size), what=KEYSET_NAME)
-    except (tarfile.TarError, OSError, ContractError):
-        return None

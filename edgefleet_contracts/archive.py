@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from .canonical import parse_json
-from .errors import ExpiredError, FileMismatchError, PackageError, SchemaError, UnsafeArchiveError
+from .errors import ContractError, ExpiredError, FileMismatchError, PackageError, SchemaError, UnsafeArchiveError
 from .keyset import Keyset
 from .manifest import KEYSET_NAME, MANIFEST_NAME, Manifest
 from .signing import Ed25519PublicKey
@@ -174,3 +174,18 @@ def _stream_file(
             f"file {name!r} has sha256 {digest.hexdigest()[:12]}… but the manifest says {sha256[:12]}… "
             "(the file was altered or swapped)"
         )
+
+
+def carried_keyset(pkg: Path) -> object:
+    """A package's ``keyset.json`` document, unverified: what a verifier holding an older keyset learns from it
+    (the device's trust store, the server's publish). None when it cannot be read (``open_package`` then says
+    why). Reads only the first member, bounded like ``open_package`` reads it."""
+    try:
+        with tarfile.open(pkg, mode="r:") as tar:
+            m = tar.next()
+            if m is None or m.name != KEYSET_NAME or not m.isreg() or m.size > MAX_METADATA_BYTES:
+                return None
+            fh = tar.extractfile(m)
+            return None if fh is None else parse_json(fh.read(m.size), what=KEYSET_NAME)
+    except (tarfile.TarError, OSError, ContractError):
+        return None

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,13 +27,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edgefleet_contracts.archive import MAX_METADATA_BYTES, open_package
+from edgefleet_contracts.archive import carried_keyset, open_package
 from edgefleet_contracts.atomic import atomic_write_text, fsync_dir
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.digest import sha256_file
 from edgefleet_contracts.errors import ContractError, ExpiredError, SignatureError
 from edgefleet_contracts.keyset import Keyset
-from edgefleet_contracts.manifest import KEYSET_NAME, Manifest
+from edgefleet_contracts.manifest import Manifest
 from edgefleet_contracts.signing import Ed25519PublicKey, load_public_key
 from edgefleet_contracts.timeutil import parse_duration, utcnow
 from edgefleet_contracts.trust import verify_keyset
@@ -101,19 +100,6 @@ def _newest_published_keyset(store: Store, packages_dir: Path, root: Ed25519Publ
         if isinstance(envelope, dict) and (best is None or ks.version > best.keyset.version):
             best = HeldKeyset(ks, envelope, stored=False)
     return best
-
-
-def carried_keyset(pkg: Path) -> object:
-    """A package's ``keyset.json`` document, unverified (None when it cannot be read: verification says why)."""
-    try:
-        with tarfile.open(pkg, mode="r:") as tar:
-            m = tar.next()
-            if m is None or m.name != KEYSET_NAME or not m.isreg() or m.size > MAX_METADATA_BYTES:
-                return None
-            fh = tar.extractfile(m)
-            return None if fh is None else parse_json(fh.read(m.size), what=KEYSET_NAME)
-    except (tarfile.TarError, OSError, ContractError):
-        return None
 
 
 @contextlib.contextmanager
