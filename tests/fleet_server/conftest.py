@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -175,3 +177,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.close()
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``fleet-server ARGV`` in this process: (exit code, standard output, standard error)."""
+    from fleet_server.cli import main as fleet_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = fleet_cli(argv)
+    return rc, out.getvalue(), err.getvalue()

@@ -6,8 +6,6 @@ Real data folders (the published clinical package, a real SQLite) and the real C
 from __future__ import annotations
 
 import argparse
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,6 @@ import pytest
 
 from fleet_server import routes_drift
 from fleet_server.cli import build_parser
-from fleet_server.cli import main as fleet_cli
 from fleet_server.cli_common import _number
 from fleet_server.settings import (
     STORAGE,
@@ -29,14 +26,7 @@ from fleet_server.settings import (
     storage_rule_broken,
     storage_table,
 )
-from tests.fleet_server.conftest import FleetFactory
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = fleet_cli(argv)
-    return rc, out.getvalue(), err.getvalue()
+from tests.fleet_server.conftest import FleetFactory, run_cli
 
 
 def options(command: str) -> dict[str, argparse.Action]:

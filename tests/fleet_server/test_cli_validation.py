@@ -5,10 +5,8 @@ not a quoted string; an event kind that does not exist. Its hints can be pasted 
 from __future__ import annotations
 
 import ast
-import io
 import json
 import shlex
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,11 @@ import pytest
 
 import fleet_server
 from fleet_server.auth import token_id
-from fleet_server.cli import main as fleet_cli
 from fleet_server.settings import STORAGE, STORAGE_SETTINGS, ServerSettings
 from fleet_server.store import Store
+from tests.fleet_server.conftest import run_cli
 
 KEYS = ", ".join(STORAGE_SETTINGS)
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = fleet_cli(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture()

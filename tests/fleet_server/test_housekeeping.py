@@ -5,13 +5,11 @@ matters. Old summaries are made by moving their ``received`` time back (the one 
 
 from __future__ import annotations
 
-import io
 import math
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from fleet_server.routes_ingest import attach_ingest
 from fleet_server.server import build
 from fleet_server.settings import MIN_SUMMARY_RETENTION_DAYS, ServerSettings, storage_table
 from fleet_server.store import MIGRATIONS, Store, statements
-from tests.fleet_server.conftest import Fleet, FleetFactory
+from tests.fleet_server.conftest import Fleet, FleetFactory, run_cli
 from tests.support import wait_until
 
 DAY = 86400.0
@@ -386,13 +384,6 @@ def test_the_server_runs_housekeeping_with_its_lifespan(built: Any, tmp_path: Pa
 
 
 # ---- the command line ----------------------------------------------------------------------------------------
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = fleet_cli(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture
 def data_folder(built: Any, tmp_path: Path) -> Path:
     data = tmp_path / "server"

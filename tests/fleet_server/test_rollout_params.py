@@ -6,28 +6,19 @@ pause, resume, abort, approve is a 404 listing them. Real data folder (made by t
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from fleet_server.auth import create_token
-from fleet_server.cli import main as fleet_cli
 from fleet_server.rollouts import params, service
 from fleet_server.server import build
+from tests.fleet_server.conftest import run_cli
 from tests.fleet_server.test_rollouts import fleet, v110  # noqa: F401 - the fixtures: 20 devices on 1.0.0
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = fleet_cli(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture()

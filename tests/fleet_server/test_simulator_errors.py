@@ -6,27 +6,18 @@ fleet server process, real Mosquitto brokers, real agents (fleet_server/simulato
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fleet_server.cli import main as fleet_cli
 from fleet_server.errors import ConfigError
 from tests.brokers import Mosquitto, free_port
 from tests.e2e.conftest import broker, make_server  # noqa: F401 - the fixtures: a served data folder, its broker
+from tests.fleet_server.conftest import run_cli
 from tests.support import cli
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = fleet_cli(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def simulate(built: Any, sim: Path, *, server: str, broker: str, token: str, fleet_pub: Path,  # noqa: F811
