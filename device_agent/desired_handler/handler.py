@@ -232,11 +232,18 @@ class DesiredHandler:
 
     def _forward_to_standby(self, up: Updater, d: Desired) -> Step:
         """The desired version is the newer one in the standby slot: switch to it and watch it on probation."""
+        self._baseline = None  # measured by _before_activate, from the traffic of the version serving now
+        return self._activate(up, d, lambda want, probation: up.activate_standby(
+            want, probation=probation, before_activate=self._before_activate), reload_after=True)
+
+    def _activate(self, up: Updater, d: Desired, run: Callable[[dict[str, Any], dict[str, Any]], Any],
+                  *, reload_after: bool, retryable: Callable[[], bool] = lambda: False) -> Step:
+        """Run one updater activation of ``d`` (a deploy or a switch to the standby) and take its result: a busy
+        or probation-bound updater defers, a version on probation is watched, anything else is settled."""
         want = {"name": d.name, "version": d.version, "url": d.url, "sha256": d.sha256, "length": d.length,
                 "seq": d.seq}
-        self._baseline = None  # measured by _before_activate, from the traffic of the version serving now
         try:
-            r = up.activate_standby(want, probation=self.policy.to_dict(), before_activate=self._before_activate)
+            r = run(want, self.policy.to_dict())
         except (BusyError, InProbationError) as exc:
             self._settle(d, None, "deferred", exc.reason, str(exc), final=False)
             return Step(f"deferred: {exc.reason}", self._backoff(d.seq))
@@ -244,8 +251,9 @@ class DesiredHandler:
             self._watching = (d.name, d.version)
             self._reload_agent()
             return self._probation(up)
-        self._reload_agent()
-        return self._after(d, r, retryable=r.reason in RETRYABLE)
+        if reload_after:
+            self._reload_agent()
+        return self._after(d, r, retryable=retryable() or r.reason in RETRYABLE)
 
     def _deploy(self, up: Updater, d: Desired) -> Step:
         self._clean_downloads(keep=d.sha256)
@@ -263,19 +271,10 @@ class DesiredHandler:
             self._baseline = self._measure_baseline()
             return path
 
-        want = {"name": d.name, "version": d.version, "url": d.url, "sha256": d.sha256, "length": d.length,
-                "seq": d.seq}
         self._baseline = None
-        try:
-            r = up.deploy(fetch, want, probation=self.policy.to_dict(), before_activate=self._before_activate)
-        except (BusyError, InProbationError) as exc:
-            self._settle(d, None, "deferred", exc.reason, str(exc), final=False)
-            return Step(f"deferred: {exc.reason}", self._backoff(d.seq))
-        if r.status == "probation":
-            self._watching = (d.name, d.version)
-            self._reload_agent()
-            return self._probation(up)
-        return self._after(d, r, retryable=retryable[0] or r.reason in RETRYABLE)
+        return self._activate(up, d, lambda want, probation: up.deploy(
+            fetch, want, probation=probation, before_activate=self._before_activate), reload_after=False,
+            retryable=lambda: retryable[0])
 
     def _before_activate(self) -> dict[str, Any]:
         """Runs inside the updater just before the swap: window, busy deferral, the previous version's p95."""
