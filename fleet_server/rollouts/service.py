@@ -4,6 +4,18 @@ Desired states are signed with the fleet key (per-device sequence numbers, expir
 each device's ``desired`` topic; a desired state that could not be published (broker down) stays marked and is
 re-published on the next tick. Rollout state is persisted after every step, so a server restart resumes each
 rollout where it was.
+
+Trust: a version is judged as a device holding the newest keyset the server has verified would judge it
+(``registry.judge_published``, the rule publish applies) before devices are sent to it. A version published before
+the server learnt of a keyset that revokes its signing key, or one that has expired since, is refused when a
+rollout of it starts or a rollback goes to it (a ContractError: 422 from the API naming the reason, exit 1 from
+the CLI), and a running rollout whose version becomes untrusted is paused before it asks more devices to move.
+Reverts are never refused, as reverting is how an operator recovers: an abort or an automatic rollback sends
+devices back to the previous version even when it is no longer trusted (a device that still holds it in its standby
+slot switches back, checking its expiry and files but not its signature; any other device refuses to install it),
+and the rollout's log gets a ``warning`` decision saying why; a rollout started with such a previous version gets
+that warning at its start. A data folder without its root key (``keys/root.pub``) cannot judge: the
+check is skipped and logged (the devices still judge).
 """
 
 from __future__ import annotations
@@ -23,17 +35,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgefleet_contracts.desired import Desired, sign_desired
+from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
 from edgefleet_contracts.timeutil import DailyWindow
 from edgefleet_contracts.topics import topic
 
-from ..errors import ConflictError, NotFoundError, RequestError
-from ..registry import version_row
+from ..errors import ConfigError, ConflictError, FleetError, NotFoundError, RequestError
+from ..registry import judge_published, version_row
 from ..settings import ServerSettings
 from ..store import Store
 from . import params
-from .engine import TERMINAL, Decision, Rollout, in_window, step
+from .engine import TERMINAL, Decision, Rollout, StepResult, in_window, step
 from .gates import DEFAULT_THRESHOLDS, GroupStats, Snapshot
 from .plan import in_cohort, stage_devices
 
@@ -154,6 +167,68 @@ def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
             for r in store.query("SELECT device_id, tags FROM devices WHERE revoked IS NULL")]
 
 
+# ---- trust --------------------------------------------------------------------------------------------------
+def untrusted(store: Store, model: str, version: str, now: float) -> ContractError | None:
+    """Why devices holding the server's newest keyset refuse published ``model`` ``version`` at ``now``
+    (``registry.judge_published`` over the data folder that holds ``store``); None when they accept it. Raises
+    NotFoundError (not published), ConfigError (the root key is missing or unusable, or the stored keyset is):
+    no version is sent to devices unjudged."""
+    settings = ServerSettings(data_dir=store.path.parent)  # the data folder holds fleet.sqlite (``db_path``)
+    if not settings.root_pub.exists():
+        raise ConfigError(f"cannot judge {model} {version}: the data folder has no root key at {settings.root_pub} "
+                          "(a folder made by `fleet-server init` has one); nothing is sent to devices unjudged")
+    try:
+        judge_published(store, settings.packages_dir, settings.root_pub, model, version,
+                        datetime.fromtimestamp(now, UTC))
+    except ContractError as exc:
+        return exc
+    return None
+
+
+def _require_trusted(store: Store, model: str, version: str, now: float, doing: str) -> None:
+    """Raises the ContractError of :func:`untrusted`, its message starting with ``doing``."""
+    exc = untrusted(store, model, version, now)
+    if exc is not None:
+        raise type(exc)(f"{doing}: {exc}. Choose another version, or build the model again with a current key "
+                        "and publish it as a new version")
+
+
+def _previous_warning(store: Store, model: str, previous: str | None, now: float, why: str) -> Decision | None:
+    """A ``warning`` decision when ``previous`` (where a revert sends devices) is no longer trusted; None when it
+    is, when there is none, or when it cannot be judged (not published here, unusable keys: logged). Never
+    raises a refusal: reverting to the previous version is how an operator recovers."""
+    if previous is None:
+        return None
+    try:
+        exc = untrusted(store, model, previous, now)
+    except FleetError as err:
+        log.warning("previous version %s %s not judged: %s", model, previous, err)
+        return None
+    if exc is None:
+        return None
+    detail = (f"{why} {model} {previous} ({exc.reason}): {exc}. Devices still holding it in their standby slot may "
+              "switch back to it (a switch back checks its expiry and files, not its signature); the others refuse "
+              "to install it")
+    log.warning("%s", detail)
+    return Decision("warning", detail, evidence={"version": previous, "reason": exc.reason})
+
+
+def _record_warning(store: Store, rollout_id: str, warning: Decision | None, now: float) -> None:
+    if warning is not None:
+        with store.write() as c:
+            _decide(c, rollout_id, warning, now)
+
+
+def _pause_untrusted(r: Rollout, why: ContractError) -> StepResult:
+    """Pause ``r``, whose version devices no longer trust, before it asks another device to move."""
+    r.state = "paused"
+    then = (f"abort to send the {len(r.targeted)} device(s) it moved back to {r.previous}" if r.previous else
+            "abort it to end it")
+    detail = f"paused ({why.reason}): {why}. No more devices are asked to move to it; {then}"
+    log.warning("rollout %s %s", r.id, detail)
+    return StepResult(decisions=[Decision("pause", detail, evidence={"version": r.version, "reason": why.reason})])
+
+
 # ---- operator actions -----------------------------------------------------------------------------------------
 def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] | None, stages: str | list[float],
           bake_seconds: float, max_per_minute: int = 0, window: str = "", thresholds: Mapping[str, float] | None = None,
@@ -164,12 +239,17 @@ def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] |
     parameter as ``names`` spells it (:data:`params.BODY` fields or :data:`params.FLAGS`). With stage 1 in
     ``approve_stages`` the rollout starts ``awaiting_approval`` and moves nothing until approved.
 
-    Raises RequestError (a parameter breaks its rule), NotFoundError (version not published), ConflictError
-    (another rollout of this model is active)."""
+    The version is judged as devices judge it (module docstring: Trust); a previous version devices no longer
+    trust is allowed and logged as a ``warning`` decision.
+
+    Raises RequestError (a parameter breaks its rule), NotFoundError (version not published), ContractError
+    (devices refuse the version: ``reason`` ``revoked_key``, ``expired``, ...), ConfigError (the root key or the
+    stored keyset is unusable), ConflictError (another rollout of this model is active)."""
     now = now or time.time()
     p = params.check(cohort=cohort, stages=stages, bake_seconds=bake_seconds, max_per_minute=max_per_minute,
                      window=window, thresholds=thresholds, approve_stages=approve_stages, names=names)
     version_row(store, model, version)
+    _require_trusted(store, model, version, now, "cannot start a rollout")
     if previous is None:
         reported = _reported(store)
         versions = Counter(
@@ -178,6 +258,8 @@ def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] |
         versions.pop(version, None)
         versions.pop(None, None)
         previous = versions.most_common(1)[0][0] if versions else None
+    warning = _previous_warning(store, model, previous, now, "an abort or automatic rollback would send devices back "
+                                "to")
     rid = "r-" + secrets.token_hex(4)
     state = "awaiting_approval" if 1 in p.approve_stages else "running"
     with store.write() as c:  # the check and the insert in one transaction: two racing starts, one rollout
@@ -192,6 +274,8 @@ def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] |
                    json.dumps([s - 1 for s in p.approve_stages]), state, now, now, actor, now))
         _decide(c, rid, Decision("start", f"rollout of {model} {version} (previous {previous or 'none'}) to cohort "
                                  f"{p.cohort or 'all devices'} in stages {p.stages}", actor=actor), now)
+        if warning is not None:
+            _decide(c, rid, warning, now)
         if state == "awaiting_approval":
             _decide(c, rid, Decision("await_approval", "stage 1 needs an operator's approval before any device "
                                      "moves"), now)
@@ -204,7 +288,7 @@ ACTIONS = ("pause", "resume", "abort", "approve")  # what an operator can do to 
 def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str, actor: str,
               now: float | None = None) -> dict[str, Any]:
     """pause | resume | abort | approve (:data:`ACTIONS`). Abort sends every moved device back to the previous
-    version.
+    version, trusted or not (a ``warning`` decision when devices no longer trust it: module docstring).
 
     Read, checked and saved in one write transaction, so two operators' actions (or an action and the engine's
     tick) cannot overwrite each other. Raises NotFoundError for an action that is none of these (checked first,
@@ -221,6 +305,8 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
         detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
         _decide(c, r.id, Decision(action, detail, actor=actor), now)
     if revert and r.previous:
+        _record_warning(store, r.id, _previous_warning(store, r.model, r.previous, now, "the abort sends "
+                                                       f"{len(revert)} device(s) back to"), now)
         set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
     return status(store, rollout_id)
 
@@ -251,12 +337,16 @@ def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
 
 def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: Mapping[str, str] | None,
              actor: str, now: float | None = None, cohort_name: str = "cohort") -> str:
-    """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision).
+    """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision). The
+    version is judged as devices judge it (module docstring: Trust).
+
     Raises RequestError when ``cohort`` is not an object of tags (named as ``cohort_name`` spells it),
-    NotFoundError when the version is not published."""
+    NotFoundError when the version is not published, ContractError when devices refuse it (``reason``
+    ``revoked_key``, ``expired``, ...), ConfigError when the root key or the stored keyset is unusable."""
     now = now or time.time()
     cohort = params.check_cohort(cohort, cohort_name)
     version_row(store, model, to_version)
+    _require_trusted(store, model, to_version, now, f"cannot roll {model} back")
     rid = "rb-" + secrets.token_hex(4)
     devices = [d for d, tags in _devices(store) if in_cohort(tags, cohort)]
     with store.write() as c:
@@ -401,6 +491,12 @@ class RolloutService:
             # built only if the gates are judged on this step: it parses every summary of the stage so far (0.4 s
             # with 89 of 1,000 devices on the new version, growing with every device and minute)
             res = step(r, members, functools.partial(snapshot, self.store, r, members), now)
+            # judged on the steps that move devices only: each reads the whole package (60 ms for 40 MB)
+            if res.to_target and (why := untrusted(self.store, r.model, r.version, now)) is not None:
+                fresh = get(self.store, r.id)  # the step is dropped: no device is asked to move
+                if fresh.updated != r.updated:
+                    continue  # an operator acted since it was read: judged again on the next tick
+                r, res = fresh, _pause_untrusted(fresh, why)
             with self.store.write() as c:
                 stored = c.execute("SELECT updated FROM rollouts WHERE id = ?", (r.id,)).fetchone()
                 current = stored is not None and stored["updated"] == r.updated
@@ -414,6 +510,9 @@ class RolloutService:
                 set_desired(self.store, self.signer, res.to_target, r.model, r.version, r.id,
                             f"rollout {r.id} stage {r.stage + 1}", now)
             if res.to_revert and r.previous:
+                _record_warning(self.store, r.id, _previous_warning(
+                    self.store, r.model, r.previous, now, f"the automatic rollback sends {len(res.to_revert)} "
+                    "device(s) back to"), now)
                 set_desired(self.store, self.signer, res.to_revert, r.model, r.previous, r.id,
                             f"automatic rollback of {r.id}", now)
         self.publish_pending()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field, replace
@@ -93,6 +94,8 @@ def make_fleet(tmp_path: Path, built: Any) -> Iterator[FleetFactory]:
         settings = ServerSettings(data_dir=tmp_path / f"server{len(stores)}", **overrides)
         store = Store(settings.db_path)
         stores.append(store)
+        settings.root_pub.parent.mkdir(parents=True, exist_ok=True)  # as `fleet-server init` pins it
+        shutil.copyfile(built.keys / "root.pub", settings.root_pub)
         publish(store, settings.packages_dir, built.keys / "root.pub", built.package, owner="clinical-ml",
                 oncall="http://127.0.0.1:9/x")
         fleet = Fleet(settings, store)
