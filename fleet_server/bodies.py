@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import RequestError
+from .errors import RequestError, named_unknown
 
 __all__ = ["body_object", "floats", "integer", "integers", "known_fields", "number", "string", "strings"]
 
@@ -29,9 +29,8 @@ def known_fields(b: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
     the nearest known field, if one is close) and listing ``fields``."""
     unknown = [str(k) for k in b if k not in fields]
     if unknown:
-        named = [k + "".join(f" (did you mean {m}?)" for m in _nearest(k, fields)) for k in unknown]
-        raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; the fields are "
-                           f"{', '.join(fields)}")
+        raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {named_unknown(unknown, fields, _nearest)};"
+                           f" the fields are {', '.join(fields)}")
     return b
 
 

@@ -1,5 +1,10 @@
 """Fleet server errors: one root, names ending in Error; the HTTP layer maps them to status codes in one place."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Sequence
+
 
 class FleetError(Exception):
     """Root of every error the fleet server raises on purpose."""
@@ -58,3 +63,18 @@ class RejectedError(FleetError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def did_you_mean(word: str, known: Sequence[str],
+                 nearest: Callable[[str, Sequence[str]], list[str]] | None = None) -> str:
+    """`` (did you mean bake_seconds?)`` for the known name ``word`` most likely meant, or "" when none is close.
+    ``nearest`` picks it (default: the closest spelling)."""
+    picked = (nearest or (lambda w, choices: difflib.get_close_matches(w, choices, 1)))(word, known)
+    return f" (did you mean {picked[0]}?)" if picked else ""
+
+
+def named_unknown(unknown: Iterable[str], known: Sequence[str],
+                  nearest: Callable[[str, Sequence[str]], list[str]] | None = None) -> str:
+    """Unknown names as an error lists them, each with :func:`did_you_mean`: ``bake (did you mean
+    bake_seconds?), colour``."""
+    return ", ".join(k + did_you_mean(k, known, nearest) for k in unknown)

@@ -17,7 +17,6 @@ environment, and records its exit status (or the timeout) in ``events`` as ``ret
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import shlex
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .alerts import dedup_key, raise_alert, record_event
-from .errors import RequestError
+from .errors import RequestError, did_you_mean
 from .health import fmt_epoch
 from .store import Store
 
@@ -140,8 +139,7 @@ def events(store: Store, kind: str | None = None, subject: str | None = None, li
     dashboard's device history, only when asked for by ``kind="device_state"``). Raises RequestError when
     ``kind`` is not one of :data:`EVENT_KINDS` (the message lists them)."""
     if kind and kind not in EVENT_KINDS:
-        near = difflib.get_close_matches(kind, EVENT_KINDS, 1)
-        raise RequestError(f"unknown event kind {kind!r}{''.join(f' (did you mean {m}?)' for m in near)}; the kinds "
+        raise RequestError(f"unknown event kind {kind!r}{did_you_mean(kind, EVENT_KINDS)}; the kinds "
                            f"are {', '.join(EVENT_KINDS)}")
     sql, args = "SELECT * FROM events WHERE 1 = 1", []
     if kind:

@@ -12,7 +12,6 @@ so that ``settings.quarantine_max_rows`` stays a typed attribute mypy checks.
 
 from __future__ import annotations
 
-import difflib
 import math
 import typing
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from urllib.parse import urlparse
 
 from edgefleet_contracts.topics import check_id
 
-from .errors import ConfigError
+from .errors import ConfigError, named_unknown
 
 __all__ = ["MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS", "ServerSettings", "StorageSetting",
            "storage_rule_broken", "storage_table"]
@@ -236,9 +235,8 @@ def storage_table(table: object, source: str) -> dict[str, int | float]:
                           f"not {table!r}")
     unknown = [str(k) for k in table if k not in _BY_NAME]
     if unknown:
-        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, STORAGE_SETTINGS, 1))
-                 for k in unknown]
-        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} in [storage]: {', '.join(named)}; "
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} in [storage]: "
+                          f"{named_unknown(unknown, STORAGE_SETTINGS)}; "
                           f"the keys are {', '.join(STORAGE_SETTINGS)}")
     out: dict[str, int | float] = {}
     for name, value in table.items():

@@ -21,7 +21,6 @@ Decisions:
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.tags import check_tag
 from edgefleet_contracts.timeutil import DailyWindow
 
-from ..errors import RequestError
+from ..errors import RequestError, named_unknown
 from .gates import DEFAULT_THRESHOLDS
 from .plan import check_stages, parse_stages
 
@@ -142,9 +141,8 @@ def _thresholds(v: Any, name: str) -> dict[str, float]:
     known = sorted(DEFAULT_THRESHOLDS)
     unknown = [str(k) for k in v if k not in DEFAULT_THRESHOLDS]
     if unknown:
-        named = [k + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(k, known, 1))
-                 for k in unknown]
-        raise RequestError(f"{name}: unknown gate threshold{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
+        raise RequestError(f"{name}: unknown gate threshold{'s' if len(unknown) > 1 else ''} "
+                           f"{named_unknown(unknown, known)}; "
                            f"the thresholds are {', '.join(known)}")
     out: dict[str, float] = {}
     for k, x in v.items():
