@@ -62,7 +62,8 @@ def _tokens_create(args: argparse.Namespace) -> int:
     print(token)
     tid = token_id(store, token)
     # The revoke command as it can be pasted: with this data folder (quoted for a POSIX shell).
-    print(f"(a {args.role} token, id {tid}; shown once — store it as a secret; revoke it with "
+    article = "an" if args.role[0] in "aeiou" else "a"
+    print(f"({article} {args.role} token, id {tid}; shown once — store it as a secret; revoke it with "
           f"`fleet-server tokens revoke {tid} --data {shlex.quote(str(args.data))}`)", file=sys.stderr)
     return 0
 

@@ -123,7 +123,8 @@ def test_tokens_create_prints_a_revoke_command_that_works_as_printed(built: Any,
     data = tmp_path / "the server's data"  # a folder name a shell must have quoted
     assert run_cli(["init", "--data", str(data), "--root-key", str(built.keys / "root.pub")])[0] == 0
     rc, out, err = run_cli(["tokens", "create", "--data", str(data), "--role", "viewer", "--name", "wall"])
-    assert rc == 0
+    assert rc == 0 and err.startswith("(a viewer token, id ")
+    assert run_cli(["tokens", "create", "--data", str(data), "--role", "operator"])[2].startswith("(an operator token")
     command = err[err.index("`") + 1:err.rindex("`")]
 
     argv = shlex.split(command)  # as a shell would split it
