@@ -88,6 +88,23 @@ class Context:
         self.metrics: list[Callable[[], str]] = []
 
 
+def _mqtt_check(ctx: Context) -> dict[str, Any]:
+    """The MQTT subscriber's health (``MqttIngest.health``), ``disabled`` when the server runs without a broker,
+    ``down`` when ingest is not running (not attached yet, or stopped)."""
+    if ctx.settings.broker == "none":
+        return {"status": "disabled"}
+    svc = ctx.extensions.get("ingest")
+    checks = [src.health() for src in getattr(svc, "sources", []) if hasattr(src, "health")]
+    return checks[0] if checks else {"status": "down", "error": "ingest is not running"}
+
+
+def _source_metrics(ctx: Context) -> list[Callable[[], str]]:
+    """The metrics of the ingest sources (the MQTT subscriber's ``edgefleet_mqtt_connected``), read per scrape:
+    ingest is attached after the app is made."""
+    svc = ctx.extensions.get("ingest")
+    return [src.metrics for src in getattr(svc, "sources", []) if hasattr(src, "metrics")]
+
+
 def with_app(app: FastAPI, start: Callable[[], Any], stop: Callable[[], Any]) -> None:
     """Run a background service with the app: ``start`` at startup, ``stop`` at shutdown, each in a worker
     thread (they block: threads are started and joined), never on the event loop."""
@@ -129,8 +146,19 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     _json = read_json
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(strict: bool = False) -> JSONResponse:
+        """``{"status": "ok" | "degraded", "checks": {"http": {...}, "mqtt": {...}}}``: which part is degraded
+        (``mqtt`` ``down`` with the broker, its error and since when; ``disabled`` with ``--broker none``).
+        HTTP 200 while this process answers, degraded or not: the API, package downloads, HTTP ingest and the
+        dashboard still work, and restarting the server would not bring an external broker back, so a liveness
+        probe must not kill it. ``?strict=true`` answers 503 when degraded, for monitors that read only the
+        status code."""
+        checks = {"http": {"status": "ok"}, "mqtt": _mqtt_check(ctx)}
+        degraded = any(c["status"] not in ("ok", "disabled") for c in checks.values())
+        return JSONResponse({"status": "degraded" if degraded else "ok", "checks": checks},
+                            status_code=503 if degraded and strict else 200)
+
+    ctx.metrics.append(lambda: "".join(m() for m in _source_metrics(ctx)))
 
     # ---- devices -----------------------------------------------------------------------------------------
     @app.get("/api/v1/devices")
@@ -151,7 +179,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     @app.post("/api/v1/devices")
     async def enroll_device(request: Request, _: Operator) -> Any:
-        b = body_object(await _json(request), "{device_id, public_key (base64), tags?, replace?}")
+        b = body_object(await _json(request), "{device_id, public_key (PEM or base64), tags?, replace?}")
         device_id, key, tags = string(b, "device_id"), string(b, "public_key"), strings(b, "tags")
         return await run_in_threadpool(lambda: devices.enroll(store, settings.fleet, device_id, key, tags,
                                                               replace=bool(b.get("replace"))))

@@ -9,21 +9,25 @@ server is down.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.errors import ContractError
-from edgefleet_contracts.signing import generate_key, load_public_key, public_b64, save_private_key, save_public_key
+from edgefleet_contracts.signing import generate_key, load_public_key, save_private_key, save_public_key
 from edgefleet_contracts.timeutil import parse_duration
 
 from . import devices, registry
 from .cli_admin import add_admin_commands
-from .cli_common import _data, _print, _settings, _storage, _storage_flags, _tags
+from .cli_common import _data, _print, _settings, _storage, _storage_flags, _tags, server_toml_text
 from .errors import ConfigError, FleetError
-from .settings import ServerSettings
+from .settings import DEFAULT_HTTP, ServerSettings, check_public_url, parse_http_address
 from .store import Store
 
 
@@ -33,7 +37,9 @@ def _init(args: argparse.Namespace) -> int:
     if (data / "server.toml").exists():
         raise ConfigError(f"{data} is already initialised; refusing to overwrite its keys")
     root = load_public_key(Path(args.root_key))  # validates the file
-    settings = ServerSettings(data_dir=data, fleet=args.fleet)
+    host, port = parse_http_address(args.http, "--http")
+    public_url = check_public_url(args.public_url, "--public-url") if args.public_url else ""
+    settings = ServerSettings(data_dir=data, fleet=args.fleet, http_host=host, http_port=port, public_url=public_url)
     (data / "keys").mkdir(parents=True, exist_ok=True)
     (data / "keys").chmod(0o700)
     save_public_key(root, settings.root_pub)
@@ -41,8 +47,9 @@ def _init(args: argparse.Namespace) -> int:
     save_private_key(fleet_key, settings.fleet_key)
     save_public_key(fleet_key.public_key(), settings.fleet_pub)
     Store(settings.db_path).close()
-    atomic_write_text(data / "server.toml", f'fleet = "{args.fleet}"\n')
-    print(f"initialised {data}: fleet {args.fleet}; provision devices with --root-key {args.root_key} "
+    atomic_write_text(data / "server.toml", server_toml_text(args.fleet, args.http, settings.base_url()))
+    print(f"initialised {data}: fleet {args.fleet}, devices download packages from {settings.base_url()} "
+          f"(public_url in {data / 'server.toml'}); provision devices with --root-key {args.root_key} "
           f"--fleet-key {settings.fleet_pub}")
     return 0
 
@@ -50,11 +57,54 @@ def _init(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    host, _, port = (args.http or "127.0.0.1:8480").rpartition(":")
-    settings = _settings(args, http_host=host or "127.0.0.1", http_port=int(port), broker=args.broker,
-                         embedded_mqtt_port=args.mqtt_port, public_url=args.public_url or "",
-                         drift_interval_seconds=args.drift_interval, **_storage(args))
-    return serve(settings)
+    with _log_to_stderr():
+        over: dict[str, Any] = {}
+        if args.http is not None:
+            over["http_host"], over["http_port"] = parse_http_address(args.http, "--http")
+        if args.public_url is not None:
+            over["public_url"] = check_public_url(args.public_url, "--public-url")
+        stored = _settings(args)  # what every other command (rollback, rollout abort) signs package URLs with
+        settings = _settings(args, broker=args.broker, embedded_mqtt_port=args.mqtt_port,
+                             drift_interval_seconds=args.drift_interval, **over, **_storage(args))
+        if settings.base_url() != stored.base_url():
+            logging.getLogger("edgefleet.server").warning(
+                "devices download packages from %s for this run (--http/--public-url), but server.toml says %s: "
+                "desired states signed by CLI commands (rollback, rollout abort) will point at %s, where devices "
+                "cannot download; set public_url = \"%s\" (and http) in %s", settings.base_url(),
+                stored.base_url(), stored.base_url(), settings.base_url(), Path(args.data) / "server.toml")
+        return serve(settings)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to the standard error of the moment (as logging's last resort does)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _log_to_stderr() -> Iterator[None]:
+    """While ``serve`` runs: the server's loggers (``edgefleet.*`` and ``fleet_server.*``) at INFO on the
+    standard error, with time, level and logger (uvicorn keeps its own handlers). The MQTT broker's loss and
+    return are WARNINGs (mqtt_ingest). Left as they were afterwards."""
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("edgefleet", "fleet_server")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 # ---- devices -----------------------------------------------------------------------------------------------
@@ -62,8 +112,8 @@ def _devices(args: argparse.Namespace) -> int:
     s = _settings(args)
     store = Store(s.db_path)
     if args.devices_cmd == "enroll":
-        pub = load_public_key(Path(args.public_key))
-        doc = devices.enroll(store, s.fleet, args.device_id, public_b64(pub), _tags(args.tag), replace=args.replace)
+        doc = devices.enroll(store, s.fleet, args.device_id, _public_key_flag(args.public_key), _tags(args.tag),
+                             replace=args.replace)
         print(f"enrolled {doc['device_id']} (tags {doc['tags']})")
     elif args.devices_cmd == "list":
         docs = devices.list_devices(store)
@@ -78,9 +128,42 @@ def _devices(args: argparse.Namespace) -> int:
     elif args.devices_cmd == "show":
         _print(devices.get(store, args.device_id), True, str)
     elif args.devices_cmd == "enrollment-token":
-        ttl = parse_duration(args.ttl).total_seconds()
+        ttl = _ttl_flag(args.ttl)
         print(devices.create_enrollment_token(store, _tags(args.tag), ttl))
+        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + ttl))
+        print(f"fleet-server: one-time token, expires {expires}; the device enrolls itself with POST "
+              f"{s.base_url()}/api/v1/enroll {{token, device_id, public_key}} (its keys/device.pub)", file=sys.stderr)
     return 0
+
+
+# The API's bounds of an enrollment token's life (POST /api/v1/enrollment-tokens ttl_seconds).
+TOKEN_TTL_MIN_S, TOKEN_TTL_MAX_S = 1, 366 * 86400
+
+
+def _ttl_flag(text: str) -> float:
+    """``--ttl 1d`` in seconds, 1 s to 366 days as the API allows. ConfigError naming the flag."""
+    try:
+        ttl = parse_duration(text).total_seconds()
+    except ContractError:
+        raise ConfigError(f"--ttl {text!r} must be a whole number followed by d, h, m or s, e.g. 1d") from None
+    if not TOKEN_TTL_MIN_S <= ttl <= TOKEN_TTL_MAX_S:
+        raise ConfigError(f"--ttl {text!r} must be at least 1s and at most 366d: a token must be usable")
+    return ttl
+
+
+def _public_key_flag(value: str) -> str:
+    """``--public-key``: the file holding the device's key (its keys/device.pub, PEM, or base64 on one line), or
+    the key itself (base64 or PEM text). ConfigError naming the flag when it is neither."""
+    path = Path(value)
+    try:
+        text = path.read_text() if path.is_file() else value
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--public-key {value}: cannot read it: {exc}") from None
+    try:
+        return devices.public_key_text(text)
+    except ContractError as exc:
+        what = f"the file {value}" if path.is_file() else f"{value!r} (no such file, nor a key)"
+        raise ConfigError(f"--public-key {what}: {exc}") from None
 
 
 def _active(d: dict[str, Any]) -> str:
@@ -293,14 +376,19 @@ def build_parser() -> argparse.ArgumentParser:
     _data(p)
     p.add_argument("--root-key", required=True, help="the packager's root public key (root.pub)")
     p.add_argument("--fleet", default="default")
+    p.add_argument("--http", default=DEFAULT_HTTP, help=f"HOST:PORT serve binds to (default {DEFAULT_HTTP})")
+    p.add_argument("--public-url", help="how devices reach this server over HTTP, e.g. https://fleet.example "
+                   "(package URLs in signed desired states; default http://HOST:PORT of --http)")
     p.set_defaults(func=_init)
 
     p = sub.add_parser("serve", help="run the server (HTTP API, MQTT ingest, drift and alerts)")
     _data(p)
     p.add_argument("--broker", default="embedded", help="embedded | mqtt://HOST:PORT | none")
-    p.add_argument("--http", default="127.0.0.1:8480", help="HOST:PORT to bind (loopback by default)")
+    p.add_argument("--http", help="HOST:PORT to bind, for this run (else http in server.toml, else "
+                   f"{DEFAULT_HTTP}); CLI commands do not know it: prefer server.toml")
     p.add_argument("--mqtt-port", type=int, default=1884, help="embedded broker port (0 picks a free port)")
-    p.add_argument("--public-url", help="how devices reach this server over HTTP (package downloads)")
+    p.add_argument("--public-url", help="how devices reach this server over HTTP (package downloads), for this run "
+                   "(else public_url in server.toml); CLI commands sign with server.toml's: prefer server.toml")
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift evaluations")
     _storage_flags(p)
     p.set_defaults(func=_serve)
@@ -311,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("enroll")
     _data(p)
     p.add_argument("--device-id", required=True)
-    p.add_argument("--public-key", required=True, help="the device's keys/device.pub")
+    p.add_argument("--public-key", required=True, help="the device's keys/device.pub (PEM, or base64 on one line), "
+                   "or the key itself as base64")
     p.add_argument("--tag", action="append", help="key=value (repeatable)")
     p.add_argument("--replace", action="store_true", help="replace the key of an enrolled device")
     p.set_defaults(func=_devices)
@@ -330,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("enrollment-token", help="a one-time token for a device that enrolls itself")
     _data(p)
     p.add_argument("--tag", action="append")
-    p.add_argument("--ttl", default="1d")
+    p.add_argument("--ttl", default="1d", help="how long the token is usable, 1s to 366d (default 1d)")
     p.set_defaults(func=_devices)
 
     m = sub.add_parser("models", help="the model registry")
@@ -421,7 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, so that a reader gone before the exit's flush is handled below
+        return rc
+    except BrokenPipeError:  # `fleet-server drift ... | head`: the reader left; quiet, as standard tools are
+        # Python flushes stdout again at exit, which would fail once more: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, the shell's status for a command a pipe's reader stopped
     except ContractError as exc:
         print(f"fleet-server: REJECTED ({exc.reason}): {exc}", file=sys.stderr)
         return 1

@@ -2,9 +2,13 @@
 bounds of its ``[storage]`` table, flags on top), the storage flags (made from ``settings.STORAGE``), ``--data``
 and output helpers.
 
-**server.toml is strict.** It holds exactly what is read from it: ``fleet = "NAME"`` (what ``init`` writes; a
-quoted fleet id) and an optional ``[storage]`` table (:func:`settings.storage_table`, its own keys checked
-there). Anything else at the top level (a misspelled table ``[storag]``, a misspelled key ``flet = "x"``) stops
+**server.toml is strict.** It holds exactly what is read from it: ``fleet = "NAME"`` (a quoted fleet id),
+``http = "HOST:PORT"`` (where ``serve`` binds its HTTP API), ``public_url = "URL"`` (how devices reach that API:
+the package URLs in the desired states every command signs, ``serve``'s and the CLI's ``rollback`` and
+``rollout abort`` alike; default ``http://`` + ``http``) — the three ``init`` writes — and an optional
+``[storage]`` table (:func:`settings.storage_table`, its own keys checked there). ``serve --http`` and
+``--public-url`` override the file for one run only, and ``serve`` then warns that CLI commands still sign with
+the file's URL. Anything else at the top level (a misspelled table ``[storag]``, a misspelled key ``flet = "x"``) stops
 every command with one line naming the file, the entry and the nearest known name, rather than letting the
 defaults apply unnoticed; so does a fleet that is not a quoted string (``fleet = 5`` is not read as ``"5"``).
 """
@@ -24,7 +28,15 @@ from edgefleet_contracts.tags import parse_tag
 from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError
-from .settings import STORAGE, STORAGE_SETTINGS, ServerSettings, storage_table
+from .settings import (
+    DEFAULT_HTTP,
+    STORAGE,
+    STORAGE_SETTINGS,
+    ServerSettings,
+    check_public_url,
+    parse_http_address,
+    storage_table,
+)
 
 
 def _settings(args: argparse.Namespace, **over: Any) -> ServerSettings:
@@ -56,22 +68,34 @@ def _settings_and_sources(args: argparse.Namespace, **over: Any) -> tuple[Server
         base = tomllib.loads(conf.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{conf} is not valid TOML: {exc}") from None
-    fleet = _top_level(base, conf)
+    top = _top_level(base, conf)
     stored = storage_table(base.get("storage", {}), str(conf))
-    settings = ServerSettings(data_dir=data, fleet=fleet, **{**stored, **over})
+    settings = ServerSettings(data_dir=data, **{**top, **stored, **over})
     sources = {s.name: f"flag {s.flag}" if s.name in over else f"file {conf}" if s.name in stored else "default"
                for s in STORAGE}
     return settings, sources
 
 
-# server.toml's top level: the fleet's name (what `init` writes) and the [storage] table. Nothing else is read.
-SERVER_TOML_TOP_LEVEL = ("fleet", "storage")
+# server.toml's top level: what `init` writes (the fleet's name, the HTTP address, the public URL) and the
+# [storage] table. Nothing else is read.
+SERVER_TOML_KEYS = ("fleet", "http", "public_url")
+SERVER_TOML_TOP_LEVEL = (*SERVER_TOML_KEYS, "storage")
+_HOLDS = ('server.toml holds fleet = "NAME", http = "HOST:PORT", public_url = "URL" and a [storage] table of '
+          + ", ".join(STORAGE_SETTINGS))
 
 
-def _top_level(base: dict[str, Any], conf: Path) -> str:
-    """Check server.toml's top level (see the module docstring); the fleet's name. ConfigError naming ``conf``:
-    for a storage key above the ``[storage]`` line, an unknown key or table (with the nearest known name), a
-    fleet that is not a quoted string or not a fleet id."""
+def server_toml_text(fleet: str, http: str = DEFAULT_HTTP, public_url: str = "") -> str:
+    """What ``init`` writes: the fleet, the HTTP address and the public URL (``http://`` + ``http`` when empty)."""
+    public_url = public_url or "http://" + http
+    return f'fleet = "{fleet}"\nhttp = "{http}"\npublic_url = "{public_url}"\n'
+
+
+def _top_level(base: dict[str, Any], conf: Path) -> dict[str, Any]:
+    """Check server.toml's top level (see the module docstring); the ServerSettings fields it sets (``fleet``,
+    and ``http_host``, ``http_port``, ``public_url`` when given). ConfigError naming ``conf``: for a storage key
+    above the ``[storage]`` line, an unknown key or table (with the nearest known name), a fleet that is not a
+    quoted string or not a fleet id, an ``http`` that is not HOST:PORT, a ``public_url`` that is not an http(s)
+    URL."""
     misplaced = [k for k in base if k in STORAGE_SETTINGS]
     if misplaced:  # above any table header: read as top-level keys, so they would silently do nothing
         raise ConfigError(f"{conf}: {', '.join(misplaced)} must be in the [storage] table (a `[storage]` line "
@@ -79,15 +103,21 @@ def _top_level(base: dict[str, Any], conf: Path) -> str:
     unknown = [k for k in base if k not in SERVER_TOML_TOP_LEVEL]
     if unknown:
         named = [_unknown_entry(k, base[k]) for k in unknown]
-        raise ConfigError(f"{conf}: unknown {', '.join(named)}; "
-                          f'server.toml holds fleet = "NAME" and a [storage] table of {", ".join(STORAGE_SETTINGS)}')
+        raise ConfigError(f"{conf}: unknown {', '.join(named)}; {_HOLDS}")
     fleet = base.get("fleet", "default")
     if not isinstance(fleet, str):
         raise ConfigError(f'{conf}: fleet must be a quoted string, like fleet = "default", not {fleet!r}')
     try:
-        return check_id(fleet, "fleet")
+        out: dict[str, Any] = {"fleet": check_id(fleet, "fleet")}
+        if "http" in base:
+            out["http_host"], out["http_port"] = parse_http_address(base["http"], "http")
+        if base.get("public_url", "") != "":  # "" (or no key): http:// + the HTTP address
+            out["public_url"] = check_public_url(base["public_url"], "public_url")
     except SchemaError as exc:
         raise ConfigError(f"{conf}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{conf}: {exc}") from None
+    return out
 
 
 def _unknown_entry(key: str, value: object) -> str:
@@ -97,7 +127,7 @@ def _unknown_entry(key: str, value: object) -> str:
     if isinstance(value, dict):
         match = difflib.get_close_matches(key, ["storage"], 1)
         return f"table [{key}]" + (" (did you mean [storage]?)" if match else "")
-    match = difflib.get_close_matches(key, ["fleet", *STORAGE_SETTINGS], 1)
+    match = difflib.get_close_matches(key, [*SERVER_TOML_KEYS, *STORAGE_SETTINGS], 1)
     if not match:
         return f"key {key}"
     where = " in the [storage] table" if match[0] in STORAGE_SETTINGS else ""

@@ -48,27 +48,37 @@ def _fmt_p(p: float | None) -> str:
     return "-" if p is None else (f"{p:.2g}" if p < 0.01 else f"{p:.3f}")
 
 
+def _v(x: object) -> str:
+    """A value of the report as printed: ``-`` for None (no data in the range)."""
+    return "-" if x is None else str(x)
+
+
 def _scope_text(title: str, h: dict[str, Any], top: int = 5) -> list[str]:
     idr, od, ops, acc, dq = h["input_drift"], h["output_drift"], h["operations"], h["accuracy"], h["data_quality"]
     win = h.get("window") or {}
     lines = [f"{title}: {h['devices']} device(s), {h['summaries']} summaries, {h['count']} predictions"
              f" [{win.get('start', '-')} .. {win.get('end', '-')}]"]
     verdict = f"DRIFT on {', '.join(idr['drifted_features'])}" if idr["drifted"] else "no drift"
-    lines.append(f"  input drift   {verdict} ({idr['statistic']}, {idr['correction']}, alpha {idr['alpha']})")
+    noise = idr.get("noise_variance") or 0
+    lines.append(f"  input drift   {verdict} ({idr['statistic']}, {idr['correction']}, alpha {idr['alpha']}"
+                 + (f"; DP noise variance {noise:g} per count" if noise else "") + ")")
     for f in idr["features"][:top]:
         lines.append(f"    {f['feature']:<28} {f['verdict']:<12} stat {f['statistic']:.3f}  "
-                     f"p_adj {_fmt_p(f['p_adjusted'])}  psi {f['psi']:.3f}  n {f['n']}")
+                     f"p_adj {_fmt_p(f['p_adjusted'])}  psi {f['psi']:.3f}  n {f['n']}"
+                     + (f"  n_effective {f['n_effective']:g}" if "n_effective" in f else ""))
     cm = od["class_mix"]
-    lines.append(f"  output drift  {'DRIFT' if od['drifted'] else 'no drift'} (class mix w {cm['cohens_w']}, "
-                 f"p_adj {_fmt_p(cm['p_adjusted'])}; confidence ks {od['confidence']['ks']}, "
+    lines.append(f"  output drift  {'DRIFT' if od['drifted'] else 'no drift'} (class mix w {_v(cm['cohens_w'])}, "
+                 f"p_adj {_fmt_p(cm['p_adjusted'])}; confidence ks {_v(od['confidence']['ks'])}, "
                  f"p_adj {_fmt_p(od['confidence']['p_adjusted'])})")
     lat = ops["latency_ms"]
-    lines.append(f"  operations    p50 {lat['p50']} ms  p95 {lat['p95']} ms  p99 {lat['p99']} ms  "
-                 f"error rate {ops['error_rate']:.2%}")
+    rate = ops["error_rate"]
+    lines.append(f"  operations    p50 {_v(lat['p50'])} ms  p95 {_v(lat['p95'])} ms  p99 {_v(lat['p99'])} ms  "
+                 f"error rate {'-' if rate is None else f'{rate:.2%}'}")
     meas = acc["measured"]
     trust = "trustworthy" if acc["trustworthy"] else "NOT trustworthy"
-    lines.append(f"  accuracy      estimated {acc['estimated']} ({trust}, {acc['empty_bin_share']:.1%} in "
-                 "reference-empty bins)"
+    empty = acc["empty_bin_share"]
+    lines.append(f"  accuracy      estimated {_v(acc['estimated'])} ({trust}, "
+                 f"{'-' if empty is None else f'{empty:.1%}'} in reference-empty bins)"
                  + (f"  measured {meas['accuracy']} on {meas['labels']} labels" if meas else "")
                  + f"  reference {acc['reference']}")
     if dq["flagged"]:
@@ -81,6 +91,8 @@ def _scope_text(title: str, h: dict[str, Any], top: int = 5) -> list[str]:
 
 def _report_text(r: dict[str, Any]) -> str:
     lines = [f"{r['model']} {r['version']}  {r['since']} .. {r['until']}  (reference: {r['reference_rows']} rows)"]
+    if r.get("version_chosen", "given") != "given":
+        lines.append(f"  version {r['version']}: {r['version_chosen']} (--version to choose another)")
     lines += _scope_text("fleet", r["fleet"])
     for value, h in (r.get("cohorts") or {}).items():
         lines += _scope_text(f"{r['by']}={value}", h, top=3)
@@ -94,7 +106,7 @@ def _report_text(r: dict[str, Any]) -> str:
             idr = d["input_drift"]
             lines.append(f"  {d['device_id']:<24} {d['count']:>8} pred  drift: "
                          f"{', '.join(idr['drifted_features']) or '-'}  p95 "
-                         f"{(d.get('operations') or {}).get('p95_ms', '-')}")
+                         f"{_v((d.get('operations') or {}).get('p95_ms'))}")
     return "\n".join(lines)
 
 
@@ -180,7 +192,8 @@ def add_drift_commands(sub: Any) -> None:
     p = sub.add_parser("drift", help="drift and health of a model version: fleet, cohorts, devices",
                        epilog="exit status: 0 healthy, 3 input or output drift in the fleet or a cohort, 1 error")
     p.add_argument("name", help="model name")
-    p.add_argument("--version", help="model version (default: the newest published)")
+    p.add_argument("--version", help="model version (default: the one with the most summaries in the range, else "
+                   "the newest published)")
     p.add_argument("--by", action="append", help="also per value of this device tag (cohorts); repeatable")
     p.add_argument("--since", help="ISO time or duration back from now such as 24h, 7d (default 24h)")
     p.add_argument("--until", help="ISO time or duration back from now (default now)")

@@ -8,6 +8,9 @@ import secrets
 import time
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.signing import public_b64, public_from_b64
 from edgefleet_contracts.tags import check_tag
@@ -32,9 +35,28 @@ def _check_tags(tags: dict[str, str]) -> dict[str, str]:
     return tags
 
 
+def public_key_text(text: str) -> str:
+    """A device's Ed25519 public key, given as the device's ``keys/device.pub`` holds it (PEM) or as base64 of
+    the 32 raw bytes, in its one base64 spelling (base64 has more than one for the same 32 bytes). Raises
+    SchemaError saying which forms are accepted."""
+    if "-----BEGIN" not in text:
+        try:
+            return public_b64(public_from_b64(text.strip()))
+        except SchemaError as exc:
+            raise SchemaError(f"{exc}; send the device's keys/device.pub (PEM) or base64 of its 32 raw bytes") from None
+    try:
+        key = serialization.load_pem_public_key(text.strip().encode())
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise SchemaError(f"public key is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SchemaError(f"public key is a {type(key).__name__}, not an Ed25519 public key")
+    return public_b64(key)
+
+
 def enroll(store: Store, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str] | None = None,
            *, replace: bool = False) -> dict[str, Any]:
-    """Enroll a device by its Ed25519 public key (base64 raw). Raises RequestError or ConflictError."""
+    """Enroll a device by its Ed25519 public key (PEM, or base64 raw: :func:`public_key_text`). Raises
+    RequestError or ConflictError."""
     key, tags = _checked(device_id, public_key_b64, tags)
     with store.write() as c:
         _enroll_in(c, fleet, device_id, key, tags, replace=replace)
@@ -46,7 +68,7 @@ def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -
     the id, key and tags are valid. Raises RequestError."""
     try:
         check_id(device_id, "device id")
-        key = public_b64(public_from_b64(public_key_b64))
+        key = public_key_text(public_key_b64)
     except SchemaError as exc:
         raise RequestError(str(exc)) from None
     return key, _check_tags(tags or {})

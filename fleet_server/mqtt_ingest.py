@@ -22,6 +22,11 @@ Delivery rules:
   ``max_queued_bytes 0`` (see FIELD-NOTES), and a ``max_inflight_messages`` of 100 or more for throughput
   (messages in flight to the server are at most that many; each waits for its commit).
 - Reconnects back off exponentially with jitter, capped; the backoff resets after a session was up.
+
+Visibility: the subscriber is *connected* while it is connected and subscribed (:attr:`MqttIngest.connected`,
+the gauge ``edgefleet_mqtt_connected`` of :meth:`MqttIngest.metrics`, ``/healthz``'s ``mqtt`` check). Losing the
+broker and getting it back are logged at WARNING, once each (the failed attempts in between at INFO when their
+error changes, else DEBUG), so an outage shows in ``serve``'s log without flooding it.
 """
 
 from __future__ import annotations
@@ -163,6 +168,8 @@ class MqttIngest(IngestSource):
         self._counters = {"connects": 0, "messages": 0, "acked": 0, "stale_acks": 0, "failed": 0,
                           "ignored": 0, "paused_dropped": 0}
         self._last_error: str | None = None
+        self._connected = False  # connected and subscribed (guarded by _lock)
+        self._down_since: float | None = None  # since when it fails to connect or was lost (time.time())
         self.subscribed = threading.Event()
         self._stop = threading.Event()
         self._paused = threading.Event()
@@ -184,6 +191,31 @@ class MqttIngest(IngestSource):
     def last_error(self) -> str | None:
         with self._lock:
             return self._last_error
+
+    @property
+    def connected(self) -> bool:
+        """Whether the subscriber is connected to the broker and subscribed (messages are being ingested)."""
+        with self._lock:
+            return self._connected
+
+    def health(self) -> dict[str, Any]:
+        """``/healthz``'s ``mqtt`` check: ``status`` ``ok`` or ``down``, the broker, the last error and since
+        when it is down (ISO time)."""
+        with self._lock:
+            connected, error, since = self._connected, self._last_error, self._down_since
+        doc: dict[str, Any] = {"status": "ok" if connected else "down", "broker": f"{self.host}:{self.port}"}
+        if not connected:
+            doc["error"] = error or "not connected yet"
+            doc["down_since"] = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                                 if since is not None else None)
+        return doc
+
+    def metrics(self) -> str:
+        """Prometheus text: ``edgefleet_mqtt_connected`` (1 connected and subscribed, else 0)."""
+        return ("# HELP edgefleet_mqtt_connected 1 while the ingest subscriber is connected and subscribed to "
+                "the MQTT broker, else 0\n"
+                "# TYPE edgefleet_mqtt_connected gauge\n"
+                f"edgefleet_mqtt_connected {int(self.connected)}\n")
 
     @property
     def running(self) -> bool:
@@ -227,10 +259,37 @@ class MqttIngest(IngestSource):
             self._counters[name] += by
 
     def _set_error(self, error: str | None) -> None:
+        """Record the subscriber's state: ``error`` None while a session is coming up, else why it is not
+        ingesting (which also marks it disconnected, logged at WARNING when it was connected)."""
         with self._lock:
-            self._last_error = error
-        if error:
-            log.info("mqtt ingest: %s", error)
+            previous, self._last_error = self._last_error, error
+            lost = error is not None and self._connected
+            if error is not None:
+                self._connected = False
+                if self._down_since is None:
+                    self._down_since = time.time()
+        if lost:
+            log.warning("mqtt ingest: lost the broker %s: %s; devices' summaries wait on the broker until it is "
+                        "back (reconnecting)", self.url, error)
+        elif error:
+            log.log(logging.INFO if error != previous else logging.DEBUG, "mqtt ingest: %s", error)
+
+    def _set_connected(self) -> None:
+        """Connected and subscribed: logged at WARNING when it ends an outage (failed attempts first), else INFO."""
+        with self._lock:
+            was, since = self._connected, self._down_since
+            self._connected, self._last_error, self._down_since = True, None, None
+        if was:
+            return
+        if since is not None:
+            log.warning("mqtt ingest: connected to the broker %s again after %.0f s; ingesting", self.url,
+                        time.time() - since)
+        else:
+            log.info("mqtt ingest: connected to the broker %s; ingesting", self.url)
+
+    def _set_stopped(self) -> None:
+        with self._lock:
+            self._connected = False
 
     def _run(self) -> None:
         delay = self._backoff_initial
@@ -304,6 +363,8 @@ class MqttIngest(IngestSource):
         finally:
             self._up = False
             self.subscribed.clear()
+            if self._stop.is_set():
+                self._set_stopped()
             if client.is_connected():
                 client.disconnect()
                 end = time.monotonic() + 0.5
@@ -353,6 +414,7 @@ class MqttIngest(IngestSource):
             self._set_error(f"the broker refused the subscription to {[t for t, _ in self._topics]}: "
                             f"{', '.join(str(rc) for rc in reason_codes)}")
             return
+        self._set_connected()
         self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,

@@ -24,8 +24,10 @@ from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError, named_unknown
 
-__all__ = ["MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS", "ServerSettings", "StorageSetting",
-           "storage_rule_broken", "storage_table"]
+__all__ = ["DEFAULT_HTTP", "MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS", "ServerSettings",
+           "StorageSetting", "check_public_url", "parse_http_address", "storage_rule_broken", "storage_table"]
+
+DEFAULT_HTTP = "127.0.0.1:8480"  # where `serve` binds its HTTP API when neither --http nor server.toml's http says
 
 # The longest window the server reads summaries over by default: alert evaluation (``AlertRules.window_s``) and
 # the drift report's and dashboard's default range (``health.DEFAULT_LOOKBACK_S``), one day each (a test pins
@@ -138,6 +140,8 @@ class ServerSettings:
             u = urlparse(self.broker)
             if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
                 raise ConfigError(f"--broker {self.broker!r} must be embedded, none or mqtt://host:port")
+        if self.public_url:
+            check_public_url(self.public_url, "public_url")
         for name in ("http_port", "embedded_mqtt_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ConfigError(f"{name} must be 0..65535")
@@ -189,12 +193,34 @@ class ServerSettings:
         return self.summary_retention_days * 86400.0
 
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.http_host}:{self.http_port}"
+        """The URL devices download packages from (``public_url``, else the HTTP listen address)."""
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return self.public_url.rstrip("/") or f"http://{host}:{self.http_port}"
 
     def broker_url(self) -> str:
         if self.broker == "embedded":
             return f"mqtt://{self.embedded_mqtt_host}:{self.embedded_mqtt_port}"
         return self.broker
+
+
+def parse_http_address(text: object, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``--http``, server.toml's ``http``) as (host, port); ``[::1]:8480`` for an IPv6 host.
+    ConfigError naming ``what`` when it is not a string of that form with a port 0..65535."""
+    host, sep, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (sep and host and port.isdigit() and int(port) < 65536):
+        raise ConfigError(f"{what} must be a quoted HOST:PORT such as \"{DEFAULT_HTTP}\", not {text!r}")
+    return host, int(port)
+
+
+def check_public_url(url: object, what: str) -> str:
+    """``url`` when it is an http(s) URL with a host and nothing after the path (the package URLs devices are
+    sent are ``URL/packages/NAME/VERSION``). ConfigError naming ``what`` otherwise."""
+    u = urlparse(url) if isinstance(url, str) else None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        raise ConfigError(f"{what} must be a quoted http:// or https:// URL devices reach this server at, such as "
+                          f"\"http://fleet.example:8480\", not {url!r}")
+    return str(url).rstrip("/")
 
 
 def _collect_storage(cls: type) -> tuple[StorageSetting, ...]:

@@ -34,11 +34,26 @@ def latest_version(store: Store, model: str) -> str:
     return str(row["version"])
 
 
+def busiest_version(store: Store, model: str, since: str, until: str) -> tuple[str, int, int] | None:
+    """The published version of ``model`` with the most stored summaries whose windows overlap ``[since, until)``
+    (the newest received breaks a tie), its summaries and those of every version; None when there are none."""
+    rows = store.query(
+        "SELECT version, COUNT(*) AS n, MAX(received) AS last FROM summaries WHERE model = ? AND window_end > ?"
+        " AND window_start < ? AND version IN (SELECT version FROM model_versions WHERE name = ?)"
+        " GROUP BY version ORDER BY n DESC, last DESC", (model, since, until, model))
+    if not rows:
+        return None
+    return str(rows[0]["version"]), int(rows[0]["n"]), sum(int(r["n"]) for r in rows)
+
+
 def report(store: Store, model: str, version: str | None = None, *, since: str | float | None = None,
            until: str | float | None = None, by: str | Sequence[str] | None = None,
            policy: HealthPolicy | None = None, devices: str = "compact", now: float | None = None) -> dict[str, Any]:
-    """Health of ``model`` ``version`` (default: the newest published) fleet-wide, per value of tag ``by``,
-    and per device (``devices``: ``compact`` | ``full`` | ``none``), worst first.
+    """Health of ``model`` ``version`` fleet-wide, per value of tag ``by``, and per device (``devices``:
+    ``compact`` | ``full`` | ``none``), worst first.
+
+    ``version`` None: the published version with the most summaries in the range (the one the fleet runs, not a
+    newer one published but not rolled out), else the newest published; ``version_chosen`` says which and why.
 
     ``by`` one tag key: ``by`` and ``cohorts`` (value -> health). Several keys (the dashboard asks for every
     key at once): ``by`` the list and ``cohorts_by`` (key -> value -> health), all from one read of the
@@ -47,14 +62,22 @@ def report(store: Store, model: str, version: str | None = None, *, since: str |
     Raises NotFoundError (unknown model/version) or RequestError (bad time range or parameter)."""
     if devices not in ("compact", "full", "none"):
         raise RequestError(f"devices={devices!r} must be compact, full or none")
-    version = version or latest_version(store, model)
     policy = policy or HealthPolicy()
     a, b = time_range(since, until, now)
+    chosen = "given"
+    if not version:
+        busiest = busiest_version(store, model, a, b)
+        if busiest is None:
+            version, chosen = latest_version(store, model), "newest published (no summaries in the range)"
+        else:
+            version, n, total = busiest
+            chosen = f"most summaries in the range ({n} of {total})"
     ref = Reference.load(store, model, version)
     agg = load_aggregate(store, ref, a, b)
     ids = sorted(agg.devices)
     out: dict[str, Any] = {
-        "model": model, "version": version, "since": a, "until": b, "reference_rows": ref.profile.n,
+        "model": model, "version": version, "version_chosen": chosen, "since": a, "until": b,
+        "reference_rows": ref.profile.n,
         "policy": policy.to_dict(), "skipped_summaries": agg.skipped,
         "fleet": _scope(agg, ids, policy),
     }

@@ -14,11 +14,13 @@ import pytest
 
 import fleet_server
 from fleet_server.auth import token_id
+from fleet_server.cli_common import server_toml_text
 from fleet_server.settings import STORAGE, STORAGE_SETTINGS, ServerSettings
 from fleet_server.store import Store
 from tests.fleet_server.conftest import run_cli
 
 KEYS = ", ".join(STORAGE_SETTINGS)
+HOLDS = 'server.toml holds fleet = "NAME", http = "HOST:PORT", public_url = "URL" and a [storage] table of ' + KEYS
 
 
 @pytest.fixture()
@@ -36,15 +38,13 @@ def commands(data: Path) -> list[list[str]]:
 INIT = 'fleet = "default"\n'  # what `fleet-server init` writes (the fixture's folder holds exactly this)
 STRAY = [  # server.toml's text, and the error after "<file>: "
     (INIT + "\n[storag]\nsummary_retention_days = 0\n",
-     "unknown table [storag] (did you mean [storage]?); server.toml holds fleet = \"NAME\" and a [storage] table of "
-     + KEYS),
+     "unknown table [storag] (did you mean [storage]?); " + HOLDS),
     ('flet = "ward-3"\n',
-     "unknown key flet (did you mean fleet?); server.toml holds fleet = \"NAME\" and a [storage] table of " + KEYS),
+     "unknown key flet (did you mean fleet?); " + HOLDS),
     (INIT + 'owner = "ml"\n[retention]\ndays = 1\n',
-     "unknown key owner, table [retention]; server.toml holds fleet = \"NAME\" and a [storage] table of " + KEYS),
+     "unknown key owner, table [retention]; " + HOLDS),
     (INIT + "summary_retention_day = 0\n",
-     "unknown key summary_retention_day (did you mean summary_retention_days in the [storage] table?); server.toml "
-     "holds fleet = \"NAME\" and a [storage] table of " + KEYS),
+     "unknown key summary_retention_day (did you mean summary_retention_days in the [storage] table?); " + HOLDS),
     ("fleet = 5\n", 'fleet must be a quoted string, like fleet = "default", not 5'),
     ("fleet = true\n", 'fleet must be a quoted string, like fleet = "default", not True'),
     ("[fleet]\nname = \"x\"\n", "fleet must be a quoted string, like fleet = \"default\", not {'name': 'x'}"),
@@ -76,7 +76,7 @@ def test_what_init_writes_and_a_full_storage_table_are_read_by_every_command(
     rc, _, err = run_cli(["init", "--data", str(data), "--root-key", str(built.keys / "root.pub"), "--fleet", "ward-3"])
     assert rc == 0, err
     conf = data / "server.toml"
-    assert conf.read_text() == 'fleet = "ward-3"\n'
+    assert conf.read_text() == server_toml_text("ward-3", "127.0.0.1:8480", "http://127.0.0.1:8480")
     conf.write_text(conf.read_text() + "\n[storage]\n" + "".join(f"{s.name} = {s.default}\n" for s in STORAGE))
 
     for command in commands(data):
