@@ -132,7 +132,8 @@ class Agent(OtherPaths):
         Raises ConfigError when the folder is not provisioned or config.toml is invalid; a device with no model
         yet opens and raises NoModelError on predict. A config.toml with ``min_window_samples`` below the privacy
         floor (10) and no ``allow_small_windows`` runs at the floor, with a warning (``DeviceConfig.from_dict``);
-        one that waives the floor opens with a warning.
+        one that waives the floor opens with a warning. A disk too full to open the outbox does not stop it: the
+        outbox opens when space frees, and windows are held in memory until then (``outbox``, ``summarizer``).
         """
         from .outbox import Outbox
         from .updater import Updater, load_device_target
@@ -156,7 +157,7 @@ class Agent(OtherPaths):
             p = updater.slots.pointer()
             return None if p is None else (p.slot, p.version)
 
-        outbox = Outbox(d.outbox, cfg.outbox_max_rows)
+        outbox = Outbox(d.outbox, cfg.outbox_max_rows, wait_for_space=True)  # a full disk: start, hold windows
         return cls(cfg, target, loader(), sink=outbox, prediction_log=PredictionLog(d.path / "predictions",
                    cfg.prediction_log_max_rows), device_key=load_private_key(d.device_key), model_loader=loader,
                    background=background, active_probe=probe)

@@ -142,7 +142,24 @@ def _agent(doc: dict[str, Any]) -> str:
     rejected = sum((doc["rejected"] or {}).values())
     return (f"running (pid {agent['pid']}, {agent['url']}): {doc['predictions']} predictions, {rejected} rejected, "
             f"{doc['windows_closed']} windows closed, {doc['summaries_emitted']} summaries, "
-            f"{doc['windows_held_for_k']} held below k")
+            f"{doc['windows_held_for_k']} held below k{_disk_full(doc)}")
+
+
+def _disk_full(doc: dict[str, Any]) -> str:
+    """What a full disk did since the agent started (``windows_held_disk_full``, the outbox's ``disk_full``,
+    ``windows_lost``), or "" when it never happened: a full disk must not hide behind "0 queued"."""
+    outbox = doc.get("outbox") or {}
+    held, lost = doc.get("windows_held_disk_full") or 0, doc.get("windows_lost") or 0
+    failed = outbox.get("disk_full", 0)
+    closed = outbox.get("open") == 0
+    if not (held or failed or lost or closed):
+        return ""
+    parts = [f"{held} windows held in memory until space frees", f"{failed} outbox writes failed for lack of space"]
+    if closed:
+        parts.append("outbox not open")
+    if lost:
+        parts.append(f"{lost} windows LOST")
+    return f"; {'DISK FULL' if held or closed else 'disk was full'}: " + ", ".join(parts)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from edgefleet_contracts.timeutil import DailyWindow
 from edgefleet_contracts.topics import check_id
 
 from .errors import AgentError
+from .probation import MIN_LATENCY_SAMPLES
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -165,6 +166,10 @@ class DeviceConfig:
         file. Everything that writes a config (DeviceConfig in code, ``save_config``, ``device-agent
         provision``) stays strict.
 
+        A valid value that silently switches a check off also warns once per process: ``probation_predictions``
+        below 100 (``probation.MIN_LATENCY_SAMPLES``) ends probation before the new version has the latencies the
+        device's p95 comparison needs, so the latency of a new version is never checked on this device.
+
         Raises ConfigError, prefixed with ``source``, for an unknown key or an invalid value.
         """
         known = {f.name for f in fields(cls)}
@@ -188,9 +193,18 @@ class DeviceConfig:
                             source, configured, MIN_WINDOW_SAMPLES_FLOOR, MIN_WINDOW_SAMPLES_FLOOR,
                             MIN_WINDOW_SAMPLES_FLOOR, source)
         try:
-            return cls(**d)
+            cfg = cls(**d)
         except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        n = cfg.probation_predictions
+        if n < MIN_LATENCY_SAMPLES and warn_once(("probation_predictions", source, n)):
+            log.warning("%s: probation_predictions is %d, below %d: probation ends after at most %d predictions of "
+                        "a new version, before it has the %d latencies the device's latency check needs, so a new "
+                        "version's p95 latency is never compared with the previous one's on this device (every "
+                        "commit says 'latency not compared'). Set probation_predictions = %d or more in %s (200 is "
+                        "the default) to keep the check", source, n, MIN_LATENCY_SAMPLES, n, MIN_LATENCY_SAMPLES,
+                        MIN_LATENCY_SAMPLES, source)
+        return cfg
 
     def to_toml(self) -> str:
         lines = []

@@ -12,6 +12,12 @@ the window and the ``rejected`` counters and never stops the service. Bodies ove
 with 413 before parsing: by ``Content-Length`` when sent, else while the body streams in (chunked uploads), so an
 oversized body is never buffered whole. JSON nested too deeply for the parser is a 400, not a crash.
 
+A batch (``{"instances": [...]}``) answers ``{"predictions": [...]}``, one entry per instance in order: a
+prediction, or ``{"error", "detail", "feature"}`` for an instance that was refused. Like the fleet server's
+summaries API it is **200 when at least one instance succeeded** (or the list is empty) and **422 when every
+instance was refused**, with the same body, so a client that only checks the status never takes "nothing
+predicted" for success.
+
 Feedback answers (``error`` is the exception's stable ``reason``; table ``_FEEDBACK_STATUS``): 200 ``{"ok": true}``
 only once the label is fsynced; 400 ``invalid_feedback`` (body not {"prediction_id", "label"}); 404
 ``unknown_prediction`` (a well-formed id this device does not hold: never made here, or rotated out); 409
@@ -138,8 +144,12 @@ def _one(agent: Agent, inst: Any, *, top: bool = False) -> Any:
         if not isinstance(v, list) or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in v):
             raise _bad(agent, "'inputs' must be a list of numbers", "wrong_shape")
         return agent.predict(v)
+    v = inst["image_b64"]
+    if not isinstance(v, str):
+        raise _bad(agent, f"'image_b64' must be a string of base64, not {type(v).__name__} {str(v)[:40]}",
+                   "bad_image")
     try:
-        data = base64.b64decode(inst["image_b64"], validate=True)
+        data = base64.b64decode(v, validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise _bad(agent, "'image_b64' is not valid base64", "bad_image") from None
     return agent.predict(data)
@@ -187,7 +197,8 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
                         out.append(_one(agent, inst).to_dict())
                     except InputError as exc:
                         out.append({"error": exc.kind, "detail": str(exc), "feature": exc.feature})
-                return JSONResponse({"predictions": out})
+                failed = bool(out) and all("error" in p for p in out)  # see the module docstring
+                return JSONResponse({"predictions": out}, status_code=422 if failed else 200)
             return JSONResponse(_one(agent, body, top=True).to_dict())
         except InputError as exc:
             return _error(422, exc.kind, str(exc), exc.feature)

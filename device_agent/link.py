@@ -52,7 +52,7 @@ from edgefleet_contracts.transport import secure_client
 from .config import DeviceConfig, DeviceDir
 from .errors import AgentError
 from .link_books import InFlight, Pace
-from .outbox import REPORT, SUMMARY, Outbox, OutboxError, OutboxRow
+from .outbox import REPORT, SUMMARY, Outbox, OutboxError, OutboxFullError, OutboxRow
 
 __all__ = ["BrokerAddress", "InFlight", "LinkConfigError", "LinkError", "MqttLink", "OFFLINE",
            "link_file", "link_state_for", "parse_broker", "read_password"]
@@ -467,6 +467,11 @@ class MqttLink:
                 if not self.outbox.claim(rows):  # merged or replaced since read: read the queue again
                     self._count("stale_reads")
                     continue
+            except OutboxFullError as exc:  # a full disk (an outbox it kept closed, a claim): expected, no trace
+                self._count("publish_errors")
+                self._set_state(CONNECTED, f"cannot prepare outbox rows: {exc}")
+                self._pump_paused_until = time.monotonic() + self._backoff_initial
+                return
             except Exception as exc:  # a row that cannot be read or signed, a locked outbox: keep, report, retry
                 self._count("publish_errors")
                 self._set_state(CONNECTED, f"cannot prepare outbox rows: {exc!r}")
@@ -494,7 +499,9 @@ class MqttLink:
             return
         self._next_heartbeat = now + self.cfg.heartbeat_seconds
         c = self.outbox.counters()
-        doc: dict[str, Any] = {"device_id": self.cfg.device_id, "at": fmt(utcnow()), "outbox_depth": c["depth"]}
+        doc: dict[str, Any] = {"device_id": self.cfg.device_id, "at": fmt(utcnow())}
+        if "depth" in c:  # absent while a full disk keeps the outbox closed
+            doc["outbox_depth"] = c["depth"]
         if c["write_errors"]:  # e.g. a full disk: the operator sees it although nothing can be queued
             doc.update(outbox_write_errors=c["write_errors"], outbox_disk_full=c["disk_full"])
         info = client.publish(self._topics["heartbeat"], json.dumps(doc).encode(), qos=0)

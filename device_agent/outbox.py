@@ -18,14 +18,25 @@ Rules:
 - **A full disk is an error, not a crash.** A write that fails for lack of space raises ``OutboxFullError``
   (the transaction is rolled back; every row already queued stays) and is counted in memory
   (``disk_full``, ``write_errors``; a full disk cannot take a counter); the next write after space frees works.
+  SQLite says "database or disk is full" (SQLITE_FULL) when a page cannot be written, but only "disk I/O error"
+  when it cannot create or grow the ``-shm`` file beside the database (what opening a WAL file on a full disk
+  does): an I/O error while the file system has less than ``LOW_SPACE_BYTES`` free (``os.statvfs``) counts as a
+  full disk too.
+- **A full disk at start is not fatal either** (``wait_for_space=True``, what the agent uses): the outbox then
+  starts unopened, every write raises ``OutboxFullError`` (counted), and the file is opened again at most every
+  ``reopen_seconds`` by the next write or read, so the summarizer holds its windows in memory exactly as it does
+  when the disk fills under a running agent. ``is_open`` says which; ``counters()`` then holds only the in-memory
+  counters and ``open: 0`` (what the file holds is unknown until it opens).
 - ``generation`` goes up after every committed transaction of this process, so the link can skip reading the
   queue while nothing changed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -47,6 +58,8 @@ REPORT = "report"
 BUSY_TIMEOUT_MS = 5000
 LOCK_RETRIES = 5
 COUNTER_KEYS = ("merged_total", "overflow_unmergeable")
+LOW_SPACE_BYTES = 1 << 20  # an SQLite I/O error with less free space than this is a full disk (-shm, WAL growth)
+REOPEN_SECONDS = 2.0
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -83,8 +96,27 @@ class OutboxFullError(OutboxError):
     reason = "outbox_full"
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged process may still write on the file system holding ``folder`` (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _is_full(exc: BaseException, folder: Path) -> bool:
+    """True when ``exc`` comes from a full file system: SQLITE_FULL or ENOSPC, or an SQLite I/O error (what a
+    ``-shm`` file that cannot be created gives) while ``folder``'s file system has almost no space left."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+        return True
+    if (code is not None and code & 0xFF == sqlite3.SQLITE_IOERR) or "disk I/O error" in str(exc):
+        free = free_bytes(folder)
+        return free is not None and free < LOW_SPACE_BYTES
+    return False
 
 
 @dataclass(frozen=True)
@@ -179,10 +211,12 @@ class OutboxTransaction:
 class Outbox:
     """The device's durable queue. Thread-safe (one connection, one lock); other processes may open the file.
 
-    Raises OutboxError when the file cannot be opened or was written by a newer schema.
+    Raises OutboxError when the file cannot be opened or was written by a newer schema; OutboxFullError when the
+    disk is full, unless ``wait_for_space`` (then it starts unopened and opens when space frees: module docstring).
     """
 
-    def __init__(self, path: Path, max_rows: int) -> None:
+    def __init__(self, path: Path, max_rows: int, *, wait_for_space: bool = False,
+                 reopen_seconds: float = REOPEN_SECONDS) -> None:
         if max_rows < 1:
             raise OutboxError(f"outbox max_rows must be at least 1, got {max_rows}")
         self.path = Path(path)
@@ -191,18 +225,65 @@ class Outbox:
         self.generation = 0  # committed transactions of this process (read without the lock: an int)
         self._errors = {"write_errors": 0, "disk_full": 0}
         self.last_error: str | None = None
+        self.reopen_seconds = reopen_seconds
+        self._next_open = 0.0  # monotonic time of the next attempt to open an outbox a full disk kept closed
+        self._conn_or_none: sqlite3.Connection | None = None
+        self._closed = False
+        self._tried_open = True  # the last access to an unopened outbox tried to open it (and counted the failure)
+        try:
+            self._open()
+        except OutboxFullError as exc:
+            if not wait_for_space:
+                raise
+            self._next_open = time.monotonic() + self.reopen_seconds
+            log.warning("%s; the agent starts without it: windows are held in memory and the outbox is opened "
+                        "again every %g s", exc, self.reopen_seconds)
+
+    def _open(self) -> None:
+        """Connect, switch to WAL, migrate. Raises OutboxFullError (counted) or OutboxError; leaves it unopened."""
+        conn: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                         timeout=BUSY_TIMEOUT_MS / 1000)
-            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self._retrying(lambda: self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            conn = self._conn_or_none = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                                        timeout=BUSY_TIMEOUT_MS / 1000)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = self._retrying(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if str(mode).lower() != "wal":
                 raise OutboxError(f"{self.path}: cannot switch the outbox to WAL mode (got {mode!r})")
-            self._conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA synchronous = FULL")
             self._migrate()
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError, OutboxError) as exc:
+            self._conn_or_none = None
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, OutboxError):
+                raise
+            if isinstance(exc, sqlite3.Error) or _is_full(exc, self.path.parent):
+                raise self._failed("open", exc) from exc
+            raise
+
+    @property
+    def is_open(self) -> bool:
+        """False while a full disk keeps the file from being opened (``wait_for_space``)."""
+        return self._conn_or_none is not None
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The connection; an outbox a full disk kept closed is opened first (at most every ``reopen_seconds``).
+
+        Raises OutboxFullError while it still cannot be opened. Call with ``_lock`` held."""
+        conn = self._conn_or_none
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise OutboxError(f"the outbox {self.path} is closed")
+        self._tried_open = time.monotonic() >= self._next_open
+        if not self._tried_open:
+            raise OutboxFullError(self.last_error or f"disk full: the outbox {self.path} is not open")
+        self._next_open = time.monotonic() + self.reopen_seconds
+        self._open()  # OutboxFullError (counted) while the disk is still full
+        log.warning("disk space is back: the outbox %s is open", self.path)
+        return self._conn_or_none  # type: ignore[return-value]  # _open set it or raised
 
     # ---- schema ------------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -259,6 +340,13 @@ class Outbox:
         """
         with self._lock:
             try:
+                self._conn  # noqa: B018 - opens an outbox a full disk kept closed, or raises OutboxFullError
+            except OutboxFullError:
+                if not self._tried_open:  # a write refused without trying the file: count it as failed
+                    self._errors["write_errors"] += 1
+                    self._errors["disk_full"] += 1
+                raise
+            try:
                 self._begin()
             except sqlite3.Error as exc:  # e.g. no space left for the write-ahead log
                 raise self._failed("begin a transaction on", exc) from exc
@@ -280,19 +368,20 @@ class Outbox:
     def _rollback(self) -> None:
         """Roll back if a transaction is still open (SQLite ends it by itself after some errors, e.g. a full
         disk, and a second ROLLBACK would raise and hide the first error)."""
-        if self._conn.in_transaction:
+        if self._conn_or_none is not None and self._conn_or_none.in_transaction:
             try:
                 self._conn.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 log.warning("rollback on the outbox %s failed: %s", self.path, exc)
 
-    def _failed(self, doing: str, exc: sqlite3.Error) -> OutboxError:
+    def _failed(self, doing: str, exc: sqlite3.Error | OSError) -> OutboxError:
         self._errors["write_errors"] += 1
-        if _is_full(exc):
+        if _is_full(exc, self.path.parent):
             self._errors["disk_full"] += 1
+            free = free_bytes(self.path.parent)
             err: OutboxError = OutboxFullError(
-                f"the disk holding the outbox {self.path} is full ({exc}); nothing was written and every row "
-                "queued before is kept; free space on that file system")
+                f"disk full: cannot {doing} the outbox {self.path} ({exc}; {'?' if free is None else free} bytes "
+                "free); nothing was written and every row queued before is kept; free space on that file system")
         else:
             err = OutboxError(f"cannot {doing} the outbox {self.path}: {exc}")
         self.last_error = str(err)
@@ -358,13 +447,20 @@ class Outbox:
 
     def counters(self) -> dict[str, int]:
         """depth, summary_rows, report_rows, merged_total, overflow_unmergeable (persisted); write_errors and
-        disk_full (failed writes since this process opened the outbox, kept in memory)."""
+        disk_full (failed writes since this process started, kept in memory); ``open`` 1, or 0 with only the
+        in-memory counters while a full disk keeps the file closed."""
+        if self._conn_or_none is None:
+            try:
+                with self._lock:
+                    self._conn  # noqa: B018 - try to open it (rate-limited)
+            except OutboxError:
+                return {"open": 0, **self._errors}
         with self._reading() as conn:
             kinds = dict(conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall())
             meta = dict(conn.execute(
                 f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(COUNTER_KEYS))})",
                 COUNTER_KEYS).fetchall())
-        out = {"depth": sum(int(v) for v in kinds.values()), "summary_rows": int(kinds.get(SUMMARY, 0)),
+        out = {"open": 1, "depth": sum(int(v) for v in kinds.values()), "summary_rows": int(kinds.get(SUMMARY, 0)),
                "report_rows": int(kinds.get(REPORT, 0))}
         out.update({k: int(meta.get(k, 0)) for k in COUNTER_KEYS})
         out.update(self._errors)
@@ -372,7 +468,10 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn_or_none is not None:
+                self._conn_or_none.close()
+                self._conn_or_none = None
+            self._closed = True  # closed on purpose: never opened again
 
     def __enter__(self) -> Outbox:
         return self

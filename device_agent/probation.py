@@ -49,6 +49,9 @@ class ProbationConfigError(AgentError):
     reason = "config"
 
 
+MIN_LATENCY_SAMPLES = 100  # latencies needed on each side before the p95s are compared
+
+
 @dataclass(frozen=True)
 class ProbationPolicy:
     """How long to watch and what fails a version. Built from config (``from_config``) or passed by tests."""
@@ -58,7 +61,7 @@ class ProbationPolicy:
     max_error_rate: float = 0.05
     latency_ratio: float = 2.0
     latency_floor_ms: float = 0.5  # a p95 increase smaller than this never fails probation
-    min_samples: int = 100  # fewer latencies on either side: latency not compared (a p95 of 20 is ~ the maximum)
+    min_samples: int = MIN_LATENCY_SAMPLES  # fewer latencies on either side: latency not compared (p95 of 20 ~ max)
     max_resumes: int = 2  # the agent restarted more often than this during probation: roll back
 
     def __post_init__(self) -> None:

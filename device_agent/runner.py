@@ -33,6 +33,7 @@ from edgefleet_contracts.transport import graceful_server
 from .agent import Agent
 from .config import DeviceDir
 from .desired_handler import DESIRED_FILE, DesiredHandler, HandlerOptions, read_desired_seq
+from .outbox import OutboxFullError
 from .slots import COMPLETE_MARKER, SLOT_NAMES, SMOKE_FILE, read_manifest
 from .trust_store import TrustStore, TrustStoreError
 from .updater import Updater
@@ -143,6 +144,7 @@ class DeviceRunner:
         self._report_inputs = ReportInputs(self.device, settle_seconds=report_settle_seconds)
         self._report_fingerprint: tuple[Stat, ...] | None = None  # of what the last queued report was built from
         self.report_rebuilds = 0  # how often the report was built from the folder
+        self._report_waits_for_space = False  # the last report could not be queued: the disk is full
         self._report_lock = threading.Lock()
         self._trust: TrustStore | None = None  # housekeeping keeps its clock mark near the present
         try:
@@ -178,6 +180,18 @@ class DeviceRunner:
                 self._last_report = comparable
             self._report_fingerprint = fingerprint
 
+    def _publish_report_unless_full(self) -> None:
+        """``publish_report_if_changed``; a full disk is logged once per episode (not every second, without a
+        trace), and the report is queued by a later check once space frees."""
+        try:
+            self.publish_report_if_changed()
+        except OutboxFullError as exc:
+            if not self._report_waits_for_space:
+                log.warning("the reported state is queued when disk space frees: %s", exc)
+            self._report_waits_for_space = True
+        else:
+            self._report_waits_for_space = False
+
     def _desired(self, payload: bytes) -> None:
         self.handler.receive(payload)  # decided, recorded and reported there; never raises for a bad message
 
@@ -195,7 +209,7 @@ class DeviceRunner:
         if self._stop.is_set():
             return
         try:
-            self.publish_report_if_changed()
+            self._publish_report_unless_full()
         except Exception:  # never kill the agent over a report; logged
             log.exception("could not queue the reported state")
         if self._trust is not None:
@@ -211,8 +225,9 @@ class DeviceRunner:
     def start(self) -> None:
         """Everything but the HTTP API, in background threads: queue the reported state, resume what the
         accepted desired state still asks for (download, probation), start the link and housekeeping (unless
-        the caller does it: ``housekeeping=False``)."""
-        self.publish_report_if_changed()
+        the caller does it: ``housekeeping=False``). A full disk does not stop it: the report is queued by the
+        periodic check once space frees."""
+        self._publish_report_unless_full()
         self.handler.start()
         if self.link is not None:
             self.link.start()
