@@ -47,7 +47,7 @@ def _init(args: argparse.Namespace) -> int:
     save_private_key(fleet_key, settings.fleet_key)
     save_public_key(fleet_key.public_key(), settings.fleet_pub)
     Store(settings.db_path).close()
-    atomic_write_text(data / "server.toml", server_toml_text(args.fleet, args.http, settings.base_url()))
+    atomic_write_text(data / "server.toml", server_toml_text(args.fleet, args.http, public_url))
     print(f"initialised {data}: fleet {args.fleet}, devices download packages from {settings.base_url()} "
           f"(public_url in {data / 'server.toml'}); provision devices with --root-key {args.root_key} "
           f"--fleet-key {settings.fleet_pub}")

@@ -85,9 +85,11 @@ _HOLDS = ('server.toml holds fleet = "NAME", http = "HOST:PORT", public_url = "U
 
 
 def server_toml_text(fleet: str, http: str = DEFAULT_HTTP, public_url: str = "") -> str:
-    """What ``init`` writes: the fleet, the HTTP address and the public URL (``http://`` + ``http`` when empty)."""
-    public_url = public_url or "http://" + http
-    return f'fleet = "{fleet}"\nhttp = "{http}"\npublic_url = "{public_url}"\n'
+    """What ``init`` writes: the fleet, the HTTP address and, only when one was given, the public URL. Without
+    one, devices are sent ``http://`` + the HTTP address in force: ``serve --http`` for one run moves the
+    download URL with it (and warns that other commands sign with the file's address)."""
+    url = f'public_url = "{public_url}"\n' if public_url else ""
+    return f'fleet = "{fleet}"\nhttp = "{http}"\n' + url
 
 
 def _top_level(base: dict[str, Any], conf: Path) -> dict[str, Any]:

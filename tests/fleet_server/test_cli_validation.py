@@ -14,7 +14,6 @@ import pytest
 
 import fleet_server
 from fleet_server.auth import token_id
-from fleet_server.cli_common import server_toml_text
 from fleet_server.settings import STORAGE, STORAGE_SETTINGS, ServerSettings
 from fleet_server.store import Store
 from tests.fleet_server.conftest import run_cli
@@ -76,7 +75,7 @@ def test_what_init_writes_and_a_full_storage_table_are_read_by_every_command(
     rc, _, err = run_cli(["init", "--data", str(data), "--root-key", str(built.keys / "root.pub"), "--fleet", "ward-3"])
     assert rc == 0, err
     conf = data / "server.toml"
-    assert conf.read_text() == server_toml_text("ward-3", "127.0.0.1:8480", "http://127.0.0.1:8480")
+    assert conf.read_text() == 'fleet = "ward-3"\nhttp = "127.0.0.1:8480"\n'  # no public_url: derived from http
     conf.write_text(conf.read_text() + "\n[storage]\n" + "".join(f"{s.name} = {s.default}\n" for s in STORAGE))
 
     for command in commands(data):
