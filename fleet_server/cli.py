@@ -240,7 +240,7 @@ def _rollout(args: argparse.Namespace) -> int:
         _print(service.status(store, args.id), args.json, _rollout_text)
         return 0
     st = service.set_state(store, signer, args.id, args.rollout_cmd, "cli")
-    print(f"{st['id']}: {st['state']}")
+    print(f"{st['id']}: {st.get('message', st['state'])}")
     return 0
 
 
@@ -310,6 +310,8 @@ def _rollback(args: argparse.Namespace) -> int:
     rid = service.rollback(store, service.DesiredSigner.from_settings(s), args.name, args.to,
                            _tags(args.cohort, "--cohort"), "cli", cohort_name="--cohort")
     print(f"{rid}: {args.name} rolled back to {args.to}")
+    for d in reversed(service.status(store, rid)["decisions"]):  # the rollback's counts, then any warning
+        print(f"  {d['kind']}: {d['detail']}")
     return 0
 
 

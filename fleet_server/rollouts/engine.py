@@ -2,9 +2,10 @@
 
 States: ``running`` (a stage is baking) -> ``awaiting_approval`` (the next stage needs a human) -> ``running``
 ... -> ``completed``; a failed gate -> ``rolled_back`` (every device the rollout moved is sent back to the
-previous version, which it still holds in its standby slot); ``paused`` (operator) freezes it; ``aborted``
-(operator) stops it and sends moved devices back. Every decision is returned with its evidence and actor so
-the service can write the audit log; nothing here touches the store, the clock or the network.
+previous version, which it still holds in its standby slot); ``paused`` (operator) freezes it (time spent paused
+is not bake time); ``aborted`` (operator) stops it and sends moved devices back. Every decision is returned with
+its evidence and actor so the service can write the audit log; nothing here touches the store, the clock or the
+network.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Rollout:
     targeted: dict[str, float] = field(default_factory=dict)  # device -> time its desired state was set
     kind: str = "rollout"  # or "rollback"
     updated: float = 0.0  # when the stored row last changed (a step saves only over the row it read)
+    # seconds the current stage spent paused (between a pause and its resume): not bake time. Derived from the
+    # decision log when the rollout is read, not stored; reset when a stage starts.
+    paused_seconds: float = 0.0
 
 
 @dataclass
@@ -74,7 +78,7 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
     if r.state == "awaiting_approval":
         if r.stage in r.approved:
             r.state = "running"
-            r.stage_started = now
+            r.stage_started, r.paused_seconds = now, 0.0
             out.decisions.append(Decision("start_stage", f"stage {r.stage + 1} approved; starting"))
         else:
             return out
@@ -94,7 +98,7 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
         # Devices were just asked to move, or are still waiting (rate limit, maintenance window): the gates are
         # judged on a later step, with evidence gathered after the move.
         return out
-    if now - r.stage_started < r.bake_seconds or snapshot is None:
+    if now - r.stage_started - r.paused_seconds < r.bake_seconds or snapshot is None:  # paused time is not bake
         return out
     snap = snapshot() if callable(snapshot) else snapshot
     if snap is None:
@@ -116,7 +120,7 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
         out.decisions.append(Decision("complete", f"all {len(r.stages)} stages passed", evidence=evidence))
         return out
     r.stage += 1
-    r.stage_started = now
+    r.stage_started, r.paused_seconds = now, 0.0
     if r.stage in r.approve_stages and r.stage not in r.approved:
         r.state = "awaiting_approval"
         out.decisions.append(Decision("await_approval", f"stage {r.stage} passed its gates; stage {r.stage + 1} "

@@ -38,8 +38,9 @@ from edgefleet_contracts.desired import Desired, sign_desired
 from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.signing import Ed25519PrivateKey, load_private_key
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
-from edgefleet_contracts.timeutil import DailyWindow
+from edgefleet_contracts.timeutil import DailyWindow, parse
 from edgefleet_contracts.topics import topic
+from edgefleet_contracts.versions import is_newer
 
 from ..errors import ConfigError, ConflictError, FleetError, NotFoundError, RequestError
 from ..registry import judge_published, version_row
@@ -84,7 +85,23 @@ def get(store: Store, rollout_id: str) -> Rollout:
     row = store.one("SELECT * FROM rollouts WHERE id = ?", (rollout_id,))
     if row is None:
         raise NotFoundError(f"unknown rollout {rollout_id!r}")
-    return _load(row)
+    r = _load(row)
+    r.paused_seconds = _paused_seconds(store, r)
+    return r
+
+
+def _paused_seconds(store: Store, r: Rollout) -> float:
+    """How long ``r``'s current stage was paused: the ``pause`` .. ``resume`` spans of its decision log since
+    ``stage_started`` (a pause still in force is not counted: a paused rollout does not bake)."""
+    total, paused_at = 0.0, None
+    for d in store.query("SELECT kind, at FROM rollout_decisions WHERE rollout = ? AND kind IN ('pause', 'resume') "
+                         "ORDER BY id", (r.id,)):
+        if d["kind"] == "pause":
+            paused_at = d["at"] if paused_at is None else paused_at
+        elif paused_at is not None:
+            total += max(0.0, d["at"] - max(paused_at, r.stage_started))
+            paused_at = None
+    return total
 
 
 def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str, Any]:
@@ -114,7 +131,7 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
         lr = rep.get("last_result") or {}
         if active == r.version:
             states["on_new_version"] += 1
-        elif _install_failed(lr, r.version):
+        elif _install_failed(lr, r.version, r.targeted[dev]):
             states[str(lr.get("status"))] += 1
         else:
             states["pending"] += 1
@@ -294,7 +311,10 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
     tick) cannot overwrite each other. Raises NotFoundError for an action that is none of these (checked first,
     whatever the rollout's state: ``POST /api/v1/rollouts/ID/explode`` names no operation, so it is a 404 listing
     the actions, as an unknown path would be) or an unknown rollout; ConflictError when the rollout's state does
-    not allow the action."""
+    not allow the action (pausing a paused rollout included: it would change nothing).
+
+    Returns :func:`status` with ``message``: what the action did, in words (an approved stage starts at the
+    engine's next tick, so the state is still ``awaiting_approval`` when this returns)."""
     if action not in ACTIONS:
         raise NotFoundError(f"no rollout action {action!r}; the actions are {', '.join(ACTIONS)}")
     now = now or time.time()
@@ -308,7 +328,18 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
         _record_warning(store, r.id, _previous_warning(store, r.model, r.previous, now, "the abort sends "
                                                        f"{len(revert)} device(s) back to"), now)
         set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
-    return status(store, rollout_id)
+    return {**status(store, rollout_id), "message": _said(r, action, revert)}
+
+
+def _said(r: Rollout, action: str, revert: list[str]) -> str:
+    """What ``action`` did to ``r`` (after :func:`_apply`), for the operator who asked."""
+    if action == "approve":
+        return f"approved stage {r.stage + 1}; the engine moves its devices at its next tick"
+    if action == "resume":
+        return f"resumed: {r.state.replace('_', ' ')}"
+    if action == "abort":
+        return f"aborted; sending {len(revert)} device(s) back to {r.previous}" if revert else "aborted"
+    return "paused; no more devices are asked to move until it is resumed"
 
 
 def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
@@ -317,6 +348,8 @@ def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
         raise ConflictError(f"rollout {rollout_id} is {r.state}; nothing to {action}")
     revert: list[str] = []
     if action == "pause":
+        if r.state == "paused":
+            raise ConflictError(f"rollout {rollout_id} is already paused; resume it to go on, or abort it")
         r.state = "paused"
     elif action == "resume":
         if r.state != "paused":
@@ -338,24 +371,65 @@ def _apply(r: Rollout, rollout_id: str, action: str) -> list[str]:
 def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, cohort: Mapping[str, str] | None,
              actor: str, now: float | None = None, cohort_name: str = "cohort") -> str:
     """Send every cohort device running ``model`` back to ``to_version`` (no gates: an operator decision). The
-    version is judged as devices judge it (module docstring: Trust).
+    version is judged as devices judge it (module docstring: Trust), but a rollback is how an operator recovers:
+    to a version devices no longer trust it goes ahead, with a ``warning`` decision, when every targeted device
+    holds it in its standby slot or runs it (a switch back checks expiry and files, not the signature), and is
+    refused when a device would have to download it (it would refuse it).
+
+    A device moves back only to the version it holds in its standby slot (or forward to a newer one), so the
+    cohort's devices are checked against their reported slots first: when some of them run a newer ``model``
+    and do not hold ``to_version`` in standby, they would refuse it and stay pending for ever, so nothing is sent
+    and the rollback is refused naming them. Devices that have not reported are not judged (they judge for
+    themselves). The rollback's decision says how many devices switch to the version held in standby, already
+    run it, or install it as a newer version.
 
     Raises RequestError when ``cohort`` is not an object of tags (named as ``cohort_name`` spells it),
     NotFoundError when the version is not published, ContractError when devices refuse it (``reason``
-    ``revoked_key``, ``expired``, ...), ConfigError when the root key or the stored keyset is unusable."""
+    ``revoked_key``, ``expired``, ...), ConflictError when cohort devices would refuse to move back to it (above),
+    ConfigError when the root key or the stored keyset is unusable."""
     now = now or time.time()
     cohort = params.check_cohort(cohort, cohort_name)
     version_row(store, model, to_version)
-    _require_trusted(store, model, to_version, now, f"cannot roll {model} back")
-    rid = "rb-" + secrets.token_hex(4)
+    distrust = untrusted(store, model, to_version, now)
     devices = [d for d, tags in _devices(store) if in_cohort(tags, cohort)]
+    reported = _reported(store)
+    moves = _moves_back(reported, devices, model, to_version)
+    refusing = moves.pop("refuses", [])
+    warning = None
+    if distrust is not None:
+        # A switch back to the standby slot checks the version's expiry and files, not its signature: a rollback
+        # is how an operator recovers, so it may go to a version signed by a key revoked since, for the devices
+        # that hold it; a device that would have to download it refuses it, so then nothing is sent.
+        fetching = moves.get("installs", []) + moves.get("unknown", [])
+        if fetching:
+            raise type(distrust)(
+                f"cannot roll {model} back to {to_version}: {distrust}; {len(fetching)} device(s) would have to "
+                f"download it and refuse it ({', '.join(fetching[:10])}{' ...' if len(fetching) > 10 else ''}). "
+                "Narrow the cohort to the devices holding it in standby, or publish a fixed version signed by a "
+                "current key")
+        warning = Decision("warning", f"rolled back to {model} {to_version}, which devices no longer trust "
+                           f"({distrust.reason}): {distrust}; every targeted device holds it in its standby slot or "
+                           "runs it", evidence={"version": to_version, "reason": distrust.reason})
+    if refusing:
+        shown = ", ".join(f"{d} {_slots_text(reported[d])}" for d in refusing[:10]) + (
+            f" and {len(refusing) - 10} more" if len(refusing) > 10 else "")
+        raise ConflictError(
+            f"cannot roll {model} back to {to_version}: {len(refusing)} of {len(devices)} device(s) run a newer "
+            f"version and do not hold {to_version} in their standby slot, so they would refuse it ({shown}). "
+            f"Narrow {cohort_name} to leave them out, or choose the version they hold in standby "
+            "(`fleet-server devices show ID` shows a device's slots)")
+    counts = {k: len(v) for k, v in moves.items() if v}
+    rid = "rb-" + secrets.token_hex(4)
     with store.write() as c:
         c.execute("INSERT INTO rollouts VALUES (?, 'rollback', ?, ?, NULL, ?, '[100]', 0, 0, '', '{}', '[]', "
                   "'completed', 0, ?, '[]', ?, ?, ?, ?)",
                   (rid, model, to_version, json.dumps(cohort, sort_keys=True), now,
                    json.dumps({d: now for d in devices}), now, actor, now))
         _decide(c, rid, Decision("rollback", f"{actor} rolled {model} back to {to_version} on {len(devices)} "
-                                 "device(s)", actor=actor, evidence={"devices": devices}), now)
+                                 f"device(s): {_moves_text(counts)}", actor=actor,
+                                 evidence={"devices": devices, "moves": counts}), now)
+        if warning is not None:
+            _decide(c, rid, warning, now)
         # Devices on another model are left alone; aborting active rollouts of this model (in the same
         # transaction) keeps them from undoing it.
         for row in c.execute("SELECT id FROM rollouts WHERE model = ? AND state IN ('running', 'paused', "
@@ -366,6 +440,45 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
             _decide(c, r.id, Decision("abort", f"superseded by rollback {rid}", actor=actor), now)
     set_desired(store, signer, devices, model, to_version, rid, f"rollback by {actor}", now)
     return rid
+
+
+def _moves_back(reported: Mapping[str, dict[str, Any]], devices: list[str], model: str,
+                version: str) -> dict[str, list[str]]:
+    """``devices`` by how each would take ``model`` ``version`` (the device's own rule, ``check_move``):
+    ``already`` runs it, ``standby`` switches to it from its standby slot, ``installs`` it (newer than what it
+    runs, another model or nothing), ``refuses`` it (runs a newer one and does not hold it), ``unknown`` (no
+    report, or versions that cannot be compared)."""
+    out: dict[str, list[str]] = {"already": [], "standby": [], "installs": [], "refuses": [], "unknown": []}
+    for dev in devices:
+        rep = reported.get(dev) or {}
+        active, standby = rep.get("active") or {}, rep.get("standby") or {}
+        if not rep:
+            kind = "unknown"
+        elif active.get("name") != model:
+            kind = "installs"
+        elif active.get("version") == version:
+            kind = "already"
+        elif (standby.get("name"), standby.get("version")) == (model, version):
+            kind = "standby"
+        else:
+            try:
+                kind = "installs" if is_newer(version, str(active.get("version"))) else "refuses"
+            except ContractError:
+                kind = "unknown"
+        out[kind].append(dev)
+    return out
+
+
+def _slots_text(rep: Mapping[str, Any]) -> str:
+    active, standby = rep.get("active") or {}, rep.get("standby") or {}
+    held = f"{standby.get('name')} {standby.get('version')}" if standby else "nothing"
+    return f"(runs {active.get('version')}, holds {held} in standby)"
+
+
+def _moves_text(counts: Mapping[str, int]) -> str:
+    words = {"standby": "switch to it from their standby slot", "already": "already run it",
+             "installs": "install it as a newer version", "unknown": "have not reported (they judge for themselves)"}
+    return "; ".join(f"{counts[k]} {w}" for k, w in words.items() if counts.get(k)) or "no devices"
 
 
 # ---- desired state -----------------------------------------------------------------------------------------
@@ -446,10 +559,16 @@ TRANSIENT = ("download_interrupted", "interrupted", "busy", "maintenance_window"
              "io_error")
 
 
-def _install_failed(last_result: dict[str, Any], version: str) -> bool:
+def _install_failed(last_result: dict[str, Any], version: str, asked: float | None = None) -> bool:
     """Did this device's last result condemn ``version``? For a rollback the result's ``version`` is the one
-    switched back to and ``details.from`` the one abandoned."""
+    switched back to and ``details.from`` the one abandoned.
+
+    ``asked``: when this rollout asked the device to move (``Rollout.targeted``). A result the device recorded
+    before then (its ``at``, second precision, device clock) is about an earlier attempt, e.g. the rollback an
+    abort caused, and does not count; a result without a readable ``at`` counts."""
     status = last_result.get("status")
+    if asked is not None and _result_before(last_result, asked):
+        return False
     if last_result.get("reason") in TRANSIENT:
         return False
     if status in ("rolled_back", "rollback_failed"):
@@ -458,11 +577,22 @@ def _install_failed(last_result: dict[str, Any], version: str) -> bool:
     return last_result.get("version") == version and status in ("rejected", "failed")
 
 
+def _result_before(last_result: dict[str, Any], asked: float) -> bool:
+    """Was ``last_result`` recorded before ``asked`` (a server time)? False when its ``at`` is missing or
+    unreadable. ``at`` has whole seconds, so a result of the same second as ``asked`` is not before it."""
+    try:
+        at = parse(last_result.get("at"), "last_result.at").timestamp()
+    except ContractError:
+        return False
+    return at < int(asked)
+
+
 def snapshot(store: Store, r: Rollout, stage_members: list[str]) -> Snapshot:
     reported = _reported(store)
     moved = [d for d in stage_members if d in r.targeted]
     on_new = [d for d in moved if ((reported.get(d) or {}).get("active") or {}).get("version") == r.version]
-    failures = sum(1 for d in moved if _install_failed((reported.get(d) or {}).get("last_result") or {}, r.version))
+    failures = sum(1 for d in moved if _install_failed((reported.get(d) or {}).get("last_result") or {}, r.version,
+                                                       r.targeted[d]))
     control = [d for d, tags in _devices(store) if in_cohort(tags, r.cohort) and d not in r.targeted
                and ((reported.get(d) or {}).get("active") or {}).get("version") == r.previous]
     since = r.stage_started

@@ -68,12 +68,19 @@ class Server:
     def publish(self, pkg: Path) -> dict[str, Any]:
         return publish(self.store, self.settings.packages_dir, self.settings.root_pub, pkg, **OWNER)
 
-    def report(self, dev: str, active: str | None, last: dict[str, Any] | None = None) -> None:
-        rep = {"active": {"name": "clinical", "version": active} if active else None, "standby": None,
+    def report(self, dev: str, active: str | None, last: dict[str, Any] | None = None,
+               standby: str | None = None) -> None:
+        rep = {"active": {"name": "clinical", "version": active} if active else None,
+               "standby": {"name": "clinical", "version": standby} if standby else None,
                "update_state": "idle", "last_result": last or {"status": "installed", "version": active}}
         with self.store.write() as c:
             c.execute("UPDATE devices SET reported = ?, last_seen = ? WHERE device_id = ?",
                       (json.dumps(rep), time.time(), dev))
+
+    def forget(self, dev: str) -> None:
+        """As if ``dev`` never reported: a rollback cannot know what it holds, so it would download."""
+        with self.store.write() as c:
+            c.execute("UPDATE devices SET reported = NULL WHERE device_id = ?", (dev,))
 
     def desired(self) -> dict[str, str]:
         return {r["device_id"]: r["version"] for r in self.store.query("SELECT device_id, version FROM desired")}
@@ -146,13 +153,23 @@ def test_a_rollout_of_a_version_signed_by_a_since_revoked_key_is_refused_and_cre
     assert srv.rollouts() == 0 and srv.desired() == {}
 
 
-def test_a_rollback_to_a_version_signed_by_a_since_revoked_key_is_refused_and_moves_nobody(revoked, signed):
+def test_a_rollback_to_a_version_signed_by_a_since_revoked_key_goes_only_where_no_download_is_needed(revoked, signed):
+    """A rollback is how an operator recovers: devices holding the version in their standby slot switch back
+    without verifying its signature again, so it goes ahead for them (with a warning); a device that would have to
+    download it would refuse it, so then nothing is sent."""
     srv = revoked
     for dev in DEVICES:
-        srv.report(dev, "1.2.0")
-    with pytest.raises(RevokedKeyError, match="cannot roll clinical back: " + _revoked_words(signed)):
+        srv.report(dev, "1.2.0", standby="1.0.0")
+    srv.forget(DEVICES[0])
+    with pytest.raises(RevokedKeyError, match="cannot roll clinical back to 1.0.0: " + _revoked_words(signed)
+                       + ".*1 device\\(s\\) would have to download it and refuse it"):
         service.rollback(srv.store, srv.signer, "clinical", "1.0.0", {}, "carol")
     assert srv.rollouts() == 0 and srv.desired() == {}
+    srv.report(DEVICES[0], "1.2.0", standby="1.0.0")
+    rid = service.rollback(srv.store, srv.signer, "clinical", "1.0.0", {}, "carol")
+    assert srv.desired() == dict.fromkeys(DEVICES, "1.0.0")
+    [warning] = srv.decisions(rid, "warning")
+    assert "which devices no longer trust (revoked_key)" in warning["detail"]
 
 
 def test_an_expired_version_is_refused_as_expired(revoked):
@@ -161,7 +178,7 @@ def test_an_expired_version_is_refused_as_expired(revoked):
     with pytest.raises(ExpiredError, match="cannot start a rollout: devices refuse clinical 1.2.0: .*expired at"):
         service.start(srv.store, model="clinical", version="1.2.0", cohort={}, stages=[100], bake_seconds=0,
                       now=later)
-    with pytest.raises(ExpiredError, match="cannot roll clinical back: devices refuse clinical 1.2.0"):
+    with pytest.raises(ExpiredError, match="cannot roll clinical back to 1.2.0: devices refuse clinical 1.2.0"):
         service.rollback(srv.store, srv.signer, "clinical", "1.2.0", {}, "carol", now=later)
     assert srv.rollouts() == 0
 
@@ -174,6 +191,7 @@ def test_the_api_refuses_them_with_a_422_naming_the_reason_and_the_keyset(revoke
     assert r.status_code == 422, r.text
     assert r.json()["error"] == "revoked_key"
     assert "clinical 1.0.0" in r.json()["detail"] and "keyset version 3" in r.json()["detail"]
+    srv.forget(DEVICES[0])  # it would have to download 1.0.0
     r = client.post("/api/v1/rollbacks", json={"model": "clinical", "to": "1.0.0"}, headers=operator)
     assert (r.status_code, r.json()["error"]) == (422, "revoked_key")
     assert srv.rollouts() == 0
@@ -189,8 +207,9 @@ def test_the_cli_refuses_them_in_one_line_with_exit_status_1(revoked, signed):
     assert err.startswith("fleet-server: REJECTED (revoked_key): cannot start a rollout: devices refuse clinical "
                           f"1.0.0: manifest is signed by key {signed.k1[:12]}")
     assert "keyset version 3" in err and err.count("\n") == 1
+    revoked.forget(DEVICES[0])  # it would have to download 1.0.0
     rc, _, err = run_cli(["rollback", "clinical", "--to", "1.0.0", "--data", d])
-    assert rc == 1 and err.startswith("fleet-server: REJECTED (revoked_key): cannot roll clinical back: ")
+    assert rc == 1 and err.startswith("fleet-server: REJECTED (revoked_key): cannot roll clinical back to 1.0.0: ")
     assert revoked.rollouts() == 0
 
 
