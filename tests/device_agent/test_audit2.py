@@ -2,7 +2,8 @@
 a probation length that switches the latency check off, and two answers of the local API.
 
 The full disk is a real one: a 16 MB tmpfs mounted by the test (as root, like
-``tests/hardening/test_fault_disk_full.py``; skipped where mounting is not allowed) and filled with zeros until
+``tests/hardening/test_fault_disk_full.py``; CI runs as root, and a failed mount fails the test) and filled
+with zeros until
 the kernel says ENOSPC. That is what the audit saw: opening an existing WAL outbox then fails in SQLite with
 SQLITE_IOERR_SHMSIZE ("disk I/O error", it cannot create ``outbox.sqlite-shm``) and ``os.statvfs`` says 0 bytes
 free. RLIMIT_FSIZE (used elsewhere for the prediction log) would give EFBIG with free space left, and a
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -34,6 +33,7 @@ from device_agent.runner import DeviceRunner
 from device_agent.status import status_doc
 from edgefleet_contracts.summary import Summary
 from tests.device_agent import new_device
+from tests.support import fill, small_tmpfs
 
 
 def _wait(pred: Callable[[], bool], timeout: float) -> bool:
@@ -47,32 +47,8 @@ def _wait(pred: Callable[[], bool], timeout: float) -> bool:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "fs", "16m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True, capture_output=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write zeros into ``folder/filler`` until the file system says ENOSPC; returns the filler."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for _ in range(100_000):
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == 28, exc
-    else:
-        raise AssertionError("the small file system never filled up")
-    finally:
-        os.close(fd)
-    return filler
 
 
 def _full_device(built: Any, small_fs: Path) -> tuple[DeviceDir, Path]:

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +88,9 @@ def test_serve_and_the_cli_read_http_and_public_url_from_server_toml_and_a_flag_
 
 
 # ---- 2. the MQTT broker's loss shows: log, gauge, /healthz -------------------------------------------------------
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "mosquitto")
-    b.start()
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def test_a_lost_broker_is_logged_at_warning_shown_by_healthz_and_the_connected_gauge_and_so_is_its_return(
-        make_fleet: FleetFactory, start_app: Any, broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
-    fleet: Fleet = make_fleet(broker=broker.url)
+        make_fleet: FleetFactory, start_app: Any, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    fleet: Fleet = make_fleet(broker=mosquitto.url)
     client, svc = start_app(fleet, lambda app, ctx: attach_ingest(app, ctx, validator_processes=0,
                                                                   backoff_initial=0.05, backoff_max=0.2))
 
@@ -111,21 +100,21 @@ def test_a_lost_broker_is_logged_at_warning_shown_by_healthz_and_the_connected_g
 
     assert wait_until(lambda: gauge() == "edgefleet_mqtt_connected 1", 10)
     assert client.get("/healthz").json() == {"status": "ok", "checks": {
-        "http": {"status": "ok"}, "mqtt": {"status": "ok", "broker": f"127.0.0.1:{broker.port}"}}}
+        "http": {"status": "ok"}, "mqtt": {"status": "ok", "broker": f"127.0.0.1:{mosquitto.port}"}}}
 
     with caplog.at_level(logging.INFO, logger="fleet_server.mqtt_ingest"):
-        broker.stop()
+        mosquitto.stop()
         assert wait_until(lambda: gauge() == "edgefleet_mqtt_connected 0", 10)
         health = client.get("/healthz")
         assert health.status_code == 200  # the HTTP API still works; restarting would not bring the broker back
         assert health.json()["status"] == "degraded" and health.json()["checks"]["mqtt"]["status"] == "down"
         assert health.json()["checks"]["mqtt"]["down_since"]
         assert client.get("/healthz?strict=true").status_code == 503
-        broker.start()
+        mosquitto.start()
         assert wait_until(lambda: gauge() == "edgefleet_mqtt_connected 1", 10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(m.startswith(f"mqtt ingest: lost the broker {broker.url}") for m in warnings), warnings
-    assert any(m.startswith(f"mqtt ingest: connected to the broker {broker.url} again") for m in warnings), warnings
+    assert any(m.startswith(f"mqtt ingest: lost the broker {mosquitto.url}") for m in warnings), warnings
+    assert any(m.startswith(f"mqtt ingest: connected to the broker {mosquitto.url} again") for m in warnings), warnings
     assert client.get("/healthz").json()["status"] == "ok"
 
 

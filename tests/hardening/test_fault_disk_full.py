@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,37 +25,15 @@ import pytest
 from edgefleet_contracts.topics import topic
 from tests.brokers import Subscriber
 from tests.hardening.fault_fixtures import FLEET, Rig, Traffic, device_totals, rig, server_totals, wait_until
+from tests.support import fill, small_tmpfs
 
 __all__ = ["rig"]
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)], check=True,
-                   capture_output=True)
-    try:
+    with small_tmpfs(tmp_path / "fs", "4m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=True, capture_output=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write zeros into ``folder/filler`` until the file system says ENOSPC; returns the filler."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for _ in range(10_000):  # 4 MB / 4 KB is 1,024 writes; bounded anyway
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == 28, exc
-    else:
-        raise AssertionError("the small file system never filled up")
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_disk_keeps_serving_holds_the_windows_and_loses_no_prediction(
