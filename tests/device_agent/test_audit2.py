@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import base64
 import logging
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,16 +32,7 @@ from device_agent.runner import DeviceRunner
 from device_agent.status import status_doc
 from edgefleet_contracts.summary import Summary
 from tests.device_agent import new_device
-from tests.support import fill, small_tmpfs
-
-
-def _wait(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+from tests.support import fill, small_tmpfs, wait_until
 
 
 @pytest.fixture
@@ -90,7 +80,7 @@ def test_the_agent_starts_serves_and_holds_windows_on_a_disk_too_full_to_open_it
         assert "disk full: cannot open the outbox" in caplog.text
         for x in holdout[:30]:  # three windows of 10: served, closed, held in memory
             agent.predict(x)
-        assert _wait(lambda: agent.summarizer.windows_held_disk_full == 3, 10), agent.status()
+        assert wait_until(lambda: agent.summarizer.windows_held_disk_full == 3, 10), agent.status()
         st = agent.status()
         assert st["predictions"] == 30 and st["windows_lost"] == 0
         assert st["outbox"]["open"] == 0 and st["outbox"]["disk_full"] >= 1, st["outbox"]
@@ -100,7 +90,7 @@ def test_the_agent_starts_serves_and_holds_windows_on_a_disk_too_full_to_open_it
         assert "Traceback" not in caplog.text
 
         filler.unlink()  # space frees: the summarizer's retry opens the outbox and writes the three, merged
-        assert _wait(lambda: agent.summarizer.windows_recovered == 3, 15), agent.status()
+        assert wait_until(lambda: agent.summarizer.windows_recovered == 3, 15), agent.status()
         assert outbox.is_open and agent.summarizer.windows_held_disk_full == 0
         bodies = [Summary.from_dict(r.document()) for r in outbox.peek(100) if r.kind == SUMMARY]
         assert [(s.windows, s.count) for s in bodies] == [(3, 30)]

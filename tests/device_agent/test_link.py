@@ -19,21 +19,13 @@ from edgefleet_contracts.summary import Summary
 from edgefleet_contracts.topics import topic
 from tests.brokers import Mosquitto, Received, SilentBroker, Subscriber, make_tls_files
 from tests.device_agent.conftest import SummaryFactory
+from tests.support import wait_until
 
 FLEET, DEVICE = "fleet-a", "dev-1"
 SUMMARY_TOPIC = topic(FLEET, DEVICE, "summary")
 REPORT_TOPIC = topic(FLEET, DEVICE, "report")
 HEARTBEAT_TOPIC = topic(FLEET, DEVICE, "heartbeat")
 DESIRED_TOPIC = topic(FLEET, DEVICE, "desired")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def config(broker: str, **kw: Any) -> DeviceConfig:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from device_agent.errors import AlreadyLabelledError, MalformedPredictionIdError
 from device_agent.http_api import create_app
 from device_agent.predlog import RECORD, PredictionLog
 from edgefleet_contracts.targets import get_target
+from tests.support import wait_until
 
 TARGET = get_target("x86_64-avx2")
 
@@ -48,15 +48,6 @@ def log_block(log: PredictionLog, first: int, n: int, model: int = 0, predicted:
 
 def rows_on_disk(folder: Path, boot: str = "b") -> int:
     return sum(p.stat().st_size for p in folder.glob(f"{boot}-[0-9]*.bin")) // RECORD.itemsize
-
-
-def wait_until(cond: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # ---- models.json ------------------------------------------------------------------------------------------
