@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgefleet_contracts.errors import SchemaError
-from edgefleet_contracts.summary import Summary, merge
+from edgefleet_contracts.summary import Summary, merge, noise_variance
 
 from .outbox import OutboxFullError
 from .window import Window
@@ -124,11 +124,6 @@ def add_laplace_noise(s: Summary, epsilon: float, rng: np.random.Generator) -> S
     s.epsilon_spent = s.epsilon_spent + epsilon
     s.noise_variance = s.noise_variance + noise_variance(epsilon)
     return s
-
-
-def noise_variance(epsilon: float) -> float:
-    """The variance that one release's rounded Laplace(1/epsilon) noise adds to a count."""
-    return 2.0 / (epsilon * epsilon) + 1.0 / 12.0
 
 
 MAX_HELD_VERSIONS = 4

@@ -16,8 +16,8 @@ biased (a bin that is empty in truth gained ≈ b/2 phantom counts per release, 
 windows showed drift that was only noise). So in a noised summary, and only there, those counts may be
 negative; sums of many releases are unbiased and the server clips after adding. ``privacy.noise_variance``
 is the variance the noise adds to each released count (2/ε² per release, adding up when releases merge), so
-the server knows how much of a scope's counts is noise; a summary without it (an earlier agent) counts as one
-release at ``epsilon``.
+the server knows how much of a scope's counts is noise (:func:`noise_variance`: 2/ε² + 1/12 per release); a
+summary without it (an earlier agent) counts as one release at ``epsilon``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ _INF = float("inf")
 # The checks below test the common valid case first with exact types (``type(x) is int`` excludes bool, as the
 # isinstance test does) using C-level calls, and only otherwise run the general test that names the error: same
 # results, ~2x faster on the server's ingest path, which validates ~750 numbers per summary.
+
+
+def noise_variance(epsilon: float) -> float:
+    """The variance one release's rounded Laplace(1/epsilon) noise adds to a count (2/ε², plus 1/12 for the
+    rounding)."""
+    return 2.0 / (epsilon * epsilon) + 1.0 / 12.0
 
 
 def _int_list(v: Any, what: str, length: int | None = None, *, signed: bool = False) -> list[int]:

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet_contracts.errors import SchemaError
-from edgefleet_contracts.tags import parse_tag as _parse_tag
 from edgefleet_contracts.timeutil import parse
 
 from .. import alerts, health
+from ..devices import parse_tag as parse_device_tag
 from ..errors import NotFoundError, RequestError
 from ..rollouts import service as rollouts
 from ..store import Store
@@ -42,12 +41,7 @@ def parse_tag(tag: str | None) -> tuple[str, str] | None:
     filter (no ``tag``, or ``tag=`` empty: the page's "all devices"). As everywhere, the split is at the first
     ``=`` and the value may be empty: ``site=`` is the cohort of devices whose site is ``""`` (this function
     refused it before the contract). Raises RequestError (422) naming the filter and what is wrong with it."""
-    if not tag:
-        return None
-    try:
-        return _parse_tag(tag, "tag filter")
-    except SchemaError as exc:
-        raise RequestError(f"{exc}; e.g. tag=site=north") from None
+    return parse_device_tag(tag) if tag else None
 
 
 # ---- overview ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet_contracts.profile import CalibrationMap, Profile
-from edgefleet_contracts.summary import ERROR_KINDS, LATENCY_EDGES_MS
+from edgefleet_contracts.summary import ERROR_KINDS, LATENCY_EDGES_MS, noise_variance
 
 from ..registry import profile_of, version_row
 from ..store import Store
@@ -142,4 +142,4 @@ def _noise_variance(privacy: dict[str, Any]) -> float:
     if nv:
         return float(nv)
     eps = privacy.get("epsilon")
-    return 2.0 / (eps * eps) + 1.0 / 12.0 if eps else 0.0
+    return noise_variance(eps) if eps else 0.0

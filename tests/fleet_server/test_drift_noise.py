@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from device_agent.model import LoadedModel
-from device_agent.summarizer import add_laplace_noise, noise_variance
+from device_agent.summarizer import add_laplace_noise
 from device_agent.window import Window
 from edgefleet_contracts.profile import Profile
 from edgefleet_contracts.signing import envelope_json, sign_envelope
-from edgefleet_contracts.summary import Summary
+from edgefleet_contracts.summary import Summary, noise_variance
 from fleet_server.health import HealthPolicy, Layout, Reference, assess
 from tests.fleet_server.conftest import make_summary
 from tests.fleet_server.test_drift_stats import SHIFT_SD, _population, _reference, all_rows, clinical  # noqa: F401
