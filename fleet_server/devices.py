@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -21,18 +22,20 @@ from .errors import AuthError, ConflictError, NotFoundError, RequestError
 from .store import Store, record_event
 
 
-def _check_tags(tags: dict[str, str]) -> dict[str, str]:
-    """Tags as stored (enroll, set_tags, enrollment tokens) follow the tag contract
-    (:mod:`edgefleet_contracts.tags`), so every stored tag can be filtered on with ``tag=key=value``: a key with
-    ``=``, a control character or edge whitespace is refused here rather than stored unreachable."""
-    if not isinstance(tags, dict):
-        raise RequestError("tags must be an object of string key=value pairs")
+def check_tags(tags: Any, name: str = "tags", what: str = "tag") -> dict[str, str]:
+    """Tags as stored (enroll, set_tags, enrollment tokens) and as a rollout's cohort names them follow the tag
+    contract (:mod:`edgefleet_contracts.tags`), so every stored tag can be filtered on with ``tag=key=value``: a
+    key with ``=``, a control character or edge whitespace is refused (RequestError naming ``name`` and the bad
+    pair, each pair called ``what``) rather than stored unreachable."""
+    if not isinstance(tags, Mapping):
+        raise RequestError(f'{name} must be an object of tags, like {{"site": "north"}}, not {tags!r}')
+    out: dict[str, str] = {}
     for k, v in tags.items():
         try:
-            check_tag(k, v)
+            out[k] = check_tag(k, v, what)[1]
         except SchemaError as exc:
             raise RequestError(str(exc)) from None
-    return tags
+    return out
 
 
 def public_key_text(text: str) -> str:
@@ -71,7 +74,7 @@ def _checked(device_id: str, public_key_b64: str, tags: dict[str, str] | None) -
         key = public_key_text(public_key_b64)
     except SchemaError as exc:
         raise RequestError(str(exc)) from None
-    return key, _check_tags(tags or {})
+    return key, check_tags(tags or {})
 
 
 def _enroll_in(c: Any, fleet: str, device_id: str, public_key_b64: str, tags: dict[str, str], *,
@@ -137,7 +140,7 @@ def create_enrollment_token(store: Store, tags: dict[str, str] | None = None, tt
     token = "efe_" + secrets.token_urlsafe(24)
     with store.write() as c:
         c.execute("INSERT INTO enrollment_tokens VALUES (?, ?, ?, ?, NULL)",
-                  (hashlib.sha256(token.encode()).hexdigest(), json.dumps(_check_tags(tags or {})), time.time(),
+                  (hashlib.sha256(token.encode()).hexdigest(), json.dumps(check_tags(tags or {})), time.time(),
                    time.time() + ttl_seconds))
     return token
 
@@ -214,5 +217,5 @@ def list_devices(store: Store, tag: tuple[str, str] | None = None, *, limit: int
 def set_tags(store: Store, device_id: str, tags: dict[str, str]) -> dict[str, Any]:
     get(store, device_id)
     with store.write() as c:
-        c.execute("UPDATE devices SET tags = ? WHERE device_id = ?", (json.dumps(_check_tags(tags)), device_id))
+        c.execute("UPDATE devices SET tags = ? WHERE device_id = ?", (json.dumps(check_tags(tags)), device_id))
     return get(store, device_id)

@@ -26,10 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgefleet_contracts.errors import SchemaError
-from edgefleet_contracts.tags import check_tag
 from edgefleet_contracts.timeutil import DailyWindow
 
+from ..devices import check_tags
 from ..errors import RequestError, named_unknown
 from .gates import DEFAULT_THRESHOLDS
 from .plan import check_stages, parse_stages
@@ -82,17 +81,7 @@ def check(*, cohort: Any, stages: Any, bake_seconds: Any, max_per_minute: Any = 
 
 def check_cohort(cohort: Any, name: str = "cohort") -> dict[str, str]:
     """An object of tags (absent or null: the whole fleet). RequestError naming ``name`` and the bad pair."""
-    if cohort is None:
-        return {}
-    if not isinstance(cohort, Mapping):
-        raise RequestError(f'{name} must be an object of tags, like {{"site": "north"}}, not {cohort!r}')
-    out: dict[str, str] = {}
-    for k, v in cohort.items():
-        try:
-            out[k] = check_tag(k, v, name)[1]
-        except SchemaError as exc:
-            raise RequestError(str(exc)) from None
-    return out
+    return {} if cohort is None else check_tags(cohort, name, name)
 
 
 def _stages(stages: Any, name: str) -> list[float]:
