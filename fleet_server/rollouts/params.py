@@ -135,10 +135,22 @@ def _thresholds(v: Any, name: str) -> dict[str, float]:
                            f"the thresholds are {', '.join(known)}")
     out: dict[str, float] = {}
     for k, x in v.items():
-        if not _is_number(x):
-            raise RequestError(f"{name} {k} must be a finite number, not {x!r}")
+        low, high, what = _THRESHOLD_RANGES.get(k, (0.0, math.inf, "a finite number, 0 or more"))
+        if not _is_number(x) or not low <= x <= high or (k == "max_p95_latency_ratio" and x == 0):
+            raise RequestError(f"{name} {k} must be {what}, not {x!r}")
         out[k] = float(x)
     return out
+
+
+# (lowest, highest, in words) per threshold; any other is a finite number, 0 or more. A negative rate would fail
+# every stage, a rate over 1 would pass every one: both are typos, refused by name.
+_THRESHOLD_RANGES: dict[str, tuple[float, float, str]] = {
+    "min_devices": (1, math.inf, "a number of devices, 1 or more"),
+    "max_install_failure_rate": (0, 1, "a rate from 0 to 1"),
+    "max_error_rate": (0, 1, "a rate from 0 to 1"),
+    "max_accuracy_drop": (0, 1, "an accuracy difference from 0 to 1"),
+    "max_p95_latency_ratio": (0, math.inf, "a ratio over 0 (new p95 / control p95)"),
+}
 
 
 def _approve(v: Any, n: int, name: str) -> list[int]:

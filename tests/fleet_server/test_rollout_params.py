@@ -52,7 +52,17 @@ REFUSED = [
     (["--gate", "max_error=0.1"], {"thresholds": {"max_error": 0.1}},
      "{thresholds}: unknown gate threshold max_error (did you mean max_error_rate?); the thresholds are " + GATES),
     (["--gate", "max_error_rate=nan"], {"thresholds": {"max_error_rate": "nan"}},
-     "{thresholds} max_error_rate must be a finite number, not {nan}"),
+     "{thresholds} max_error_rate must be a rate from 0 to 1, not {nan}"),
+    (["--gate", "max_error_rate=-0.1"], {"thresholds": {"max_error_rate": -0.1}},
+     "{thresholds} max_error_rate must be a rate from 0 to 1, not -0.1"),
+    (["--gate", "max_install_failure_rate=5"], {"thresholds": {"max_install_failure_rate": 5}},
+     "{thresholds} max_install_failure_rate must be a rate from 0 to 1, not 5{int}"),
+    (["--gate", "max_p95_latency_ratio=0"], {"thresholds": {"max_p95_latency_ratio": 0}},
+     "{thresholds} max_p95_latency_ratio must be a ratio over 0 (new p95 / control p95), not 0{int}"),
+    (["--gate", "min_devices=0"], {"thresholds": {"min_devices": 0}},
+     "{thresholds} min_devices must be a number of devices, 1 or more, not 0{int}"),
+    (["--gate", "min_p95_increase_ms=-1"], {"thresholds": {"min_p95_increase_ms": -1}},
+     "{thresholds} min_p95_increase_ms must be a finite number, 0 or more, not -1{int}"),
     (["--stages", "50,10"], {"stages": "50,10"},
      "{stages} '50,10' must be increasing percentages in (0, 100], e.g. 1,10,50,100"),
     (["--stages", "a,b"], {"stages": "a,b"},
@@ -71,8 +81,9 @@ def test_the_cli_and_the_api_refuse_the_same_rollout_values_naming_the_flag_or_t
     rc, out, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", str(settings.data_dir), *flags])
     r = client.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.1.0", **body}, headers=operator)
 
-    flag = dict(params.FLAGS, nan="nan")  # a flag's text is a float by then; JSON's "nan" stays a string
-    field = dict(params.BODY, nan="'nan'")
+    # a flag's text is a float by then; JSON's "nan" stays a string, its whole numbers ints
+    flag = dict(params.FLAGS, nan="nan", int=".0")
+    field = dict(params.BODY, nan="'nan'", int="")
     assert (rc, out) == (1, "") and err == f"fleet-server: error: {says.format(**flag)}\n"
     assert r.status_code == 422 and r.json()["detail"] == says.format(**field), r.text
     assert rollouts(fleet) == 0  # nothing created
