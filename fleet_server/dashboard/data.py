@@ -128,9 +128,9 @@ def signals(store: Store, model: str, version: str | None = None, *, since: str 
     if not 1 <= buckets <= MAX_BUCKETS:
         raise RequestError(f"buckets={buckets} must be 1..{MAX_BUCKETS}")
     cohort = parse_tag(tag)
-    version = version or health.latest_version(store, model)
-    policy = policy or alerts.rules_for(store, model).health
     a, b = health.time_range(since, until, now)
+    version, chosen = health.choose_version(store, model, version, a, b)
+    policy = policy or alerts.rules_for(store, model).health
     ref = health.Reference.load(store, model, version)
     layout = health.Layout(ref.profile)
     rows = _rows(store, ref, layout, a, b, cohort)
@@ -158,7 +158,8 @@ def signals(store: Store, model: str, version: str | None = None, *, since: str 
         series.append(point)
     whole = health.assess(ref, layout, total, policy)
     return {
-        "model": model, "version": version, "since": _iso(t0), "until": b, "tag": tag, "buckets": buckets,
+        "model": model, "version": version, "version_chosen": chosen, "since": _iso(t0), "until": b, "tag": tag,
+        "buckets": buckets,
         "features": layout.names, "classes": ref.profile.classes, "reference_rows": ref.profile.n,
         "devices": len({d for d, _, _ in rows}), "summaries": len(rows), "policy": policy.to_dict(),
         "overall": {"input_drift": whole["input_drift"], "output_drift": whole["output_drift"],

@@ -31,7 +31,7 @@ signal functions are pure (plain data in, plain data out).
 from .aggregate import DEFAULT_LOOKBACK_S, UNTAGGED, Aggregate, fmt_epoch, load_aggregate, summary_vectors, time_range
 from .policy import DataQualityPolicy, HealthPolicy, InputDriftPolicy, OutputDriftPolicy, TrustPolicy
 from .reference import Layout, Reference
-from .report import latest_version, report
+from .report import choose_version, latest_version, report
 from .signals import OPERATIONAL_ERRORS, SCHEMA_ERRORS, assess, cohens_w, compact, latency_percentiles
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "compact",
     "fmt_epoch",
     "latency_percentiles",
+    "choose_version",
     "latest_version",
     "load_aggregate",
     "summary_vectors",

@@ -46,6 +46,19 @@ def busiest_version(store: Store, model: str, since: str, until: str) -> tuple[s
     return str(rows[0]["version"]), int(rows[0]["n"]), sum(int(r["n"]) for r in rows)
 
 
+def choose_version(store: Store, model: str, version: str | None, since: str, until: str) -> tuple[str, str]:
+    """The version to report on and why: ``version`` when given, else the published version with the most
+    summaries in ``[since, until)`` (the one the fleet runs, not a newer one published but not rolled out),
+    else the newest published. The CLI, the API and the dashboard all choose this way."""
+    if version:
+        return version, "given"
+    busiest = busiest_version(store, model, since, until)
+    if busiest is None:
+        return latest_version(store, model), "newest published (no summaries in the range)"
+    chosen, n, total = busiest
+    return chosen, f"most summaries in the range ({n} of {total})"
+
+
 def report(store: Store, model: str, version: str | None = None, *, since: str | float | None = None,
            until: str | float | None = None, by: str | Sequence[str] | None = None,
            policy: HealthPolicy | None = None, devices: str = "compact", now: float | None = None) -> dict[str, Any]:
@@ -64,14 +77,7 @@ def report(store: Store, model: str, version: str | None = None, *, since: str |
         raise RequestError(f"devices={devices!r} must be compact, full or none")
     policy = policy or HealthPolicy()
     a, b = time_range(since, until, now)
-    chosen = "given"
-    if not version:
-        busiest = busiest_version(store, model, a, b)
-        if busiest is None:
-            version, chosen = latest_version(store, model), "newest published (no summaries in the range)"
-        else:
-            version, n, total = busiest
-            chosen = f"most summaries in the range ({n} of {total})"
+    version, chosen = choose_version(store, model, version, a, b)
     ref = Reference.load(store, model, version)
     agg = load_aggregate(store, ref, a, b)
     ids = sorted(agg.devices)

@@ -86,6 +86,18 @@ def test_model_page_charts_show_the_drifted_feature_of_the_shifted_cohort(page: 
     assert page.errors == []
 
 
+def test_a_model_page_without_a_version_shows_the_one_the_fleet_runs(page: Any, dash: Dash) -> None:
+    sign_in(page, dash, dash.viewer, "#/models/clinical/")  # as an alert about the whole model links
+    heading = page.get_by_role("heading", name=re.compile("^clinical 1.0.0"))
+    heading.wait_for()
+    assert re.fullmatch(r"clinical 1\.0\.0 \(most summaries in the range \(\d+ of \d+\)\)", heading.inner_text())
+    table = page.get_by_test_id("input-drift-table")
+    table.wait_for()
+    page.get_by_test_id(f"feature-{table.locator('tbody tr').first.get_attribute('data-feature')}").click()
+    page.get_by_test_id("histogram").wait_for()  # asked with the chosen version, not an empty one
+    assert page.errors == []
+
+
 def test_south_sites_labels_give_a_measured_accuracy(page: Any, dash: Dash) -> None:
     sign_in(page, dash, dash.viewer, "#/models/clinical/1.0.0?tag=site%3Dsouth")
     section = page.locator("section", has=page.get_by_role("heading", name=re.compile("^Accuracy")))

@@ -156,6 +156,19 @@ def test_drift_defaults_to_the_version_with_the_most_summaries_and_says_so(
     assert "fleet: 4 device(s), 4 summaries" in out and "None" not in out
 
 
+def test_the_dashboards_signals_choose_the_version_as_drift_does(drift_fleet: DriftFleet) -> None:  # noqa: F811
+    from fleet_server.dashboard.data import signals
+
+    drift_fleet.cohorts(per_cohort=2, windows=1, rows=100)
+    _publish_unused_newer_version(drift_fleet)
+
+    s = signals(drift_fleet.store, "clinical")  # a model page without a version (an alert about the model)
+    assert (s["version"], s["version_chosen"]) == ("1.0.0", "most summaries in the range (4 of 4)")
+    assert s["summaries"] == 4
+    given = signals(drift_fleet.store, "clinical", "1.1.0")
+    assert (given["version"], given["version_chosen"], given["summaries"]) == ("1.1.0", "given", 0)
+
+
 def test_drift_prints_a_dash_for_no_data_and_shows_the_dp_fields(drift_fleet: DriftFleet) -> None:  # noqa: F811
     rc, out, _ = run_cli(["drift", "clinical", "--data", str(drift_fleet.settings.data_dir), "--version", "1.0.0"])
     assert rc == 0 and "fleet: 0 device(s)" in out

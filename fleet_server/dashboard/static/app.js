@@ -10,7 +10,7 @@ import { signalsPage } from "./signals.js";
 const routes = [
   [/^\/$/, overviewPage],
   [/^\/models$/, modelsPage],
-  [/^\/models\/([^/]+)\/([^/]+)$/, signalsPage],
+  [/^\/models\/([^/]+)\/([^/]*)$/, signalsPage],  // an empty version: the server chooses (an alert about the model)
   [/^\/rollouts$/, rolloutsPage],
   [/^\/rollouts\/([^/]+)$/, rolloutDetail],
   [/^\/devices$/, devicesPage],

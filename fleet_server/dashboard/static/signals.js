@@ -51,12 +51,15 @@ async function showHistogram(target, name, version, feature, params) {
 export async function signalsPage(params, name, version) {
   const since = params.get("range") || undefined;
   const s = await api(`/api/v1/signals${qs({ model: name, version, tag: params.get("tag"), since, buckets: 24 })}`);
+  // No version in the address (an alert about the model as a whole): the server chose one, as `drift` does.
+  const chosen = version ? "" : ` (${s.version_chosen})`;
+  version = s.version;
   const x = s.series.map((p) => clock(p.end));
   const live = s.series.map((p) => p.count > 0);
   const pick = (f) => s.series.map((p, i) => (live[i] ? f(p) : null));
   const o = s.overall;
   const scope = params.get("tag") || "whole fleet";
-  const out = h("div", {}, heading(`${name} ${version}`),
+  const out = h("div", {}, heading(`${name} ${version}${chosen}`),
     h("p", { class: "muted", text: `${scope}: ${s.devices} device(s), ${s.summaries} summaries, ${o.count} predictions `
       + `from ${s.since.replace("T", " ")} to ${s.until.replace("T", " ")}; reference profile of ${s.reference_rows} rows.` }),
     filters(name, version, s, params));
