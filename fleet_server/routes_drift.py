@@ -56,6 +56,8 @@ class DriftService:
         self._lock = threading.Lock()
         self.evaluations = 0
         self.evaluation_failures = 0
+        self.evaluation_errors = 0  # per-model problems of passes that ran (bad rules, unreadable profiles)
+        self._errors_seen: set[str] = set()
         self.last_evaluation_seconds = 0.0
         self.last = Evaluation()
         self.deliveries = {"delivered": 0, "retry": 0, "failed": 0}
@@ -74,8 +76,13 @@ class DriftService:
                 log.error("retraining hook queue full; dropped %s hook for %s", h.reason, h.model)
         with self._lock:
             self.evaluations += 1
+            self.evaluation_errors += len(result.errors)
             self.last_evaluation_seconds = result.seconds
             self.last = result
+            new = [e for e in result.errors if e not in self._errors_seen]
+            self._errors_seen = set(result.errors)
+        for e in new:  # once while it lasts, not every pass: the counter says it recurs
+            log.error("drift evaluation: %s", e)
         self._wake_delivery.set()
         return result
 
@@ -159,6 +166,10 @@ class DriftService:
             "# HELP edgefleet_drift_evaluation_failures_total Evaluation passes that raised.",
             "# TYPE edgefleet_drift_evaluation_failures_total counter",
             f"edgefleet_drift_evaluation_failures_total {self.evaluation_failures}",
+            "# HELP edgefleet_drift_evaluation_errors_total Problems of one model in a pass that went on with the "
+            "others (bad alert rules, an unreadable reference profile, a failed model).",
+            "# TYPE edgefleet_drift_evaluation_errors_total counter",
+            f"edgefleet_drift_evaluation_errors_total {self.evaluation_errors}",
             "# HELP edgefleet_drift_evaluation_seconds Duration of the last evaluation pass.",
             "# TYPE edgefleet_drift_evaluation_seconds gauge",
             f"edgefleet_drift_evaluation_seconds {self.last_evaluation_seconds:.6f}",

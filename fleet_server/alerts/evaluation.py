@@ -14,6 +14,7 @@ reporting counts as clear).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from ..store import Store
 from .conditions import Condition, conditions, group_conditions, scopes
 from .lifecycle import dedup_key, raise_alert, record_event
 from .rules import AlertRules, rules_for
+
+log = logging.getLogger("edgefleet.alerts")
 
 MAX_EVIDENCE_DEVICES = 50
 
@@ -72,45 +75,55 @@ def evaluate(store: Store, now: float | None = None) -> Evaluation:
     for m in store.query("SELECT name FROM models ORDER BY name"):
         model = m["name"]
         try:
-            rules = rules_for(store, model)
-        except RequestError as exc:
-            result.errors.append(f"{model}: {exc}")
-            rules = AlertRules()
-        since, until = fmt_epoch(now - rules.window_s), fmt_epoch(now + 1)
-        versions = [r["version"] for r in store.query(
-            "SELECT DISTINCT version FROM summaries WHERE model = ? AND window_end > ? AND window_start < ?",
-            (model, since, until))]
-        found: list[tuple[str, Condition]] = []
-        for version in versions:
-            try:
-                ref = Reference.load(store, model, version)
-            except (NotFoundError, ContractError) as exc:  # unpublished, or a profile this server cannot read
-                result.errors.append(f"{model} {version}: {exc}")
-                continue
-            agg = load_aggregate(store, ref, since, until)
-            if not agg.devices:
-                continue
-            result.versions += 1
-            for scope, members in scopes(agg, rules, enrolled):
-                result.scopes += 1
-                vec, span = agg.total(members)
-                h = assess(ref, agg.layout, vec, rules.health)
-                context = {"scope": scope, "window": {"start": span[0], "end": span[1]} if span else None,
-                           "range": {"since": since, "until": until}, "device_count": len(members),
-                           "devices": members[:MAX_EVIDENCE_DEVICES], "summaries": h["summaries"],
-                           "count": h["count"], "requests": h["requests"]}
-                found.extend((version, cond) for cond in conditions(model, version, scope, h, rules, context))
-        found = group_conditions(found)
-        with store.write() as c:
-            raised: set[str] = set()
-            for version, cond in found:
-                what, alert_id = raise_alert(c, model, version, cond.kind, cond.scope, cond.summary, cond.evidence,
-                                             now, rules.cooldown_s, rules.settle_s)
-                raised.add(dedup_key(model, version, cond.kind, cond.scope))
-                if what == "opened" and alert_id is not None:
-                    result.opened.append(alert_id)
-                elif what == "updated" and alert_id is not None:
-                    result.updated.append(alert_id)
-            _clear(c, model, raised, now, rules, result)
+            _evaluate_model(store, model, now, enrolled, result)
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others' alerts
+            log.exception("alert evaluation of model %s failed", model)
+            result.errors.append(f"{model}: evaluation failed: {type(exc).__name__}: {exc}")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _evaluate_model(store: Store, model: str, now: float, enrolled: dict[str, dict[str, str]],
+                    result: Evaluation) -> None:
+    """One model's pass of :func:`evaluate`, its findings added to ``result``."""
+    try:
+        rules = rules_for(store, model)
+    except RequestError as exc:
+        result.errors.append(f"{model}: {exc} (its rules are ignored: the defaults apply)")
+        rules = AlertRules()
+    since, until = fmt_epoch(now - rules.window_s), fmt_epoch(now + 1)
+    versions = [r["version"] for r in store.query(
+        "SELECT DISTINCT version FROM summaries WHERE model = ? AND window_end > ? AND window_start < ?",
+        (model, since, until))]
+    found: list[tuple[str, Condition]] = []
+    for version in versions:
+        try:
+            ref = Reference.load(store, model, version)
+        except (NotFoundError, ContractError) as exc:  # unpublished, or a profile this server cannot read
+            result.errors.append(f"{model} {version}: {exc}")
+            continue
+        agg = load_aggregate(store, ref, since, until)
+        if not agg.devices:
+            continue
+        result.versions += 1
+        for scope, members in scopes(agg, rules, enrolled):
+            result.scopes += 1
+            vec, span = agg.total(members)
+            h = assess(ref, agg.layout, vec, rules.health)
+            context = {"scope": scope, "window": {"start": span[0], "end": span[1]} if span else None,
+                       "range": {"since": since, "until": until}, "device_count": len(members),
+                       "devices": members[:MAX_EVIDENCE_DEVICES], "summaries": h["summaries"],
+                       "count": h["count"], "requests": h["requests"]}
+            found.extend((version, cond) for cond in conditions(model, version, scope, h, rules, context))
+    found = group_conditions(found)
+    with store.write() as c:
+        raised: set[str] = set()
+        for version, cond in found:
+            what, alert_id = raise_alert(c, model, version, cond.kind, cond.scope, cond.summary, cond.evidence,
+                                         now, rules.cooldown_s, rules.settle_s)
+            raised.add(dedup_key(model, version, cond.kind, cond.scope))
+            if what == "opened" and alert_id is not None:
+                result.opened.append(alert_id)
+            elif what == "updated" and alert_id is not None:
+                result.updated.append(alert_id)
+        _clear(c, model, raised, now, rules, result)

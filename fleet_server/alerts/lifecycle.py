@@ -100,7 +100,9 @@ def get_alert(store: Store, alert_id: int) -> dict[str, Any]:
 
 
 def acknowledge(store: Store, alert_id: int, by: str, now: float | None = None) -> dict[str, Any]:
-    """Raises NotFoundError, or ConflictError when the alert is already resolved."""
+    """Raises NotFoundError, or ConflictError when the alert is already resolved. Idempotent, as resolving is:
+    acknowledging an acknowledged alert returns it unchanged (the first acknowledger stays on record, and no
+    second event is logged)."""
     now = time.time() if now is None else now
     with store.write() as c:
         r = c.execute("SELECT state, model, version FROM alerts WHERE id = ?", (alert_id,)).fetchone()
@@ -108,9 +110,11 @@ def acknowledge(store: Store, alert_id: int, by: str, now: float | None = None) 
             raise NotFoundError(f"no alert {alert_id}")
         if r["state"] == "resolved":
             raise ConflictError(f"alert {alert_id} is already resolved")
-        c.execute("UPDATE alerts SET state = 'acknowledged', acknowledged_by = ?, updated = ? WHERE id = ?",
-                  (by, now, alert_id))
-        record_event(c, now, "alert_acknowledged", f"{r['model']}/{r['version'] or '-'}", {"id": alert_id, "by": by})
+        if r["state"] != "acknowledged":
+            c.execute("UPDATE alerts SET state = 'acknowledged', acknowledged_by = ?, updated = ? WHERE id = ?",
+                      (by, now, alert_id))
+            record_event(c, now, "alert_acknowledged", f"{r['model']}/{r['version'] or '-'}",
+                         {"id": alert_id, "by": by})
     return get_alert(store, alert_id)
 
 

@@ -10,6 +10,7 @@ or a value of the wrong type, naming it and listing the valid ones.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -66,6 +67,14 @@ class AlertRules:
         return d
 
 
+MAX_SPAN_S = 366 * 86400  # the longest window, cooldown or auto-resolve delay a rule may set
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float, not a bool (JSON's 1e400 arrives as infinity)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _sections(r: AlertRules) -> dict[str, Any]:
     return {"input_drift": r.health.input_drift, "output_drift": r.health.output_drift,
             "data_quality": r.health.data_quality, "trust": r.health.trust, "accuracy_drop": r.accuracy_drop,
@@ -86,9 +95,13 @@ def _override(obj: Any, doc: Any, where: str) -> Any:
         elif isinstance(cur, str):
             ok = isinstance(v, str)
         elif isinstance(cur, int) and not isinstance(cur, bool) and "float" not in str(names[k].type):
-            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            ok = isinstance(v, int) and not isinstance(v, bool)
+            if ok and v < 0:
+                raise RequestError(f"alert_rules.{where}.{k} must be a whole number, 0 or more, not {v!r}")
         else:
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            ok = _is_number(v)
+            if ok and v < 0:
+                raise RequestError(f"alert_rules.{where}.{k} must be a finite number, 0 or more, not {v!r}")
         if not ok:
             raise RequestError(f"alert_rules.{where}.{k} = {v!r} has the wrong type (default {cur!r})")
         changes[k] = v
@@ -115,10 +128,10 @@ def parse_rules(doc: Any) -> AlertRules:
                 enabled[k] = v.pop("enabled")
             secs[k] = _override(secs[k], v, k)
         elif k in ("window_s", "cooldown_s", "resolve_after_s"):
-            if not ((isinstance(v, int | float) and not isinstance(v, bool) and v > 0)
-                    or (v is None and k == "resolve_after_s")):
-                raise RequestError(f"alert_rules.{k} must be a positive number of seconds"
-                                   + (" or null (resolve by hand only)" if k == "resolve_after_s" else ""))
+            if not ((_is_number(v) and 0 < v <= MAX_SPAN_S) or (v is None and k == "resolve_after_s")):
+                raise RequestError(f"alert_rules.{k} must be a number of seconds over 0 and at most 366 days "
+                                   f"({MAX_SPAN_S:,} s)" + (" or null (resolve by hand only)"
+                                                            if k == "resolve_after_s" else "") + f", not {v!r}")
             top[k] = v
         elif k == "settle_s":
             if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 86400):

@@ -149,6 +149,10 @@ def test_ack_and_resolve_need_the_operator_role_and_resolving_by_hand_mutes_for_
     assert client.post(f"/api/v1/alerts/{alert_id}/ack").status_code == 401
     r = client.post(f"/api/v1/alerts/{alert_id}/ack", headers=operator)
     assert r.status_code == 200 and r.json()["state"] == "acknowledged" and r.json()["acknowledged_by"] == "otto"
+    other = {"Authorization": f"Bearer {create_token(f.store, 'operator', 'olga')}"}
+    again = client.post(f"/api/v1/alerts/{alert_id}/ack", headers=other)  # idempotent: otto stays on record
+    assert again.status_code == 200 and again.json()["acknowledged_by"] == "otto"
+    assert len(retraining.events(f.store, "alert_acknowledged")) == 1
     listed = client.get("/api/v1/alerts", params={"state": "acknowledged"}, headers=viewer).json()
     assert [a["id"] for a in listed] == [alert_id]
     assert alerts.evaluate(f.store).opened == []  # acknowledged alerts still deduplicate
@@ -248,6 +252,55 @@ def test_rules_are_overridable_per_model_and_validated(drift_fleet):
     assert r.status_code == 200 and r.json()["input_drift"]["alpha"] == 0.001
     got = client.get("/api/v1/models/clinical/alert-rules", headers=viewer).json()
     assert got["input_drift"]["alpha"] == 0.001 and got["latency_p95"]["max_p95_ms"] == 250.0  # replaced
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ('{"window_s": 1e11}', "alert_rules.window_s must be a number of seconds over 0 and at most 366 days"),
+    ('{"cooldown_s": 1e400}', "alert_rules.cooldown_s must be a number of seconds over 0 and at most 366 days"),
+    ('{"resolve_after_s": 0}', "alert_rules.resolve_after_s must be a number of seconds over 0"),
+    ('{"window_s": Infinity}', "request body is not JSON"),
+    ('{"latency_p95": {"max_p95_ms": -1}}', "alert_rules.latency_p95.max_p95_ms must be a finite number, 0 or more"),
+    ('{"latency_p95": {"max_p95_ms": 1e400}}', "alert_rules.latency_p95.max_p95_ms = inf has the wrong type"),
+    ('{"error_rate": {"min_requests": -3}}', "alert_rules.error_rate.min_requests must be a whole number, 0 or more"),
+])
+def test_rules_out_of_range_are_a_422_naming_them_and_nothing_is_stored(drift_fleet, body, says):
+    f = drift_fleet
+    app = create_app(f.settings, f.store)
+    attach_drift(app, app.state.ctx)
+    client = TestClient(app)
+    operator = {"Authorization": f"Bearer {create_token(f.store, 'operator')}", "Content-Type": "application/json"}
+    r = client.put("/api/v1/models/clinical/alert-rules", content=body, headers=operator)
+    assert r.status_code == 422 and r.json()["detail"].startswith(says), r.text
+    assert f.store.one("SELECT alert_rules FROM models WHERE name = 'clinical'")[0] in (None, "{}")
+
+
+def test_one_models_unreadable_rules_stop_neither_the_others_alerts_nor_the_retraining_check(drift_fleet, caplog):
+    f = drift_fleet
+    f.cohorts()
+    _fleet_only(f)
+    with f.store.write() as c:  # "aardvark", evaluated first: rules a JSON parser refuses, and a window (stored
+        # before the bound existed) that no date can start at
+        c.execute("INSERT INTO models SELECT 'aardvark', owner, oncall, retrain_every_s, last_retrained, retrain_hook,"
+                  " retrain_on_drift, '{', created FROM models WHERE name = 'clinical'")
+        c.execute("INSERT INTO models SELECT 'badger', owner, oncall, retrain_every_s, last_retrained, retrain_hook,"
+                  " retrain_on_drift, '{\"window_s\": 1e11}', created FROM models WHERE name = 'clinical'")
+        c.execute("UPDATE models SET retrain_every_s = 86400, last_retrained = ? WHERE name = 'clinical'",
+                  (time.time() - 2 * 86400,))
+    app = create_app(f.settings, f.store)
+    svc = attach_drift(app, app.state.ctx)
+
+    res = svc.run_once()
+
+    assert sorted(a["kind"] for a in _active(f)) == ["input_drift", "retraining_due"]
+    assert len(res.opened) == 1
+    assert [e.split(":")[0] for e in res.errors] == ["aardvark", "badger"], res.errors
+    assert "evaluation failed: JSONDecodeError" in res.errors[0]
+    assert "window_s must be a number of seconds" in res.errors[1] and "the defaults apply" in res.errors[1]
+    assert "edgefleet_drift_evaluation_errors_total 2" in svc.metrics()
+    logged = [r.getMessage() for r in caplog.records if r.name == "edgefleet.drift"]
+    svc.run_once()  # the same problems again: counted, not logged again
+    assert "edgefleet_drift_evaluation_errors_total 4" in svc.metrics()
+    assert [r.getMessage() for r in caplog.records if r.name == "edgefleet.drift"] == logged and len(logged) == 2
 
 
 def test_retraining_due_raises_one_event_and_runs_the_hook(drift_fleet, tmp_path):
