@@ -9,14 +9,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet_contracts.errors import ContractError
 
 from . import devices, registry
 from .auth import authenticate, require
-from .bodies import body_object, number, string, strings
+from .bodies import body_object, boolean, known_fields, number, string, strings
 from .errors import FleetError, RequestError, TooLargeError
 from .settings import ServerSettings
 from .store import Store
@@ -73,9 +76,22 @@ async def read_json(request: Request) -> Any:
             raise TooLargeError(f"body over {MAX_BODY} bytes")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(b"".join(chunks), parse_constant=_no_constant)
+    except _NotJSONNumberError as exc:
+        raise RequestError(f"request body is not JSON: {exc}") from None
     except (ValueError, UnicodeDecodeError):
         raise RequestError("request body is not JSON") from None
+    except RecursionError:  # a few kB of "[[[[..." is enough: no request body of this API nests that deep
+        raise RequestError("request body nests too deeply to be one of this API's bodies") from None
+
+
+class _NotJSONNumberError(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity are Python's extensions, not JSON: no field of this API takes them."""
+    raise _NotJSONNumberError(f"{name} is not a JSON number")
 
 
 class Context:
@@ -96,6 +112,19 @@ def _mqtt_check(ctx: Context) -> dict[str, Any]:
     svc = ctx.extensions.get("ingest")
     checks = [src.health() for src in getattr(svc, "sources", []) if hasattr(src, "health")]
     return checks[0] if checks else {"status": "down", "error": "ingest is not running"}
+
+
+def validation_detail(errors: Any) -> str:
+    """FastAPI's parameter errors as one sentence naming each parameter: ``query limit: Input should be less
+    than or equal to 10000 (got '10001')``."""
+    parts = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        where = " ".join(loc) or "request"
+        got = f" (got {e['input']!r})" if loc[:1] != ["body"] and isinstance(e.get("input"), str | int | float) \
+            else ""
+        parts.append(f"{where}: {e.get('msg', 'invalid')}{got}")
+    return "; ".join(parts) or "invalid request"
 
 
 def _source_metrics(ctx: Context) -> list[Callable[[], str]]:
@@ -132,6 +161,26 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     @app.exception_handler(ContractError)
     async def _contract_error(_: Request, exc: ContractError) -> JSONResponse:
         return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=422)
+
+    # Every error answer has one shape, ``{"error": token, "detail": sentence}``: the parameters FastAPI checks
+    # itself (a ``limit`` out of range, a ``bool`` that is not one) add ``errors`` (each ``loc``, ``msg``,
+    # ``type``), and an unknown path or method is a 404 / 405 in the same shape, not Starlette's bare detail.
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_parameter(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in jsonable_encoder(exc.errors())]
+        return JSONResponse({"error": "invalid_request", "detail": validation_detail(exc.errors()),
+                             "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        detail = exc.detail
+        if exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+            detail = (f"no route {request.url.path}" if exc.status_code == 404
+                      else f"{request.method} is not allowed on {request.url.path}")
+        return JSONResponse({"error": reason, "detail": str(detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.middleware("http")
     async def _limit(request: Request, call_next: Any) -> Response:
@@ -180,21 +229,24 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     @app.post("/api/v1/devices")
     async def enroll_device(request: Request, _: Operator) -> Any:
         b = body_object(await _json(request), "{device_id, public_key (PEM or base64), tags?, replace?}")
+        known_fields(b, ("device_id", "public_key", "tags", "replace"))
         device_id, key, tags = string(b, "device_id"), string(b, "public_key"), strings(b, "tags")
+        replace = boolean(b, "replace")
         return await run_in_threadpool(lambda: devices.enroll(store, settings.fleet, device_id, key, tags,
-                                                              replace=bool(b.get("replace"))))
+                                                              replace=replace))
 
     @app.post("/api/v1/enrollment-tokens")
     async def enrollment_token(request: Request, _: Operator) -> Any:
-        b = body_object(await _json(request) or {}, "{tags?, ttl_seconds?}")
+        b = known_fields(body_object(await _json(request) or {}, "{tags?, ttl_seconds?}"), ("tags", "ttl_seconds"))
         tags, ttl = strings(b, "tags"), number(b, "ttl_seconds", 86400, lo=1, hi=366 * 86400)
         return {"token": await run_in_threadpool(devices.create_enrollment_token, store, tags, ttl)}
 
     @app.post("/api/v1/enroll")
     async def self_enroll(request: Request) -> Any:
-        b = await _json(request)
-        if not isinstance(b, dict) or not all(isinstance(b.get(k), str) for k in ("token", "device_id", "public_key")):
-            raise RequestError("body must be {token, device_id, public_key}")
+        b = body_object(await _json(request), "{token, device_id, public_key}")
+        known_fields(b, ("token", "device_id", "public_key"))
+        if not all(isinstance(b.get(k), str) for k in ("token", "device_id", "public_key")):
+            raise RequestError("body must be {token, device_id, public_key}, each a string")
         return await run_in_threadpool(devices.self_enroll, store, settings.fleet, b["token"], b["device_id"],
                                        b["public_key"])
 
@@ -210,7 +262,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         """Revoke a lost, stolen or retired device (body ``{"reason": "..."}``): its messages are refused from the
         next ingest batch on (``device_revoked``), rollouts stop targeting it; it comes back only by an enroll
         with ``replace`` and a new key."""
-        b = body_object(await _json(request), "{reason}")
+        b = known_fields(body_object(await _json(request), "{reason}"), ("reason",))
         reason = string(b, "reason")
         return await run_in_threadpool(devices.revoke, store, device_id, reason, f"api:{who[0]}")
 
@@ -227,10 +279,12 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     async def show_model(name: str, _: Viewer) -> Any:
         return await run_in_threadpool(registry.show, store, name)
 
-    @app.get("/packages/{name}/{version}")
-    async def download(name: str, version: str, range: Annotated[str | None, Header()] = None) -> Response:
+    @app.api_route("/packages/{name}/{version}", methods=["GET", "HEAD"])
+    async def download(request: Request, name: str, version: str, range: Annotated[str | None, Header()] = None,
+                       if_range: Annotated[str | None, Header()] = None) -> Response:
         """Package download for devices (packages are signed: integrity does not depend on this channel).
-        Supports a single Range for resumable downloads over poor links."""
+        Supports a single byte Range for resumable downloads over poor links, ``If-Range`` with the ETag (the
+        package's sha256; anything else, a date included, sends the whole package) and HEAD."""
         row = await run_in_threadpool(registry.version_row, store, name, version)
         # The file in this data folder's packages/ by the name it was published under: the stored absolute path
         # is where the folder was then, and a restored backup (or a moved folder) lives elsewhere.
@@ -245,6 +299,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             return JSONResponse({"error": "package_unavailable", "detail": f"{name} {version} is published but its "
                                  f"file is missing or damaged on the server ({path.name}); the operator must "
                                  "publish it again"}, status_code=503, headers={"Retry-After": "300"})
+        if if_range is not None and if_range.strip() != f'"{row["sha256"]}"':
+            range = None  # the client's partial copy is of other bytes: it gets the whole package (RFC 9110 13.1.5)
         try:
             span = registry.parse_range(range, length)
         except RequestError as exc:
@@ -266,6 +322,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start + 1), "ETag": f'"{row["sha256"]}"'}
         if span:
             headers["Content-Range"] = f"bytes {start}-{end}/{length}"
+        if request.method == "HEAD":
+            return Response(status_code=206 if span else 200, headers=headers, media_type="application/octet-stream")
         return StreamingResponse(body(), status_code=206 if span else 200, headers=headers,
                                  media_type="application/octet-stream")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import RequestError, named_unknown
 
-__all__ = ["body_object", "floats", "integer", "integers", "known_fields", "number", "string", "strings"]
+__all__ = ["body_object", "boolean", "floats", "integer", "integers", "known_fields", "number", "string", "strings"]
 
 _INT_MAX = 2**63 - 1  # what SQLite stores
 
@@ -45,6 +45,17 @@ def string(b: dict[str, Any], key: str, default: str | None = None) -> str:
     v = b.get(key, default)
     if not isinstance(v, str):
         raise RequestError(f"{key} must be a string" if key in b else f"{key} is required")
+    return v
+
+
+def boolean(b: dict[str, Any], key: str, default: bool = False) -> bool:
+    """``true`` or ``false`` (absent or null: ``default``). Nothing else: ``"false"`` is a non-empty string,
+    which a ``bool()`` would take for true."""
+    v = b.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise RequestError(f"{key} must be true or false, not {v!r}")
     return v
 
 

@@ -351,14 +351,17 @@ _RANGE_NUMBERS = re.compile(r"[0-9]{0,18}-[0-9]{0,18}")
 
 
 def parse_range(header: str | None, length: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> inclusive (start, end); None for no Range.
+    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> inclusive (start, end); None for no Range, and for one this
+    server ignores as RFC 9110 lets it (section 14.2): another unit than ``bytes`` (which it must ignore) or
+    several ranges (the whole package is then sent, 200, which a resuming client handles).
 
-    Raises RequestError (416) for an unsatisfiable or malformed range."""
+    Raises RequestError (416) for an unsatisfiable or malformed single byte range."""
     if not header:
         return None
-    if not header.startswith("bytes=") or "," in header:
-        raise RequestError(f"unsupported Range {header!r}; use a single bytes=start-end range")
-    a, _, b = header[6:].partition("-")
+    unit, eq, _ = header.partition("=")
+    if not eq or unit.strip().lower() != "bytes" or "," in header:
+        return None
+    a, _, b = header[len(unit) + 1:].partition("-")
     if not _RANGE_NUMBERS.fullmatch(f"{a}-{b}") or (a == "" and b == ""):
         # RFC 9110: ASCII digits only (int() would also take '1_0', ' 5' or Arabic-Indic digits)
         raise RequestError(f"malformed Range {header!r}")

@@ -39,10 +39,10 @@ BAD_BODIES = [
     ("/api/v1/enrollment-tokens", [1], "JSON object"),
     ("/api/v1/enrollment-tokens", {"tags": [1]}, "tags"),
     ("/api/v1/enrollment-tokens", {"ttl_seconds": "x"}, "ttl_seconds"),
-    ("/api/v1/enrollment-tokens", {"ttl_seconds": 1e400}, "ttl_seconds"),  # JSON Infinity-sized
+    ("/api/v1/enrollment-tokens", {"ttl_seconds": 1e400}, "Infinity is not a JSON number"),  # json.dumps(inf)
     ("/api/v1/enrollment-tokens", {"ttl_seconds": -5}, "ttl_seconds"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "bake_seconds": "x"}, "bake_seconds"),
-    ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "max_per_minute": 1e400}, "max_per_minute"),
+    ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "max_per_minute": 1e400}, "Infinity is not"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "max_per_minute": 2.5}, "max_per_minute"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "thresholds": [1]}, "thresholds"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "thresholds": {"error_rate": "x"}},
@@ -53,6 +53,15 @@ BAD_BODIES = [
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "stages": [1, 2]}, "stages"),
     ("/api/v1/rollouts", {"model": "clinical"}, "version"),
     ("/api/v1/rollbacks", {"model": "clinical", "to": "1.0.0", "cohort": [1]}, "cohort"),
+    # "false" is a string: never taken for true (it replaced a revoked device's key)
+    ("/api/v1/devices", {"device_id": "d1", "public_key": KEY, "replace": "false"},
+     "replace must be true or false, not 'false'"),
+    ("/api/v1/devices", {"device_id": "d1", "public_key": KEY, "tgas": {"a": "b"}}, "unknown field tgas"),
+    ("/api/v1/enrollment-tokens", {"ttl": 5}, "unknown field ttl (did you mean ttl_seconds?)"),
+    ("/api/v1/enroll", {"token": "t", "device_id": "d1", "public_key": KEY, "tags": {}}, "unknown field tags"),
+    ("/api/v1/devices/d1/revoke", {"reason": "lost", "by": "me"}, "unknown field by"),
+    ("/api/v1/devices", {"device_id": "d1", "public_key": KEY, "tags": {"a": float("nan")}},
+     "NaN is not a JSON number"),
 ]
 
 
@@ -66,6 +75,45 @@ def test_a_wrong_type_or_value_in_a_body_is_a_422_naming_the_field(api: Any, pat
     r = client.post(path, content=json.dumps(body), headers={**operator, "Content-Type": "application/json"})
     assert r.status_code == 422, (r.status_code, r.text)
     assert named in r.json()["detail"], r.json()
+
+
+@pytest.mark.parametrize("path", ["/api/v1/enroll", "/api/v1/devices", "/api/v1/rollouts", "/api/v1/summaries"])
+def test_a_small_deeply_nested_body_is_a_422_not_a_500(api: Any, path: str) -> None:
+    client, operator, _ = api
+    r = client.post(path, content=b"[" * 5000 + b"]" * 5000, headers=operator)
+    assert r.status_code == 422 and "nest" in r.text, (r.status_code, r.text)  # summaries: the ingest result
+    assert client.get("/healthz").status_code == 200
+
+
+def test_a_revoked_device_is_not_reinstated_by_a_string_replace(api: Any) -> None:
+    client, operator, _ = api
+    assert client.post("/api/v1/devices", json={"device_id": "d1", "public_key": KEY}, headers=operator).is_success
+    assert client.post("/api/v1/devices/d1/revoke", json={"reason": "lost"}, headers=operator).is_success
+    new_key = public_b64(generate_key().public_key())
+    for replace in ("false", "true", 1):
+        r = client.post("/api/v1/devices", json={"device_id": "d1", "public_key": new_key, "replace": replace},
+                        headers=operator)
+        assert r.status_code == 422, r.text
+    r = client.post("/api/v1/devices", json={"device_id": "d1", "public_key": new_key, "replace": False},
+                    headers=operator)
+    assert r.status_code == 409
+    assert client.get("/api/v1/devices/d1", headers=operator).json()["revoked"] is not None
+
+
+@pytest.mark.parametrize(("method", "url", "status", "error", "detail"), [
+    ("GET", "/api/v1/nothing-here", 404, "not_found", "no route /api/v1/nothing-here"),
+    ("DELETE", "/api/v1/devices", 405, "method_not_allowed", "DELETE is not allowed on /api/v1/devices"),
+    ("GET", "/api/v1/alerts/abc", 422, "invalid_request", "path alert_id: "),
+    ("GET", "/api/v1/devices?limit=0", 422, "invalid_request", "query limit: "),
+    ("GET", "/healthz?strict=perhaps", 422, "invalid_request", "query strict: "),
+])
+def test_every_error_answer_has_the_one_shape(api: Any, method: str, url: str, status: int, error: str,
+                                             detail: str) -> None:
+    client, operator, _ = api
+    r = client.request(method, url, headers=operator)
+    body = r.json()
+    assert (r.status_code, body["error"]) == (status, error) and body["detail"].startswith(detail), r.text
+    assert isinstance(body["detail"], str)
 
 
 @pytest.mark.parametrize("request_", [

@@ -155,7 +155,9 @@ def test_a_tag_filter_that_is_not_key_value_is_a_422_not_every_device(api: Api, 
 def test_a_limit_outside_1_to_10000_is_a_422_naming_limit(api: Api, path: str, limit: str) -> None:
     r = api.client.get(path, params={"limit": limit}, headers=api.viewer)
     assert r.status_code == 422, r.text
-    assert [e["loc"] for e in r.json()["detail"]] == [["query", "limit"]]
+    body = r.json()
+    assert body["error"] == "invalid_request" and [e["loc"] for e in body["errors"]] == [["query", "limit"]]
+    assert body["detail"].startswith("query limit: ") and f"(got '{limit}')" in body["detail"]
 
 
 # ---- models ----------------------------------------------------------------------------------------------------

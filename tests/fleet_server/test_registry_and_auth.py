@@ -43,7 +43,9 @@ def test_tokens_and_roles(server):
     r = client.post("/api/v1/devices", json=body, headers=_auth(viewer))
     assert r.status_code == 403 and "needs 'operator'" in r.json()["detail"]
     assert client.post("/api/v1/devices", json=body, headers=_auth(operator)).status_code == 200
-    expired = create_token(store, "admin", ttl_seconds=-1)
+    expired = create_token(store, "admin", ttl_seconds=1)
+    with store.write() as c:  # its second has passed
+        c.execute("UPDATE tokens SET expires = created - 1 WHERE role = 'admin'")
     assert client.get("/api/v1/devices", headers=_auth(expired)).json()["detail"] == "token expired"
 
 
@@ -83,8 +85,22 @@ def test_publish_verifies_against_the_root_and_serves_ranges(server, built, tmp_
     tail = client.get("/packages/clinical/1.0.0", headers={"Range": f"bytes={len(data) - 10}-"})
     assert tail.content == data[-10:]
     assert client.get("/packages/clinical/1.0.0", headers={"Range": f"bytes={len(data)}-"}).status_code == 416
-    for odd in ("bytes=1_0-20", "bytes= 5-9", "bytes=-", "bytes=0-9,20-29"):  # int() took the first two
+    for odd in ("bytes=1_0-20", "bytes= 5-9", "bytes=-"):  # int() took the first two
         assert client.get("/packages/clinical/1.0.0", headers={"Range": odd}).status_code == 416, odd
+    # RFC 9110: a range unit it does not know is ignored, as it may ignore several ranges: the whole package
+    for ignored in ("items=0-5", "bytes=0-9,20-29"):
+        whole = client.get("/packages/clinical/1.0.0", headers={"Range": ignored})
+        assert (whole.status_code, whole.content) == (200, data), ignored
+    etag = full.headers["etag"]
+    assert etag == f'"{shown["versions"][0]["sha256"]}"'
+    same = client.get("/packages/clinical/1.0.0", headers={"Range": "bytes=0-9", "If-Range": etag})
+    assert (same.status_code, same.content) == (206, data[:10])
+    for other in ('"deadbeef"', "Fri, 27 Nov 2026 10:00:00 GMT"):  # another copy, or a date: all of it
+        changed = client.get("/packages/clinical/1.0.0", headers={"Range": "bytes=0-9", "If-Range": other})
+        assert (changed.status_code, changed.content) == (200, data), other
+    head = client.head("/packages/clinical/1.0.0", headers={"Range": "bytes=100-199"})
+    assert head.status_code == 206 and head.content == b"" and head.headers["content-length"] == "100"
+    assert client.head("/packages/clinical/1.0.0").headers["content-length"] == str(len(data))
     with pytest.raises(RequestError, match="malformed Range"):
         parse_range("bytes=\u0661-", len(data))  # Arabic-Indic one: int() reads it as 1
     assert client.get("/packages/clinical/9.9.9").status_code == 404
