@@ -35,13 +35,19 @@ def parse(text: object, field: str) -> datetime:
         raise SchemaError(f"{field} is outside the representable range once converted to UTC: {text!r}") from None
 
 
+MAX_DURATION_S = 100 * 366 * 86400  # a century: past it a duration is a typo (and past timedelta, a crash)
+
+
 def parse_duration(text: str) -> timedelta:
-    """'30d', '12h', '10m', '45s' -> timedelta. Raises SchemaError on anything else."""
+    """'30d', '12h', '10m', '45s' -> timedelta, at most a century. Raises SchemaError on anything else."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     t = text.strip()
-    if len(t) < 2 or t[-1] not in units or not t[:-1].isdigit():
+    if len(t) < 2 or t[-1] not in units or not t[:-1].isascii() or not t[:-1].isdigit():
         raise SchemaError(f"duration {text!r} must be a whole number followed by d, h, m or s (e.g. 30d)")
-    return timedelta(seconds=int(t[:-1]) * units[t[-1]])
+    seconds = int(t[:-1]) * units[t[-1]]
+    if seconds > MAX_DURATION_S:
+        raise SchemaError(f"duration {text!r} is longer than a century ({MAX_DURATION_S // 86400:,}d)")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)

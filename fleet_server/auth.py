@@ -30,9 +30,11 @@ def create_token(store: Store, role: str, name: str = "", ttl_seconds: float | N
     """Create a token and return it (shown once). Raises RequestError for an unknown role."""
     if role not in ROLES:
         raise RequestError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    if ttl_seconds is not None and not ttl_seconds >= 1:  # 0 must not read as "no expiry"
+        raise RequestError(f"a token's lifetime must be at least 1 s, not {ttl_seconds!r} (omit it for no expiry)")
     token = "eft_" + secrets.token_urlsafe(32)
     now = time.time()
-    expires = now + ttl_seconds if ttl_seconds else None
+    expires = now + ttl_seconds if ttl_seconds is not None else None
     token_id = secrets.token_hex(6)
     with store.write() as c:
         c.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, 0)",

@@ -8,10 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.timeutil import parse_duration
 
 from .auth import create_token, list_tokens, revoke_token, token_id
 from .cli_common import _data, _number, _print, _settings, _settings_and_sources, _storage, _storage_flags
+from .errors import ConfigError
 from .settings import STORAGE
 from .store import Store
 
@@ -56,7 +58,14 @@ def _housekeeping(args: argparse.Namespace) -> int:
 # ---- tokens ------------------------------------------------------------------------------------------------
 def _tokens_create(args: argparse.Namespace) -> int:
     s = _settings(args)
-    ttl = parse_duration(args.ttl).total_seconds() if args.ttl else None
+    ttl = None
+    if args.ttl is not None:
+        try:
+            ttl = parse_duration(args.ttl).total_seconds()
+        except SchemaError as exc:
+            raise ConfigError(f"--ttl: {exc}") from None
+        if ttl < 1:
+            raise ConfigError(f"--ttl {args.ttl!r} must be at least 1s (omit --ttl for a token that never expires)")
     store = Store(s.db_path)
     token = create_token(store, args.role, args.name or "", ttl)
     print(token)

@@ -15,6 +15,15 @@ from .store import Store
 
 log = logging.getLogger("edgefleet.server")
 
+# The embedded broker runs inside this process and holds its queue in memory. It acknowledges a device's
+# summary on receipt (the device then deletes it); the server stores it moments later. A SIGTERM drains the
+# queue, but a SIGKILL or a crash loses what was queued: with a backlog (devices back from a long outage) that
+# was thousands of windows in an audit (2026-11-28). Mosquitto with persistence keeps them.
+EMBEDDED_BROKER_WARNING = (
+    "embedded MQTT broker: it acknowledges devices' summaries on receipt and queues them in this process's "
+    "memory, so a crash or kill -9 of this server loses the summaries still queued (devices have deleted them); "
+    "where every summary must survive a crash, run Mosquitto with persistence and serve --broker mqtt://HOST:PORT")
+
 
 def build(settings: ServerSettings) -> tuple[Any, Any]:
     """The app with ingest, drift, rollouts, the dashboard and housekeeping attached (their start/stop hooks
@@ -42,6 +51,7 @@ def serve(settings: ServerSettings) -> int:
     if settings.broker == "embedded":
         broker = EmbeddedBroker(settings.embedded_mqtt_host, settings.embedded_mqtt_port).start()
         settings = replace(settings, embedded_mqtt_port=broker.port)
+        log.warning(EMBEDDED_BROKER_WARNING)
     app, ctx = build(settings)
     print(f"fleet-server: HTTP on http://{settings.http_host}:{settings.http_port}  MQTT {settings.broker_url()}"
           f"  data {settings.data_dir}  dashboard http://{settings.http_host}:{settings.http_port}/ui/",

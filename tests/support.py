@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from fleet_server.cli import main as fleet_cli
 
@@ -60,3 +61,14 @@ def fill(folder: Path, limit: int = 100_000) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def expired_token(store: Any, role: str, name: str = "expired") -> str:
+    """A bearer token of ``role`` whose lifetime has run out (a token cannot be made with none: ``create_token``
+    refuses a lifetime under 1 s)."""
+    from fleet_server.auth import create_token
+
+    token = create_token(store, role, name=name, ttl_seconds=1)
+    with store.write() as c:
+        c.execute("UPDATE tokens SET expires = created - 1 WHERE name = ?", (name,))
+    return token

@@ -19,8 +19,10 @@ from fastapi.testclient import TestClient
 
 from edgefleet_contracts.signing import generate_key, public_b64, save_public_key
 from fleet_server.app import create_app
+from fleet_server.auth import create_token
 from fleet_server.cli_drift import _report_text
 from fleet_server.devices import create_enrollment_token
+from fleet_server.errors import RequestError
 from fleet_server.routes_ingest import attach_ingest
 from fleet_server.settings import ServerSettings
 from fleet_server.store import Store
@@ -125,6 +127,21 @@ def test_healthz_says_mqtt_is_disabled_without_a_broker(make_fleet: FleetFactory
             "http": {"status": "ok"}, "mqtt": {"status": "disabled"}}}
 
 
+def test_serve_with_the_embedded_broker_warns_that_a_crash_loses_its_queue(
+        cli_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stopped:  # uvicorn asked to stop at once: the real embedded broker starts and stops around it
+        def run(self) -> None:
+            return None
+
+    monkeypatch.setattr("fleet_server.server.graceful_server", lambda config: Stopped())
+    rc, _, err = run_cli(["serve", "--data", str(cli_data), "--mqtt-port", "0"])
+    assert rc == 0, err
+    assert "WARNING edgefleet.server: embedded MQTT broker: it acknowledges devices' summaries on receipt" in err
+    assert "run Mosquitto with persistence and serve --broker mqtt://HOST:PORT" in err
+    rc, _, err = run_cli(["serve", "--data", str(cli_data), "--broker", "none"])
+    assert rc == 0 and "embedded MQTT broker" not in err
+
+
 def test_serve_logs_the_servers_warnings_to_stderr(cli_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def serve(_: ServerSettings) -> int:
         logging.getLogger("fleet_server.mqtt_ingest").warning("mqtt ingest: lost the broker (a test)")
@@ -217,6 +234,20 @@ def test_devices_enroll_takes_the_key_itself_as_base64_or_pem(cli_data: Path) ->
     rc, _, err = run_cli(["devices", "enroll", "--data", str(cli_data), "--device-id", "dev-x", "--public-key",
                           "nope"])
     assert rc == 1 and err.startswith("fleet-server: error: --public-key 'nope' (no such file, nor a key): ")
+
+
+@pytest.mark.parametrize(("ttl", "says"), [
+    ("0s", "--ttl '0s' must be at least 1s (omit --ttl for a token that never expires)"),
+    ("99999999999d", "--ttl: duration '99999999999d' is longer than a century (36,600d)"),
+    ("1.5h", "--ttl: duration '1.5h' must be a whole number followed by d, h, m or s (e.g. 30d)"),
+])
+def test_an_api_token_of_no_lifetime_is_refused_not_made_eternal(cli_data: Path, ttl: str, says: str) -> None:
+    rc, out, err = run_cli(["tokens", "create", "--data", str(cli_data), "--role", "viewer", "--ttl", ttl])
+    assert (rc, out, err) == (1, "", f"fleet-server: error: {says}\n")
+    rc, out, _ = run_cli(["tokens", "list", "--data", str(cli_data)])
+    assert rc == 0 and "viewer" not in out  # nothing made
+    with pytest.raises(RequestError, match="at least 1 s"):
+        create_token(Store(cli_data / "fleet.sqlite"), "viewer", ttl_seconds=0)
 
 
 def test_an_enrollment_token_that_would_be_born_expired_is_refused_and_a_good_one_says_when_and_how(

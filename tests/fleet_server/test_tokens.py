@@ -17,6 +17,7 @@ from fleet_server.errors import NotFoundError
 from fleet_server.retraining import events
 from fleet_server.settings import ServerSettings
 from fleet_server.store import Store
+from tests.support import expired_token
 
 
 @pytest.fixture()
@@ -73,7 +74,7 @@ def test_unknown_tokens_and_states(folder: tuple[str, Store], capsys: pytest.Cap
         revoke_token(store, "eft_not-a-real-one")
     assert fleet_cli(["tokens", "revoke", "nope", "--data", data]) == 1
     assert "tokens list" in capsys.readouterr().err
-    create_token(store, "viewer", name="old", ttl_seconds=-1)
+    expired_token(store, "viewer", name="old")
     assert fleet_cli(["tokens", "list", "--data", data]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.endswith("old") or " old " in x)
     assert "expired" in line and "viewer" in line

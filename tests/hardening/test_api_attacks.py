@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from edgefleet_contracts.signing import generate_key, public_b64
-from fleet_server.auth import create_token
 from fleet_server.store import Store
 from tests.brokers import Mosquitto
+from tests.support import expired_token
 
 from .server_proc import ServerProcess
 
@@ -35,7 +35,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, built: Any) -> Iterator[dict[s
     server = ServerProcess.create(folder, broker, built).start()
     store = Store(server.data / "fleet.sqlite")
     try:
-        expired = create_token(store, "admin", name="expired", ttl_seconds=-1)
+        expired = expired_token(store, "admin")
         with server.client("operator") as c:
             r = c.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.0.0", "stages": "10,100"})
             assert r.status_code == 200, r.text
