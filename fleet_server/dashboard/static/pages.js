@@ -6,6 +6,9 @@ import {
   actionButton, ago, api, badge, heading, link, qs, refresh, resultText, session, simpleTable, versionOf, when,
 } from "./core.js";
 
+// Alert severities (fleet_server/alerts/rules.py SEVERITY) as badge styles.
+const SEVERITY_BADGE = { critical: "bad", warning: "warn", info: "" };
+
 export function loginPage(onToken) {
   document.title = "Sign in · edgefleet";
   const input = h("input", { id: "token", name: "token", type: "password", autocomplete: "off", required: true,
@@ -175,7 +178,7 @@ export async function alertsPage(params) {
       h("td", { text: `#${a.id}` }),
       h("td", {}, link(`#/models/${encodeURIComponent(a.model)}/${encodeURIComponent(a.version || "")}`,
         `${a.model} ${a.version || ""}`)),
-      h("td", { text: a.kind }), h("td", {}, badge(a.severity, a.severity === "page" ? "bad" : "warn")),
+      h("td", { text: a.kind }), h("td", {}, badge(a.severity, SEVERITY_BADGE[a.severity] || "warn")),
       h("td", { text: a.summary }),
       h("td", { text: `${m.owner || "–"}` }),
       h("td", {}, badge(delivery.state || "–", dkind),
