@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet_contracts.errors import ContractError
 
-from . import devices, registry
+from . import devices, openapi, registry
 from .auth import authenticate, require
 from .bodies import body_object, boolean, known_fields, number, string, strings
 from .errors import FleetError, RequestError, TooLargeError
@@ -153,6 +153,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     ctx = Context(settings, store)
     app = FastAPI(title="edgefleet fleet server", version="1")
     app.state.ctx = ctx
+    openapi.install(app)
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
@@ -279,7 +280,7 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
     async def show_model(name: str, _: Viewer) -> Any:
         return await run_in_threadpool(registry.show, store, name)
 
-    @app.api_route("/packages/{name}/{version}", methods=["GET", "HEAD"])
+    @app.get("/packages/{name}/{version}", operation_id="download_package")
     async def download(request: Request, name: str, version: str, range: Annotated[str | None, Header()] = None,
                        if_range: Annotated[str | None, Header()] = None) -> Response:
         """Package download for devices (packages are signed: integrity does not depend on this channel).
@@ -326,6 +327,8 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
             return Response(status_code=206 if span else 200, headers=headers, media_type="application/octet-stream")
         return StreamingResponse(body(), status_code=206 if span else 200, headers=headers,
                                  media_type="application/octet-stream")
+
+    app.add_api_route("/packages/{name}/{version}", download, methods=["HEAD"], operation_id="package_headers")
 
     @app.get("/metrics")
     def metrics() -> Response:  # a plain function: the drift and alert gauges read SQLite (thread pool)
