@@ -4,7 +4,8 @@
                        | {"instances": [one of the above, ...]}             -> prediction(s) with model version
     POST /v1/feedback  {"prediction_id": "...", "label": <class name or index>}
     GET  /v1/status    agent status
-    GET  /v1/precomputed/{key}   a prediction precomputed by `device-agent batch` (when a store is configured)
+    GET  /v1/precomputed/{key}   a prediction precomputed by `device-agent batch` (when a store is configured);
+                       a key may hold '/' (image keys such as ``0/0010.png``), sent as is or as ``%2F``
     GET  /metrics      Prometheus text format
 
 Bad input is a 4xx whose body names the problem (``error`` kind, ``detail``, ``feature``); it is counted in
@@ -184,7 +185,7 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
         try:
             body = _loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            agent._reject("invalid_input", None)
+            agent._reject("invalid_json", None)  # counted under the kind the client is answered with
             return _error(400, "invalid_json", f"request body is not JSON ({exc})")
         try:
             if isinstance(body, dict) and "instances" in body:
@@ -235,7 +236,7 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
     async def status() -> Response:
         return JSONResponse(agent.status())
 
-    @app.get("/v1/precomputed/{key}")
+    @app.get("/v1/precomputed/{key:path}")
     async def precomputed(key: str) -> Response:
         if kv is None:
             return _error(404, "no_store", "no batch store configured (device-agent serve --store KV.sqlite)")
@@ -290,12 +291,25 @@ def prometheus_text(agent: Agent) -> str:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for multi-worker serving: EDGEFLEET_DEVICE_DIR (and optional EDGEFLEET_KV_STORE)."""
+    """uvicorn factory for ``device-agent serve``'s workers: EDGEFLEET_DEVICE_DIR, optional EDGEFLEET_KV_STORE,
+    and EDGEFLEET_SERVE_URL (the service's address, recorded in ``agent.json`` for ``device-agent status``).
+
+    Each worker process opens its own agent on the folder. Their prediction logs share the folder
+    (``PredictionLog.share``): feedback for a prediction another worker made is taken at once, and a prediction
+    is labelled once whichever worker gets the label. One worker at a time runs the device's link, reported
+    state and desired state (``runner.ServeLink``); it stops with the worker (SIGTERM) and another takes over.
+    """
+    from .runner import ServeLink
+
     d = os.environ.get("EDGEFLEET_DEVICE_DIR")
     if not d:
         raise AgentError("EDGEFLEET_DEVICE_DIR is not set")
     store = os.environ.get("EDGEFLEET_KV_STORE")
     agent = Agent.open(Path(d))
+    if agent.log is not None:
+        agent.log.share(agent.flush_staged)
+    link = ServeLink(Path(d), agent, os.environ.get("EDGEFLEET_SERVE_URL") or None)
     app = create_app(agent, KVStore(Path(store)) if store else None)
-    app.router.on_shutdown.append(agent.close)
+    app.router.on_startup.append(link.start)
+    app.router.on_shutdown.append(link.close)
     return app

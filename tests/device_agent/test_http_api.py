@@ -58,7 +58,8 @@ def test_bad_requests_get_clear_errors_and_counters(agent, rows):
     assert r.status_code == 413
     metrics = client.get("/metrics").text
     assert 'edgefleet_agent_rejected_total{reason="missing_field"} 1' in metrics
-    assert 'edgefleet_agent_rejected_total{reason="invalid_json"}' not in metrics  # counted as invalid_input
+    assert 'edgefleet_agent_rejected_total{reason="invalid_json"} 1' in metrics  # counted as it was answered
+    assert 'edgefleet_agent_rejected_total{reason="invalid_input"} 1' in metrics  # the "exactly one" body only
     assert client.post("/v1/predict", json={"inputs": [float(v) for v in x[1]]}).status_code == 200
 
 
