@@ -23,8 +23,10 @@ A device folder, written by ``device-agent provision``::
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import re
 import threading
 import tomllib
 from collections.abc import Hashable, Mapping
@@ -55,6 +57,28 @@ class ConfigError(AgentError):
 # only a config.toml being loaded is lenient: it runs at the floor, with a warning (see DeviceConfig.from_dict).
 MIN_WINDOW_SAMPLES_FLOOR = 10
 
+# The range of ``dp_epsilon`` (0 is off). The noise on each released count has scale 1/epsilon: at 0.01 it is
+# about 100 counts per bin, already more than most windows hold; below it (1e-9 gave counts of 1e9, 1e-300 a
+# division by zero and every window lost) a summary says nothing. Above 100 the noise is below 1/100 of a count:
+# no privacy at all, and a value that large is a typo for a small one.
+DP_EPSILON_MIN = 0.01
+DP_EPSILON_MAX = 100.0
+
+# A host name as RFC 1123 allows it: dot-separated labels of letters, digits and inner hyphens (a final dot is
+# allowed: a fully qualified name).
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(text: str) -> bool:
+    """True for an IPv4 or IPv6 address, or a well-formed host name (it need not resolve here)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
 
 @dataclass(frozen=True)
 class DeviceConfig:
@@ -73,7 +97,8 @@ class DeviceConfig:
     # True waives the k >= 10 privacy floor (tests, benchmarks, simulations on synthetic data only). It is
     # written to config.toml so an operator can see that a device runs with the floor waived.
     allow_small_windows: bool = False
-    dp_epsilon: float = 0.0  # > 0 adds Laplace noise to counts with this epsilon per window
+    # 0 = off; else Laplace noise on counts with this epsilon per window, from DP_EPSILON_MIN to DP_EPSILON_MAX
+    dp_epsilon: float = 0.0
     image_stats_every: int = 4  # derived image statistics on 1 image in N (they cost ~5 µs each)
     outbox_max_rows: int = 10_000
     prediction_log_max_rows: int = 100_000
@@ -123,8 +148,14 @@ class DeviceConfig:
                 f"exact per-feature sums (dp_epsilon noise covers the histogram counts only). Set "
                 f"min_window_samples = {MIN_WINDOW_SAMPLES_FLOOR} or more (20 is the default); only a test, "
                 f"benchmark or simulation on synthetic data may set allow_small_windows = true to waive the floor")
-        if self.dp_epsilon < 0:
-            raise ConfigError(f"dp_epsilon must be 0 (off) or positive, not {self.dp_epsilon!r}")
+        if self.dp_epsilon != 0 and not DP_EPSILON_MIN <= self.dp_epsilon <= DP_EPSILON_MAX:
+            raise ConfigError(
+                f"dp_epsilon must be 0 (off) or from {DP_EPSILON_MIN:g} to {DP_EPSILON_MAX:g}, not "
+                f"{self.dp_epsilon!r}: below {DP_EPSILON_MIN:g} the noise on each count (about 1/dp_epsilon) "
+                f"drowns every window; above {DP_EPSILON_MAX:g} it protects nothing (0.1 to 2 is usual)")
+        if not _is_host(self.http_host):
+            raise ConfigError(f"http_host must be an IP address or a host name (127.0.0.1, ::1, localhost, "
+                              f"device-7.local), not {self.http_host!r}")
         if not 0 < self.http_port < 65536:
             raise ConfigError(f"http_port must be 1..65535, not {self.http_port!r}")
         # The rollout keys (read by the desired-state handler and the probation watch): checked here, so a bad
@@ -360,7 +391,10 @@ class DeviceDir:
             raise ConfigError(f"{self.path} is not a provisioned device folder (no config.toml); "
                               "run `device-agent provision`")
         try:
-            data = tomllib.loads(self.config_file.read_text())
+            data = tomllib.loads(self.config_file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{self.config_file}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}); TOML files are UTF-8") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{self.config_file}: {exc}") from None
         return DeviceConfig.from_dict(data, str(self.config_file))

@@ -46,10 +46,22 @@ _INF = float("inf")
 # results, ~2x faster on the server's ingest path, which validates ~750 numbers per summary.
 
 
+# What noise_variance gives for an epsilon so small that 2/ε² is not a finite float: still finite (a summary's
+# numbers must be), and so large that the server weighs such counts as noise only. Merging a few hundred such
+# releases stays finite. Agents never release at such an epsilon (their config takes 0.01 to 100).
+MAX_NOISE_VARIANCE = 1e300
+
+
 def noise_variance(epsilon: float) -> float:
     """The variance one release's rounded Laplace(1/epsilon) noise adds to a count (2/ε², plus 1/12 for the
-    rounding)."""
-    return 2.0 / (epsilon * epsilon) + 1.0 / 12.0
+    rounding), at most MAX_NOISE_VARIANCE: never a division by zero or an infinity, however small ``epsilon``.
+
+    Raises ValueError for an epsilon that is not a positive number (0 means no noise: there is no release)."""
+    if not epsilon > 0:  # also NaN
+        raise ValueError(f"epsilon must be a positive number, not {epsilon!r}")
+    if epsilon < 1e-140:  # ε² would underflow towards 0 and 2/ε² overflow
+        return MAX_NOISE_VARIANCE
+    return min(2.0 / (epsilon * epsilon) + 1.0 / 12.0, MAX_NOISE_VARIANCE)
 
 
 def _int_list(v: Any, what: str, length: int | None = None, *, signed: bool = False) -> list[int]:
