@@ -1,8 +1,13 @@
 """`device-agent` command line.
 
 Each subcommand is registered by a small ``_add_<name>(sub)`` function listed in ``REGISTRARS``; a new command
-(``run``, ``predict``, ``batch``, ``serve``) is one more function and one more entry. Exit codes: 0 ok,
-1 rejected / failed / error (the reason token and message on stderr), 2 usage.
+(``run``, ``predict``, ``batch``, ``serve``) is one more function and one more entry.
+
+Exit codes: 0 ok; 1 rejected / failed / error, with one line on stderr, ``device-agent: error (REASON):
+MESSAGE``, naming the file, key or port at fault (an input or config file that cannot be read, a store that
+cannot be opened, a local API that cannot listen: ``http_listen``; anything unforeseen: ``internal``, with the
+traceback under ``-v``); 2 usage. No other status leaves ``main`` (uvicorn's own startup failure, 3, is turned
+into ``http_listen``).
 """
 
 from __future__ import annotations
@@ -201,10 +206,55 @@ def _add_run(sub: Any) -> None:
     p.set_defaults(func=_run)
 
 
+class ListenError(AgentError):
+    """The local API cannot listen on its address (a port in use, a host that does not resolve)."""
+
+    reason = "http_listen"
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import DeviceRunner
 
-    return DeviceRunner(args.dir, http=not args.no_http, http_port=args.http_port).run()
+    device = DeviceDir(args.dir)
+    cfg = device.load_config()
+    port = args.http_port if args.http_port is not None else cfg.http_port
+    where = (f"the local API cannot listen on {cfg.http_host}:{port} "
+             f"({'--http-port' if args.http_port is not None else f'http_host, http_port in {device.config_file}'})")
+    if not args.no_http:
+        _check_listen(cfg.http_host, port, where)
+    try:
+        return DeviceRunner(args.dir, http=not args.no_http, http_port=args.http_port).run()
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            raise
+        # uvicorn exits 3 (its STARTUP_FAILURE) when it cannot bind: a race with another process since the check
+        # above, or an address the check could not foresee. Its own log line above says why.
+        raise ListenError(f"{where}: the server did not start (see the error above)") from None
+
+
+def _check_listen(host: str, port: int, where: str) -> None:
+    """Bind ``host:port`` as uvicorn will (SO_REUSEADDR) and let it go, so a busy port or an unknown host is one
+    clear error naming the key before the agent starts. Raises ListenError. Port 0 (any free port) always works."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ListenError(f"{where}: http_host does not resolve ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(f"{where}: port {port} is in use (another device-agent run?)") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ListenError(f"{where}: {host} is not an address of this machine") from None
+            if exc.errno == errno.EACCES:
+                raise ListenError(f"{where}: not allowed to listen on port {port} (below 1024 needs root)") from None
+            raise ListenError(f"{where}: {exc.strerror or exc}") from None
 
 
 def _add_predict(sub: Any) -> None:
@@ -217,6 +267,7 @@ def _add_predict(sub: Any) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     import json
+    import pickle
 
     import numpy as np
 
@@ -232,7 +283,14 @@ def _predict(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise AgentError(f"{path} is not JSON: {exc}") from None
     elif path.suffix == ".npy":
-        item = np.load(path, allow_pickle=False)
+        try:
+            item = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, pickle.UnpicklingError) as exc:  # an object array, a damaged header
+            raise AgentError(f"{path} is not a readable .npy array of numbers ({exc}); np.save writes one") from None
+        if not isinstance(item, np.ndarray):  # an .npz archive named .npy
+            item.close()
+            raise AgentError(f"{path} is not a readable .npy array of numbers (it is an .npz archive); np.save "
+                             "writes one") from None
     else:
         item = path.read_bytes()
     agent = Agent.open(args.dir, background=False)
@@ -260,12 +318,15 @@ def _batch(args: argparse.Namespace) -> int:
     from .agent import Agent
     from .batch import KVStore, run_batch
 
+    store = KVStore(args.store)  # before the agent: a store that cannot be opened costs no predictions
     agent = Agent.open(args.dir, background=False)
     try:
-        counts = run_batch(agent, args.input, KVStore(args.store))
+        counts = run_batch(agent, args.input, store, report=lambda m: print(f"device-agent: {m}", file=sys.stderr))
     finally:
         agent.close()
-    print(f"stored {counts['stored']} predictions in {args.store} ({counts['rejected']} rejected inputs recorded)")
+    skipped = f"; {counts['skipped']} rows not predicted, told above" if counts.get("skipped") else ""
+    print(f"stored {counts['stored']} predictions in {args.store} ({counts['rejected']} rejected inputs recorded"
+          f"{skipped})")
     return 0
 
 
@@ -324,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"device-agent: error (io_error): {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, or a foreign error not yet translated: still one line and status 1
+        logging.getLogger("edgefleet.agent").info("device-agent %s failed", args.command, exc_info=True)
+        text = " ".join(str(exc).split())[:300]
+        print(f"device-agent: error (internal): {type(exc).__name__}: {text} (a bug in device-agent; -v shows "
+              "the traceback)", file=sys.stderr)
         return 1
 
 
