@@ -324,6 +324,12 @@ class Agent(OtherPaths):
         with self._lock:
             self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
 
+    def flush_staged(self) -> None:
+        """Bin the staged rows now, handing them to the prediction log (what another serve worker's feedback asks
+        for before it reads this worker's predictions: ``PredictionLog.share``)."""
+        with self._lock:
+            self._flush_locked()
+
     def _flush_locked(self) -> None:
         """Bin the staged rows now (and hand them to the prediction log and the version's ring)."""
         if self._window is not None:

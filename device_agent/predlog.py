@@ -25,6 +25,23 @@ Durability:
 * A power cut during a label append may leave a torn last line: it is skipped (and counted) when the file is
   read at start, and the next append starts on a new line.
 
+Several processes (``device-agent serve``'s workers) may share one log folder; each has its own boot, so its own
+segments. What they share is kept consistent across processes:
+
+* ``labels.jsonl``: the check "labelled before?" and the append happen under an exclusive ``flock`` on
+  ``<dir>/.lock``, after reading whatever other processes appended since (``_sync_labels_locked``: one ``fstat``,
+  and the new bytes only), so a prediction is labelled once whichever worker takes the label. The rewrite that
+  drops rotated-out labels happens under the same lock, from the file (not one process's memory), and keeps the
+  labels of other boots' predictions newer than their segments on disk (still in their process's memory).
+* ``models.json``: every write merges the map on disk with this process's under the lock (indexes already given
+  never move), and ``lookup`` re-reads the map when a record names an index it does not know yet.
+* A prediction another process made sits in that process's memory for up to a second or two (staged rows, then
+  the log's queue). With ``share(before_flush)`` (the serve workers call it) each process answers flush
+  requests on a Linux abstract Unix socket named after the folder and its boot; ``lookup`` of another boot's
+  prediction that is not on disk asks that process to flush (``before_flush`` first: the agent's staged rows)
+  and reads again. A process that does not answer (gone) holds nothing more: the id is unknown. The hot path is
+  unchanged: nothing is written or sent per prediction.
+
 Faults: nothing here stops the agent or its log thread.
 
 * ``models.json`` is written atomically (fsync). A map that cannot be read at start (a power cut under the
@@ -44,11 +61,17 @@ Counters for the agent's status (``counters()``): ``write_errors``, ``dropped``,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import socket
+import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +86,7 @@ from .predlog_format import (
     is_boot,
     label_line,
     live_labels,
+    parse_id,
     parse_labels,
     parse_prediction_id,
     scan_segments,
@@ -108,11 +132,102 @@ class PredictionLog:
         self._labels_file = self.dir / "labels.jsonl"
         self._labels_torn = False  # the file may end in a partial line: the next append starts a new one
         self._labels_dir_synced = False  # the file's folder entry is durable (it was there at start, or fsynced)
+        self._labels_seen: tuple[int, int] | None = None  # (inode, bytes) of labels.jsonl read into _labels so far
+        self._lock_file = self.dir / ".lock"
+        self._lock_fd: int | None = None  # opened on first use; flock excludes the other processes sharing the folder
         self._labels = self._load_labels()
         self._labels_limit = max(1, self.max_rows)
         self._stop = threading.Event()
+        self._flush_server: socket.socket | None = None  # answers other processes' flush requests (``share``)
+        self._before_flush: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, args=(flush_seconds,), name="prediction-log", daemon=True)
         self._thread.start()
+
+    # ---- across processes --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Exclusive ``flock`` on ``<dir>/.lock`` (other processes sharing the folder wait); taken after
+        ``self._lock``. A lock file that cannot be opened is logged and the work done unlocked (a single process
+        loses nothing by it)."""
+        try:
+            if self._lock_fd is None:
+                self._lock_fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("prediction log: cannot lock %s (%s); going on without the cross-process lock",
+                        self._lock_file, exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _socket_name(self, boot: str) -> str:
+        digest = hashlib.sha256(f"{self.dir.resolve()}\0{boot}".encode()).hexdigest()[:40]
+        return f"\0edgefleet-predlog-{digest}"
+
+    def share(self, before_flush: Callable[[], None] | None = None) -> bool:
+        """Answer other processes' flush requests for this boot (see the module docstring); ``before_flush`` runs
+        first on each (the agent hands over its staged rows). Call after the boot is set. False (and a warning)
+        where it cannot listen (not Linux: no abstract sockets): then another process's lookup sees this one's
+        predictions only after its periodic flush."""
+        self._before_flush = before_flush
+        if self._flush_server is not None:
+            return True
+        if not sys.platform.startswith("linux"):
+            log.warning("prediction log: flush requests need Linux abstract sockets; not listening")
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self._socket_name(self._boot))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            log.warning("prediction log: cannot listen for flush requests (%s)", exc)
+            return False
+        sock.settimeout(0.5)  # accept wakes to see the stop flag
+        self._flush_server = sock
+        threading.Thread(target=self._serve_flush, args=(sock,), name="prediction-log-share", daemon=True).start()
+        return True
+
+    def _serve_flush(self, sock: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.wait(0.1):
+                    break
+                continue
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    if not conn.recv(16).startswith(b"flush"):
+                        continue
+                    if self._before_flush is not None:
+                        self._before_flush()
+                    self.flush()
+                    conn.sendall(b"ok\n")
+                except OSError:
+                    pass
+                except Exception:  # never end the listener over a bug: logged, the asker sees no answer
+                    log.exception("prediction log: a flush request failed")
+        sock.close()
+
+    def _ask_flush(self, boot: str, timeout: float = 5.0) -> bool:
+        """Ask the process whose boot is ``boot`` to write its predictions out; True once it says it has."""
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(self._socket_name(boot))
+                s.sendall(b"flush\n")
+                return s.recv(16).startswith(b"ok")
+        except OSError:
+            return False  # no such process any more (or it is stuck): what it held is not on disk
 
     # ---- start-up ----------------------------------------------------------------------------------------
     def _load_models(self) -> list[list[str]]:
@@ -145,7 +260,9 @@ class PredictionLog:
 
     def _load_labels(self) -> dict[str, int]:
         try:
-            text = self._labels_file.read_text(encoding="utf-8", errors="replace")
+            with open(self._labels_file, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read()
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -153,13 +270,47 @@ class PredictionLog:
             self._labels_torn = True
             log.warning("prediction log: cannot read %s (%s); earlier labels are not known", self._labels_file, exc)
             return {}
+        text = data.decode("utf-8", errors="replace")
         labels, bad = parse_labels(text)
+        self._labels_seen = (st.st_ino, len(data))
         self._labels_dir_synced = True  # it was there before this start
         self._labels_torn = bool(text) and not text.endswith("\n")
         if bad:
             self.corrupt_files += 1
             log.warning("prediction log: skipped %d unreadable lines of %s", bad, self._labels_file)
         return labels
+
+    def _sync_labels_locked(self) -> None:
+        """Read what other processes appended to ``labels.jsonl`` since this one last looked (all of it when the
+        file was rewritten: a new inode). Called under ``_shared``: nobody is appending meanwhile."""
+        try:
+            with open(self._labels_file, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                seen = self._labels_seen
+                if seen is not None and seen[0] == st.st_ino and seen[1] == st.st_size:
+                    return
+                whole = seen is None or seen[0] != st.st_ino or st.st_size < seen[1]
+                if not whole:
+                    fh.seek(seen[1])  # type: ignore[index]
+                data = fh.read()
+        except FileNotFoundError:
+            if self._labels_seen is not None:  # removed under us: start from nothing, as at start
+                self._labels, self._labels_seen, self._labels_torn = {}, None, False
+            return
+        except OSError as exc:
+            log.warning("prediction log: cannot read %s (%s); checking labels against what this process knows",
+                        self._labels_file, exc)
+            return
+        labels, _bad = parse_labels(data.decode("utf-8", errors="replace"))
+        if whole:
+            self._labels = labels
+        else:
+            for pid, lab in labels.items():
+                self._labels.setdefault(pid, lab)
+        self._labels_seen = (st.st_ino, (0 if whole else seen[1]) + len(data))  # type: ignore[index]
+        if data:
+            self._labels_torn = not data.endswith(b"\n")
+        self._labels_dir_synced = True
 
     # ---- models ------------------------------------------------------------------------------------------
     def model_index(self, name: str, version: str) -> int:
@@ -171,14 +322,47 @@ class PredictionLog:
         with self._lock:
             key = (name, version)
             i = self._model_index.get(key)
-            if i is None:
-                self._models.append([name, version])
-                i = self._model_index[key] = len(self._models) - 1
-                self._models_dirty = True
-                self._save_models_locked()
-            return i
+            if i is not None:
+                return i
+            with self._shared():  # another process may have given this version (or this index) already
+                self._adopt_models_locked(self._read_models_file())
+                if key not in self._model_index:
+                    self._models.append([name, version])
+                    self._model_index[key] = len(self._models) - 1
+                    self._models_dirty = True
+                if self._models_dirty:
+                    self._write_models_locked()
+            return self._model_index[key]
+
+    def _read_models_file(self) -> list[list[str]] | None:
+        try:
+            doc = json.loads(self._models_file.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if isinstance(doc, list) and all(isinstance(e, list) and len(e) == 2 and all(isinstance(s, str) for s in e)
+                                         for e in doc):
+            return [[n, v] for n, v in doc]
+        return None
+
+    def _adopt_models_locked(self, on_disk: list[list[str]] | None) -> None:
+        """Take the map another process wrote: its entries, then this process's that it lacks. Indexes already on
+        disk win (records written by others use them); one of ours that moved is logged."""
+        if not on_disk or on_disk == self._models:
+            return
+        merged = [list(e) for e in on_disk] + [e for e in self._models if e not in on_disk]
+        moved = [e for i, e in enumerate(self._models) if merged.index(e) != i]
+        if moved:
+            log.warning("prediction log: another process gave model indexes of %s first; records of them still in "
+                        "memory may be attributed to another version", moved)
+        self._models = merged
+        self._model_index = {(n, v): i for i, (n, v) in enumerate(merged)}
 
     def _save_models_locked(self) -> bool:
+        with self._shared():
+            self._adopt_models_locked(self._read_models_file())
+            return self._write_models_locked()
+
+    def _write_models_locked(self) -> bool:
         try:
             atomic_write_text(self._models_file, json.dumps(self._models))
         except OSError as exc:
@@ -347,10 +531,17 @@ class PredictionLog:
         """(model, version, predicted class) of a logged prediction, or None if unknown or rotated out.
 
         Raises MalformedPredictionIdError (a FeedbackError) when ``pid`` is not a well-formed id (see
-        ``parse_prediction_id``); it is checked before any file is touched.
+        ``parse_prediction_id``); it is checked before any file is touched. An id of another process sharing the
+        folder that is not on disk yet is asked for (``share``; the module docstring).
         """
         boot, counter = parse_prediction_id(pid)
         self.flush()
+        found = self._find(boot, counter)
+        if found is None and boot != self._boot and self._ask_flush(boot):
+            found = self._find(boot, counter)
+        return found
+
+    def _find(self, boot: str, counter: int) -> tuple[str, str, int] | None:
         with self._lock:
             tables: list[np.ndarray] = [self._pending] if boot == self._boot and len(self._pending) else []
             for seg in scan_segments(self.dir):
@@ -365,6 +556,8 @@ class PredictionLog:
                 if hit.size:
                     r = rows[hit[0]]
                     model = int(r["model"])
+                    if not 0 <= model < len(self._models):  # written by a process that loaded a model since
+                        self._adopt_models_locked(self._read_models_file())
                     if not 0 <= model < len(self._models):
                         return None
                     name, version = self._models[model]
@@ -385,17 +578,22 @@ class PredictionLog:
         rewritten without those whose predictions have rotated out of the log.
         """
         parse_prediction_id(pid)
-        with self._lock:
+        with self._lock, self._shared():  # check and append as one step for every process sharing the folder
+            self._sync_labels_locked()
             old = self._labels.get(pid)
             if old is not None:
                 raise AlreadyLabelledError(f"prediction {pid!r} already has a label (class index {old}); a "
                                            "prediction is labelled once, so this label was not recorded or counted")
             line = label_line(pid, label)
             try:
-                with open(self._labels_file, "a", encoding="utf-8") as fh:
-                    fh.write("\n" + line if self._labels_torn else line)
+                with open(self._labels_file, "ab") as fh:
+                    fh.write(("\n" + line if self._labels_torn else line).encode())
                     fh.flush()
                     os.fsync(fh.fileno())  # acknowledged means on disk: the caller answers "ok" after this
+                    st = os.fstat(fh.fileno())
+                    seen = self._labels_seen
+                    if seen is None or seen[0] == st.st_ino:  # nobody else wrote meanwhile: we hold the lock
+                        self._labels_seen = (st.st_ino, fh.tell())
                 if not self._labels_dir_synced:
                     fsync_dir(self.dir)  # this append created the file: make its name durable too
                     self._labels_dir_synced = True
@@ -411,7 +609,9 @@ class PredictionLog:
 
     def _compact_labels_locked(self) -> None:
         """Rewrite ``labels.jsonl`` with the labels of predictions still in the log (a prediction that has
-        rotated out cannot be looked up, so it cannot be labelled again)."""
+        rotated out cannot be looked up, so it cannot be labelled again). Called under ``_shared`` with the
+        labels just synced, so the rewrite starts from the whole file. A label of another boot's prediction newer
+        than that boot's segments on disk is kept: the prediction may be in its process's memory still."""
         live: dict[str, set[int]] = {}
         for seg in scan_segments(self.dir):
             try:
@@ -420,14 +620,22 @@ class PredictionLog:
                 return  # not knowing what is live, keep everything
         if len(self._pending):
             live.setdefault(self._boot, set()).update(self._pending["counter"].tolist())
+        newest = {boot: max(counters) for boot, counters in live.items() if counters and boot != self._boot}
         keep = live_labels(self._labels, live)
+        for pid, lab in self._labels.items():
+            parsed = parse_id(pid)
+            if parsed is not None and parsed[0] in newest and parsed[1] > newest[parsed[0]]:
+                keep[pid] = lab
         try:
-            atomic_write_text(self._labels_file, "".join(label_line(p, lab) for p, lab in keep.items()))
+            text = "".join(label_line(p, lab) for p, lab in keep.items())
+            atomic_write_text(self._labels_file, text)
+            st = os.stat(self._labels_file)
         except OSError as exc:
             self.write_errors += 1
             log.warning("prediction log: cannot rewrite %s (%s)", self._labels_file, exc)
             return
         self._labels = keep
+        self._labels_seen = (st.st_ino, st.st_size)
         self._labels_torn = False
         self._labels_dir_synced = True  # atomic_write_text fsyncs the folder
         self._labels_limit = max(self.max_rows, 2 * len(keep))  # rewrites stay rare even when most are live
@@ -457,3 +665,7 @@ class PredictionLog:
         self._stop.set()
         self._thread.join(timeout=5)
         self.flush()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None

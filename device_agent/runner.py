@@ -10,11 +10,21 @@ on an idle x86 core, several times that on a busy one).
 
 Stops cleanly on SIGTERM/SIGINT: the HTTP server stops taking requests, the current window is closed (held
 back if below k), the outbox keeps whatever was not acknowledged, the link stops.
+
+``device-agent serve`` (several uvicorn worker processes, one device) reports like any device through
+``ServeLink``: every worker makes one, and the worker holding an exclusive ``flock`` on ``<dir>/serve.lock`` runs
+a ``DeviceRunner`` without HTTP on its own agent — one MQTT link, one outbox reader, one device identity, one
+``agent.json`` for the whole service — while every worker's windows close into the shared outbox (one SQLite file;
+sequence numbers are taken inside its transactions). The other workers retry the lock every second, so when the
+holder dies (the kernel drops its lock) another worker takes the link over. Desired states are handled as in
+``run``: the holder downloads, installs and activates; every worker picks the new active slot up on its next
+one-second tick (``Agent.reload``); probation judges the holder's share of the traffic (about 1/workers of it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -123,16 +133,18 @@ class ReportInputs:
 
 
 class DeviceRunner:
-    def __init__(self, device_dir: Path, *, http: bool = True, http_port: int | None = None,
+    def __init__(self, device_dir: Path, *, agent: Agent | None = None, http: bool = True,
+                 http_port: int | None = None,
                  backoff_initial: float = 1.0, backoff_max: float = 60.0,
                  handler_options: HandlerOptions | None = None, report_check_seconds: float = 1.0,
                  housekeeping: bool = True, report_settle_seconds: float = 2.0) -> None:
         """``housekeeping=False``: no thread of its own checks the report every ``report_check_seconds``; the
         caller calls ``check_report()`` instead (the fleet simulator does it for all its devices from one
         thread). ``report_settle_seconds``: see ``ReportInputs`` (more than the file system's timestamp
-        granularity; tests shorten it)."""
+        granularity; tests shorten it). ``agent``: run on this agent (opened on ``device_dir``) instead of opening
+        one; ``stop`` closes it either way."""
         self.device = DeviceDir(Path(device_dir))
-        self.agent = Agent.open(self.device.path)
+        self.agent = agent if agent is not None else Agent.open(self.device.path)
         self.cfg = self.agent.cfg
         self.http = http
         self.http_port = http_port if http_port is not None else self.cfg.http_port
@@ -284,3 +296,87 @@ class DeviceRunner:
         self.agent.close()
         if self.link is not None:
             self.link.stop(timeout=5)
+
+
+SERVE_LOCK = "serve.lock"
+
+
+class ServeLink:
+    """The one link of ``device-agent serve`` (module docstring): made by every worker on its agent; the worker
+    that holds ``<dir>/serve.lock`` runs a ``DeviceRunner(http=False)`` on it and announces ``url`` in
+    ``agent.json``. ``close`` (the worker's shutdown) stops that runner, which closes the agent, or closes the
+    agent itself when this worker never held the link."""
+
+    def __init__(self, device_dir: Path, agent: Agent, url: str | None, *, retry_seconds: float = 1.0,
+                 **runner_options: Any) -> None:
+        self.device = DeviceDir(Path(device_dir))
+        self.agent = agent
+        self.url = url
+        self.retry_seconds = retry_seconds
+        self.runner_options = runner_options
+        self.runner: DeviceRunner | None = None
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._elect, name="serve-link", daemon=True)
+
+    @property
+    def holding(self) -> bool:
+        """This worker runs the service's link."""
+        return self.runner is not None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _try_lock(self) -> bool:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.device.path / SERVE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # another worker holds the link
+        except OSError as exc:
+            log.warning("cannot take %s (retrying): %s", self.device.path / SERVE_LOCK, exc)
+            return False
+        return True
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def _elect(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            wait = self.retry_seconds
+            if not self._try_lock():
+                continue
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                try:
+                    runner = DeviceRunner(self.device.path, agent=self.agent, http=False, **self.runner_options)
+                    runner.start()
+                except Exception:  # a broken config or trust store: logged; the lock goes, the next try is later
+                    log.exception("this serve worker cannot run the device's link; retrying")
+                    self._release()
+                    continue
+                runner._announce(self.url)
+                self.runner = runner
+                log.info("serve worker %d runs the device's link", os.getpid())
+            return
+
+    def close(self) -> None:
+        """Stop the link (when held) and close the agent; idempotent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        with self._lock:
+            runner, self.runner = self.runner, None
+            agent, self.agent = self.agent, None  # type: ignore[assignment]
+        if runner is not None:
+            runner.stop()
+        elif agent is not None:
+            agent.close()
+        self._release()

@@ -213,7 +213,7 @@ def test_json_nested_too_deeply_is_a_400_and_counted(agent):
     deep = b"[" * 100_000 + b"]" * 100_000
     r = client.post("/v1/predict", content=deep)
     assert r.status_code == 400 and r.json()["error"] == "invalid_json" and "nested too deeply" in r.json()["detail"]
-    assert _rejected(client, "invalid_input") == 1
+    assert _rejected(client, "invalid_json") == 1  # counted as answered
     r = client.post("/v1/feedback", content=b'{"prediction_id": ' + deep + b', "label": 1}')
     assert r.status_code == 400 and r.json()["error"] == "invalid_feedback"
     assert _rejected(client, "invalid_feedback") == 1
