@@ -347,6 +347,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     DeviceDir(args.dir).load_config()  # fail early with a clear error
     os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
+    from .runner import local_url
+
+    url = local_url(args.host, args.port)  # the worker holding the link records it in agent.json (status)
+    if url:
+        os.environ["EDGEFLEET_SERVE_URL"] = url
     if args.store:
         os.environ["EDGEFLEET_KV_STORE"] = str(args.store.resolve())
     uvicorn.run("device_agent.http_api:app_from_env", factory=True, host=args.host, port=args.port,

@@ -70,9 +70,8 @@ def start_serve() -> Iterator[Any]:
     def start(dd: DeviceDir, workers: int, store: Path | None = None) -> Served:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-               # what the serve command records in agent.json (cli's _serve sets it from --host/--port)
-               "EDGEFLEET_SERVE_URL": base}
+        env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_SERVE_URL"}  # the command sets it itself
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         cmd = [sys.executable, "-m", "device_agent.cli", "serve", "--dir", str(dd.path), "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(workers)]
         if store is not None:
