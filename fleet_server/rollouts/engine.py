@@ -49,7 +49,7 @@ class Rollout:
 
 @dataclass
 class Decision:
-    kind: str  # start_stage | advance | wait | await_approval | complete | rollback | target | ...
+    kind: str  # start_stage | target | bake | advance | wait | await_approval | complete | rollback | ...
     detail: str
     actor: str = "engine"
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +94,13 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
         if pending:
             out.decisions.append(Decision("target", f"stage {r.stage + 1}: {len(pending)} device(s) asked to move "
                                           f"to {r.version}", evidence={"devices": pending}))
+            if all(d in r.targeted for d in stage_members):
+                # The stage's last device was just asked: its bake starts now, not when the stage began. A rate
+                # limit, a maintenance window, an approval or a pause before this point is no bake time, and the
+                # gates judge evidence gathered after every device of the stage was asked.
+                r.stage_started, r.paused_seconds = now, 0.0
+                out.decisions.append(Decision("bake", f"stage {r.stage + 1}: every device asked; the gates are "
+                                              f"judged after a bake of {r.bake_seconds:g} s"))
     if out.to_target or [d for d in stage_members if d not in r.targeted]:
         # Devices were just asked to move, or are still waiting (rate limit, maintenance window): the gates are
         # judged on a later step, with evidence gathered after the move.

@@ -25,7 +25,17 @@ class MqttPublisher:
         self.client.reconnect_delay_set(1, 30)
         self.client.max_inflight_messages_set(100)
         self._connected = threading.Event()
-        self.client.on_connect = lambda *a: self._connected.set()
+        # Connections made so far. A clean session holds nothing across a reconnect, and a broker that went
+        # down may come back without the retained desired states it had acknowledged (Mosquitto saves them only
+        # every autosave_interval; a kill -9 loses what changed since): the service publishes every desired
+        # state again after each new connection (RolloutService.publish_pending).
+        self.connects = 0
+
+        def on_connect(*_: object) -> None:
+            self.connects += 1
+            self._connected.set()
+
+        self.client.on_connect = on_connect
         self.client.on_disconnect = lambda *a: self._connected.clear()
         self.client.connect_async(u.hostname or "127.0.0.1", u.port or 1883, keepalive=30)
         self.client.loop_start()

@@ -230,10 +230,9 @@ def _previous_warning(store: Store, model: str, previous: str | None, now: float
     return Decision("warning", detail, evidence={"version": previous, "reason": exc.reason})
 
 
-def _record_warning(store: Store, rollout_id: str, warning: Decision | None, now: float) -> None:
+def _record_warning_in(c: Any, rollout_id: str, warning: Decision | None, now: float) -> None:
     if warning is not None:
-        with store.write() as c:
-            _decide(c, rollout_id, warning, now)
+        _decide(c, rollout_id, warning, now)
 
 
 def _pause_untrusted(r: Rollout, why: ContractError) -> StepResult:
@@ -318,16 +317,18 @@ def set_state(store: Store, signer: DesiredSigner, rollout_id: str, action: str,
     if action not in ACTIONS:
         raise NotFoundError(f"no rollout action {action!r}; the actions are {', '.join(ACTIONS)}")
     now = now or time.time()
-    with store.write() as c:
+    with store.write() as c:  # the action, its log and the desired states an abort sends: all or none
         r = get(store, rollout_id)  # this thread's connection: read inside the transaction
         revert = _apply(r, rollout_id, action)
         _save(c, r, now)
-        detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}" if revert else "")
+        detail = f"{action} by {actor}" + (f"; sending {len(revert)} device(s) back to {r.previous}"
+                                           if revert and r.previous else "")
         _decide(c, r.id, Decision(action, detail, actor=actor), now)
-    if revert and r.previous:
-        _record_warning(store, r.id, _previous_warning(store, r.model, r.previous, now, "the abort sends "
-                                                       f"{len(revert)} device(s) back to"), now)
-        set_desired(store, signer, revert, r.model, r.previous, r.id, f"abort of rollout {r.id}", now)
+        if revert and r.previous:
+            _record_warning_in(c, r.id, _previous_warning(store, r.model, r.previous, now, "the abort sends "
+                                                          f"{len(revert)} device(s) back to"), now)
+            write_desired(c, signer, version_row(store, r.model, r.previous), revert, r.model, r.previous, r.id,
+                          f"abort of rollout {r.id}", now)
     return {**status(store, rollout_id), "message": _said(r, action, revert)}
 
 
@@ -338,7 +339,8 @@ def _said(r: Rollout, action: str, revert: list[str]) -> str:
     if action == "resume":
         return f"resumed: {r.state.replace('_', ' ')}"
     if action == "abort":
-        return f"aborted; sending {len(revert)} device(s) back to {r.previous}" if revert else "aborted"
+        return (f"aborted; sending {len(revert)} device(s) back to {r.previous}" if revert and r.previous
+                else "aborted")
     return "paused; no more devices are asked to move until it is resumed"
 
 
@@ -438,7 +440,8 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
             r.state = "aborted"
             _save(c, r, now)
             _decide(c, r.id, Decision("abort", f"superseded by rollback {rid}", actor=actor), now)
-    set_desired(store, signer, devices, model, to_version, rid, f"rollback by {actor}", now)
+        write_desired(c, signer, version_row(store, model, to_version), devices, model, to_version, rid,
+                      f"rollback by {actor}", now)
     return rid
 
 
@@ -497,28 +500,37 @@ class DesiredSigner:
 
 def set_desired(store: Store, signer: DesiredSigner, devices: list[str], model: str, version: str,
                 rollout_id: str, reason: str, now: float) -> None:
+    """Ask ``devices`` to move to ``model`` ``version``, in a transaction of its own."""
     if not devices:
         return
     row = version_row(store, model, version)
+    with store.write() as c:
+        write_desired(c, signer, row, devices, model, version, rollout_id, reason, now)
+
+
+def write_desired(c: Any, signer: DesiredSigner, row: Any, devices: list[str], model: str, version: str,
+                  rollout_id: str, reason: str, now: float) -> None:
+    """Write the signed desired states of ``devices`` in the caller's write transaction ``c`` (``row``: the
+    version's ``model_versions`` row), so that a rollout's step and the desired states it asks for commit
+    together: a server killed between the two left a stage's devices counted as asked and never asked."""
     key, base = signer.key, signer.base_url
     issued = datetime.fromtimestamp(now, UTC).replace(microsecond=0)
-    with store.write() as c:
-        # A revoked (or removed) device is never sent a desired state, whichever path asks (a stage, an abort's
-        # or an automatic rollback's revert of the devices a rollout moved): read in the transaction that writes,
-        # so a revocation committed between the caller's read and this write is honoured too.
-        fleet = {r[0] for r in c.execute("SELECT device_id FROM devices WHERE revoked IS NULL")}
-        for dev in devices:
-            if dev not in fleet:
-                continue
-            prev = c.execute("SELECT seq FROM desired WHERE device_id = ?", (dev,)).fetchone()
-            seq = (prev["seq"] if prev else 0) + 1
-            d = Desired(device_id=dev, seq=seq, name=model, version=version,
-                        url=f"{base}/packages/{model}/{version}", sha256=row["sha256"], length=row["length"],
-                        issued=issued, expires=issued + DESIRED_LIFETIME, rollout=rollout_id, reason=reason)
-            c.execute("INSERT INTO desired VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(device_id) DO UPDATE SET "
-                      "seq=excluded.seq, model=excluded.model, version=excluded.version, rollout=excluded.rollout, "
-                      "envelope=excluded.envelope, updated=excluded.updated, published=0",
-                      (dev, seq, model, version, rollout_id, json.dumps(sign_desired(d, key)), now))
+    # A revoked (or removed) device is never sent a desired state, whichever path asks (a stage, an abort's or an
+    # automatic rollback's revert of the devices a rollout moved): read in the transaction that writes, so a
+    # revocation committed between the caller's read and this write is honoured too.
+    fleet = {r[0] for r in c.execute("SELECT device_id FROM devices WHERE revoked IS NULL")}
+    for dev in devices:
+        if dev not in fleet:
+            continue
+        prev = c.execute("SELECT seq FROM desired WHERE device_id = ?", (dev,)).fetchone()
+        seq = (prev["seq"] if prev else 0) + 1
+        d = Desired(device_id=dev, seq=seq, name=model, version=version,
+                    url=f"{base}/packages/{model}/{version}", sha256=row["sha256"], length=row["length"],
+                    issued=issued, expires=issued + DESIRED_LIFETIME, rollout=rollout_id, reason=reason)
+        c.execute("INSERT INTO desired VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT(device_id) DO UPDATE SET "
+                  "seq=excluded.seq, model=excluded.model, version=excluded.version, rollout=excluded.rollout, "
+                  "envelope=excluded.envelope, updated=excluded.updated, published=0",
+                  (dev, seq, model, version, rollout_id, json.dumps(sign_desired(d, key)), now))
 
 
 # ---- snapshots ------------------------------------------------------------------------------------------------
@@ -612,6 +624,7 @@ class RolloutService:
         self._thread: threading.Thread | None = None
         self.errors = 0
         self.signer = DesiredSigner.from_settings(settings)
+        self._publisher_connects = 0  # the publisher's connections whose desired states were all published
 
     def tick(self, now: float | None = None) -> None:
         now = now or time.time()
@@ -627,29 +640,39 @@ class RolloutService:
                 if fresh.updated != r.updated:
                     continue  # an operator acted since it was read: judged again on the next tick
                 r, res = fresh, _pause_untrusted(fresh, why)
-            with self.store.write() as c:
+            target_row = version_row(self.store, r.model, r.version) if res.to_target else None
+            revert = res.to_revert if r.previous else []
+            revert_row = version_row(self.store, r.model, r.previous) if revert and r.previous else None
+            warning = _previous_warning(self.store, r.model, r.previous, now, f"the automatic rollback sends "
+                                        f"{len(revert)} device(s) back to") if revert and r.previous else None
+            with self.store.write() as c:  # the step, its log and the desired states it asks for: all or none
                 stored = c.execute("SELECT updated FROM rollouts WHERE id = ?", (r.id,)).fetchone()
-                current = stored is not None and stored["updated"] == r.updated
-                if current:  # else an operator acted since it was read: judged again on the next tick
-                    _save(c, r, now)
-                    for d in res.decisions:
-                        _decide(c, r.id, d, now)
-            if not current:
-                continue
-            if res.to_target:
-                set_desired(self.store, self.signer, res.to_target, r.model, r.version, r.id,
-                            f"rollout {r.id} stage {r.stage + 1}", now)
-            if res.to_revert and r.previous:
-                _record_warning(self.store, r.id, _previous_warning(
-                    self.store, r.model, r.previous, now, f"the automatic rollback sends {len(res.to_revert)} "
-                    "device(s) back to"), now)
-                set_desired(self.store, self.signer, res.to_revert, r.model, r.previous, r.id,
-                            f"automatic rollback of {r.id}", now)
+                if stored is None or stored["updated"] != r.updated:
+                    continue  # an operator acted since it was read: judged again on the next tick
+                _save(c, r, now)
+                for d in res.decisions:
+                    _decide(c, r.id, d, now)
+                if target_row is not None:
+                    write_desired(c, self.signer, target_row, res.to_target, r.model, r.version, r.id,
+                                  f"rollout {r.id} stage {r.stage + 1}", now)
+                if revert_row is not None and r.previous:
+                    if warning is not None:
+                        _decide(c, r.id, warning, now)
+                    write_desired(c, self.signer, revert_row, revert, r.model, r.previous, r.id,
+                                  f"automatic rollback of {r.id}", now)
         self.publish_pending()
 
     def publish_pending(self) -> int:
+        """Publish the desired states not yet acknowledged by the broker; after the publisher (re)connected, every
+        desired state again (retained: a device gets its latest on connecting; it ignores a sequence number it
+        has seen). The broker may have lost what it had acknowledged (``MqttPublisher.connects``)."""
         if self.publisher is None:
             return 0
+        connects = self.publisher.connects
+        if connects != self._publisher_connects:
+            with self.store.write() as c:
+                c.execute("UPDATE desired SET published = 0 WHERE published = 1")
+            self._publisher_connects = connects
         # Published and marked in batches of up to 200, not one write transaction (competing with the ingest
         # writer) per device.
         done: list[tuple[str, int]] = []

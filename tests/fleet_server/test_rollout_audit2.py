@@ -126,7 +126,7 @@ def test_bake_time_counts_only_while_the_rollout_is_not_paused(rig):
     t0 = time.time()
     rid = service.start(store, model="clinical", version="1.1.0", cohort={"site": "a"}, stages=[100],
                         bake_seconds=100, thresholds={"min_predictions": 10}, now=t0)
-    svc.tick(now=t0 + 1)
+    svc.tick(now=t0)  # every device asked: the bake starts (the followers' summaries arrive after it)
     _follow(store)
     service.set_state(store, svc.signer, rid, "pause", "alice", now=t0 + 10)
     service.set_state(store, svc.signer, rid, "resume", "alice", now=t0 + 90)  # 80 s paused
