@@ -42,7 +42,7 @@ from edgefleet_contracts.transport import graceful_server
 
 from .agent import Agent
 from .config import DeviceDir
-from .desired_handler import DESIRED_FILE, DesiredHandler, HandlerOptions, read_desired_seq
+from .desired_handler import DESIRED_FILE, DesiredHandler, HandlerOptions, read_desired_state
 from .outbox import OutboxFullError
 from .slots import COMPLETE_MARKER, SLOT_NAMES, SMOKE_FILE, read_manifest
 from .trust_store import TrustStore, TrustStoreError
@@ -66,12 +66,13 @@ def build_report(device: DeviceDir) -> Report:
     rec = up.record()
     active, standby = up.slots.active(), up.slots.standby()
     cfg = up.config
+    desired_seq, desired_outcome = read_desired_state(device)
     return Report(
         device_id=cfg.device_id, at=fmt(utcnow()),
         active=None if active is None else {"name": active[1].name, "version": active[1].version},
         standby=None if standby is None else {"name": standby[1].name, "version": standby[1].version},
         update_state=str(rec.state), last_result=rec.last_result, agent_version=AGENT_VERSION,
-        desired_seq=read_desired_seq(device),
+        desired_seq=desired_seq, desired_outcome=desired_outcome,
     )
 
 

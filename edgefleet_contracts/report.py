@@ -26,12 +26,16 @@ class Report:
     last_result: dict[str, Any] | None  # {"status", "reason", "version", "at", ...}
     agent_version: str = ""
     desired_seq: int = 0  # the last desired-state sequence number the device accepted (issue 5)
+    # What became of that desired state so far: {"seq", "status", "reason", "message", "at"} (status e.g.
+    # "deferred" with reason "maintenance_window", "installed", "failed"), so that an operator sees why a device
+    # has not moved yet; None when the device holds none. Optional in the contract: older agents omit it.
+    desired_outcome: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": REPORT_TYPE, "spec": REPORT_SPEC, "device_id": self.device_id, "at": self.at,
                 "active": self.active, "standby": self.standby, "update_state": self.update_state,
                 "last_result": self.last_result, "agent_version": self.agent_version,
-                "desired_seq": self.desired_seq}
+                "desired_seq": self.desired_seq, "desired_outcome": self.desired_outcome}
 
     @classmethod
     def from_dict(cls, d: Any) -> Report:
@@ -52,6 +56,16 @@ class Report:
         lr = d.get("last_result")
         if lr is not None and not isinstance(lr, dict):
             raise SchemaError("report.last_result must be an object or null")
+        outcome = d.get("desired_outcome")
+        if outcome is not None:
+            outcome = f.obj(outcome, "report.desired_outcome")
+            for k in ("status", "reason", "message", "at"):
+                if outcome.get(k) is not None and not isinstance(outcome[k], str):
+                    raise SchemaError(f"report.desired_outcome.{k} must be a string or null")
+            if outcome.get("seq") is not None:
+                f.integer(outcome, "seq", "report.desired_outcome", minimum=0)
+            outcome = {k: outcome.get(k) for k in ("seq", "status", "reason", "message", "at")
+                       if outcome.get(k) is not None}
         return cls(check_id(f.string(d, "device_id", "report"), "report.device_id"), at, slots[0], slots[1],
                    f.string(d, "update_state", "report"), lr, str(d.get("agent_version", "")),
-                   f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0)
+                   f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0, outcome)

@@ -281,7 +281,9 @@ def _rollout_text(st: dict[str, Any]) -> str:
              f"  state {st['state']}, stage {st['stage']} of {len(st['stages'])} {st['stages']}, cohort "
              f"{st['cohort'] or 'all'}",
              f"  pace: {_pace_text(st)}",
-             f"  devices: {st['devices'] or 'none asked yet'}", "  decisions:"]
+             f"  devices: {st['devices'] or 'none asked yet'}"
+             + (f"; {st['not_yet_asked']} more of this stage not asked yet" if st.get("not_yet_asked") else ""),
+             "  decisions:"]
     for d in st["decisions"]:
         lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(d['at']))} {d['actor']:<8} {d['kind']:<15} "
                      f"{d['detail']}")

@@ -21,7 +21,7 @@ re-exported here; import from ``device_agent.desired_handler``.
 from .handler import DOWNLOADS, RETRYABLE, DesiredHandler, Step
 from .options import HandlerOptions, MaintenanceWindow
 from .receive import Decision, VersionNotAllowedError, check_move, decide
-from .record import DESIRED_FILE, DESIRED_SPEC, DesiredFileError, DesiredRecord, read_desired_seq
+from .record import DESIRED_FILE, DESIRED_SPEC, DesiredFileError, DesiredRecord, read_desired_seq, read_desired_state
 
 __all__ = [
     "DESIRED_FILE",
@@ -39,4 +39,5 @@ __all__ = [
     "check_move",
     "decide",
     "read_desired_seq",
+    "read_desired_state",
 ]

@@ -73,8 +73,17 @@ class DesiredRecord:
 
 def read_desired_seq(device: DeviceDir) -> int:
     """The last accepted desired-state seq (0 when none, or when desired.json is unreadable)."""
-    try:
-        return DesiredRecord.load(device.path / DESIRED_FILE).last_seq
-    except DesiredFileError:
-        return 0
+    return read_desired_state(device)[0]
 
+
+def read_desired_state(device: DeviceDir) -> tuple[int, dict[str, Any] | None]:
+    """For the report, from one read of desired.json: the last accepted seq and what became of that desired state
+    (``seq``, ``status``, ``reason``, ``message``, ``at``; None when none). (0, None) when it is unreadable."""
+    try:
+        rec = DesiredRecord.load(device.path / DESIRED_FILE)
+    except DesiredFileError:
+        return 0, None
+    outcome = rec.outcome if isinstance(rec.outcome, dict) else None
+    if outcome is not None:
+        outcome = {k: outcome[k] for k in ("seq", "status", "reason", "message", "at") if outcome.get(k) is not None}
+    return rec.last_seq, outcome

@@ -109,6 +109,10 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
     with (stages, cohort, bake, thresholds, approvals, ``window`` — ``""`` for any time — and ``max_per_minute``,
     0 for no limit), where it is, its devices per state and its decision log.
 
+    ``devices`` counts the devices asked so far by what they report (``deferred: REASON`` when a device holds the
+    desired state and waits, e.g. for its own maintenance window); ``not_yet_asked`` the current stage's devices
+    the rollout has not asked yet (rate limit, window, approval).
+
     ``waiting_for_window`` is true when the rollout is running outside its maintenance window with devices of the
     current stage not yet asked to move: they are asked when the window opens (``window_opens_in_seconds``, else
     None). Raises NotFoundError for an unknown id."""
@@ -121,6 +125,8 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
     ]
     reported = _reported(store)
     revoked = {row[0] for row in store.query("SELECT device_id FROM devices WHERE revoked IS NOT NULL")}
+    seqs = {row[0]: row[1] for row in store.query("SELECT device_id, seq FROM desired WHERE rollout = ?",
+                                                   (rollout_id,))}
     states: Counter[str] = Counter()
     for dev in r.targeted:
         if dev in revoked:  # no longer part of the fleet: not pending for ever
@@ -133,6 +139,8 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
             states["on_new_version"] += 1
         elif _install_failed(lr, r.version, r.targeted[dev]):
             states[str(lr.get("status"))] += 1
+        elif (why := _deferred(rep, seqs.get(dev))) is not None:
+            states[f"deferred: {why}"] += 1  # the device holds it and waits (its window, a batch, space, ...)
         else:
             states["pending"] += 1
     return {
@@ -140,8 +148,26 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
         "cohort": r.cohort, "stages": r.stages, "stage": r.stage + 1, "state": r.state,
         "bake_seconds": r.bake_seconds, "thresholds": {**DEFAULT_THRESHOLDS, **r.thresholds},
         "approve_stages": [s + 1 for s in r.approve_stages], "window": r.window, "max_per_minute": r.max_per_minute,
-        **_window_wait(store, r, now), "targeted": len(r.targeted), "devices": dict(states), "decisions": decisions,
+        **_window_wait(store, r, now), "targeted": len(r.targeted), "not_yet_asked": _not_yet_asked(store, r),
+        "devices": dict(states), "decisions": decisions,
     }
+
+
+def _deferred(report: dict[str, Any], seq: int | None) -> str | None:
+    """The reason a device gives for waiting with the desired state ``seq`` this rollout sent it (its report's
+    ``desired_outcome``: ``deferred`` for its maintenance window, a running batch, no space, ...), else None."""
+    outcome = report.get("desired_outcome") or {}
+    if seq is None or outcome.get("seq") != seq or outcome.get("status") != "deferred":
+        return None
+    return str(outcome.get("reason") or "waiting")
+
+
+def _not_yet_asked(store: Store, r: Rollout) -> int:
+    """Devices of the current stage the rollout has not asked yet (its rate limit, its window, an approval)."""
+    if r.state in ("completed", "rolled_back", "aborted") or r.kind != "rollout":
+        return 0
+    members = stage_devices(r.model, _devices(store), r.cohort, r.stages[r.stage])
+    return sum(1 for d in members if d not in r.targeted)
 
 
 def _window_wait(store: Store, r: Rollout, now: float) -> dict[str, Any]:

@@ -371,6 +371,13 @@ def test_a_closed_maintenance_window_defers_everything(built, tmp_path, server):
     assert step.what == "deferred: maintenance window" and step.retry_in
     assert server.requests == [] and versions(dev) == ("1.0.0", None)
     assert h.record().outcome["reason"] == "maintenance_window"  # type: ignore[index]
+    # the report says so, for the operator's `rollout status` (and survives the contract's round trip)
+    from device_agent.runner import build_report
+    from edgefleet_contracts.report import Report
+
+    outcome = Report.from_dict(build_report(dev).to_dict()).desired_outcome
+    assert outcome is not None and (outcome["seq"], outcome["status"], outcome["reason"]) == (
+        1, "deferred", "maintenance_window") and "maintenance window" in outcome["message"]
 
 
 def test_a_running_batch_defers_the_swap_until_it_ends(built, tmp_path, server, agent_for):
