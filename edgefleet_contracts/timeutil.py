@@ -50,6 +50,19 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def duration_text(seconds: float) -> str:
+    """A duration in the largest whole unit that fits it, for people: ``30 days``, ``12 hours``, ``1 minute``,
+    ``4 seconds`` (``1.5 seconds`` when not whole)."""
+    if not float(seconds).is_integer():
+        return f"{seconds:g} seconds"
+    s = int(seconds)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s and s % size == 0:
+            n = s // size
+            return f"{n:,} {unit}{'' if n == 1 else 's'}"
+    return f"{s:,} second{'' if s == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class DailyWindow:
     """A daily UTC window ``HH:MM-HH:MM`` (may wrap midnight): a device's maintenance window, a rollout's

@@ -157,7 +157,9 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     @app.exception_handler(FleetError)
     async def _fleet_error(_: Request, exc: FleetError) -> JSONResponse:
-        return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=exc.status)
+        # a 401 names the scheme to authenticate with (RFC 9110 11.6.1)
+        headers = {"WWW-Authenticate": 'Bearer realm="edgefleet"'} if exc.status == 401 else None
+        return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(ContractError)
     async def _contract_error(_: Request, exc: ContractError) -> JSONResponse:

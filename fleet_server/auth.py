@@ -85,10 +85,11 @@ def revoke_token(store: Store, which: str, by: str = "cli") -> dict[str, Any]:
 
 def authenticate(store: Store, header: str | None) -> tuple[str, str]:
     """(token name, role) for an ``Authorization: Bearer …`` header. Raises AuthError saying what is wrong."""
-    if not header or not header.startswith("Bearer "):
+    scheme, _, value = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():  # the scheme is case-insensitive (RFC 9110 11.1)
         raise AuthError("missing bearer token (Authorization: Bearer <token>; create one with "
                         "`fleet-server tokens create --role viewer`)")
-    row = store.one("SELECT name, role, expires, revoked FROM tokens WHERE hash = ?", (_hash(header[7:].strip()),))
+    row = store.one("SELECT name, role, expires, revoked FROM tokens WHERE hash = ?", (_hash(value.strip()),))
     if row is None:
         raise AuthError("unknown token")
     if row["revoked"]:

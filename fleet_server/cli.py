@@ -21,7 +21,7 @@ from typing import Any
 from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.signing import generate_key, load_public_key, save_private_key, save_public_key
-from edgefleet_contracts.timeutil import parse_duration
+from edgefleet_contracts.timeutil import duration_text, parse_duration
 
 from . import devices, registry
 from .cli_admin import add_admin_commands
@@ -199,7 +199,7 @@ def _model_text(d: dict[str, Any]) -> str:
     def when(t: float | None) -> str:
         return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "-"
 
-    every = f"every {d['retrain_every_s'] / 86400:g} days" if d["retrain_every_s"] else "no cadence set"
+    every = f"every {duration_text(d['retrain_every_s'])}" if d["retrain_every_s"] else "no cadence set"
     lines = [
         f"model {d['name']}",
         f"  owner: {d['owner']}   paged at: {d['oncall']}",

@@ -73,7 +73,7 @@ def list_alerts(store: Store, state: str | None = None, model: str | None = None
                 ) -> list[dict[str, Any]]:
     """Newest first. ``state``: open | acknowledged | resolved | active (open or acknowledged) | None (all).
 
-    Raises RequestError for an unknown state."""
+    Raises RequestError for an unknown state, NotFoundError for an unknown model."""
     sql = "SELECT * FROM alerts WHERE 1 = 1"
     args: list[Any] = []
     if state is not None:
@@ -85,6 +85,9 @@ def list_alerts(store: Store, state: str | None = None, model: str | None = None
         else:
             raise RequestError(f"unknown alert state {state!r}; states: {', '.join(STATES)}, active")
     if model:
+        if store.one("SELECT 1 FROM models WHERE name = ?", (model,)) is None:  # a typo is not "no alerts"
+            known = [r["name"] for r in store.query("SELECT name FROM models ORDER BY name")]
+            raise NotFoundError(f"unknown model {model!r}; known: {', '.join(known) or 'none'}")
         sql += " AND model = ?"
         args.append(model)
     sql += " ORDER BY id DESC LIMIT ?"

@@ -44,7 +44,8 @@ def attach_rollouts(app: FastAPI, ctx: Any, *, tick_seconds: float = 1.0, publis
         b = known_fields(body_object(await _json(request), "{model, version, stages?, cohort?, bake_seconds?, "
                                                            "max_per_minute?, window?, thresholds?, approve_stages?}"),
                          params.START_FIELDS)
-        model, version, stages = string(b, "model"), string(b, "version"), string(b, "stages", "1,10,50,100")
+        # stages: "1,10,50,100" or [1, 10, 50, 100]; service.start checks either, naming the field
+        model, version, stages = string(b, "model"), string(b, "version"), b.get("stages", "1,10,50,100")
 
         def begin() -> Any:
             rid = service.start(store, model=model, version=version, cohort=b.get("cohort"), stages=stages,

@@ -50,7 +50,8 @@ BAD_BODIES = [
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "cohort": [1]}, "cohort"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "approve_stages": "x"}, "approve_stages"),
     ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "approve_stages": [9]}, "approve_stages"),
-    ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "stages": [1, 2]}, "stages"),
+    ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "stages": [50, 10]}, "stages"),
+    ("/api/v1/rollouts", {"model": "clinical", "version": "1.0.0", "stages": ["10"]}, "stages"),
     ("/api/v1/rollouts", {"model": "clinical"}, "version"),
     ("/api/v1/rollbacks", {"model": "clinical", "to": "1.0.0", "cohort": [1]}, "cohort"),
     # "false" is a string: never taken for true (it replaced a revoked device's key)
@@ -137,3 +138,28 @@ def test_the_database_is_owner_only_and_metrics_answer(api: Any) -> None:
         assert f.stat().st_mode & 0o077 == 0, f"{f.name} is {oct(f.stat().st_mode & 0o777)}"
     r = client.get("/metrics")
     assert r.status_code == 200 and "edgefleet_alerts" in r.text and "edgefleet_ingest_received_total" in r.text
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_a_401_names_it(api: Any) -> None:
+    client, operator, _ = api
+    token = operator["Authorization"].split()[1]
+    for header in (f"bearer {token}", f"BEARER  {token}", f"Bearer {token}"):
+        assert client.get("/api/v1/devices", headers={"Authorization": header}).status_code == 200, header
+    for header in ("", "Bearer", "Basic dXNlcjpwYXNz", f"Token {token}"):
+        r = client.get("/api/v1/devices", headers={"Authorization": header})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="edgefleet"', header
+        assert r.json()["error"] == "unauthenticated"
+
+
+def test_alerts_of_an_unknown_model_are_a_404_naming_the_models(api: Any) -> None:
+    client, operator, _ = api
+    assert client.get("/api/v1/alerts", params={"model": "clinical"}, headers=operator).json() == []
+    r = client.get("/api/v1/alerts", params={"model": "clinicl"}, headers=operator)
+    assert r.status_code == 404 and r.json()["detail"] == "unknown model 'clinicl'; known: clinical"
+
+
+def test_a_rollouts_stages_may_be_a_list_as_the_document_says(api: Any) -> None:
+    client, operator, _ = api
+    r = client.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.0.0", "stages": [10, 100]},
+                    headers=operator)
+    assert r.status_code == 200 and r.json()["stages"] == [10, 100], r.text

@@ -109,6 +109,10 @@ def test_publish_verifies_against_the_root_and_serves_ranges(server, built, tmp_
     assert fleet_cli(["models", "show", "clinical", "--data", str(settings.data_dir)]) == 0
     out = capsys.readouterr().out
     assert "owner: clinical-ml" in out and "every 30 days" in out and "http://127.0.0.1:9/page" in out
+    with store.write() as c:  # a short cadence (a test, a demo) reads as one, not "every 4.62963e-05 days"
+        c.execute("UPDATE models SET retrain_every_s = 4 WHERE name = 'clinical'")
+    assert fleet_cli(["models", "show", "clinical", "--data", str(settings.data_dir)]) == 0
+    assert "retraining: every 4 seconds;" in capsys.readouterr().out
 
 
 def test_publish_refuses_untrusted_or_conflicting_packages(server, built, tmp_path):

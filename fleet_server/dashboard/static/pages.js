@@ -85,7 +85,12 @@ export async function modelsPage() {
   // One page: a fleet has a handful of models, far under the list's default page of 1000 (rollouts.js, whose
   // history does grow past a page, follows the Link header instead).
   const models = await api("/api/v1/models");
-  const days = (s) => (s ? `${Math.round(s / 86400)} d` : "–");
+  // the largest whole unit, as `models show` prints it (edgefleet_contracts.timeutil.duration_text)
+  const days = (s) => {
+    if (!s) return "–";
+    for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60]]) if (s % size === 0) return `${s / size} ${unit}`;
+    return `${s} s`;
+  };
   return h("div", {}, heading("Models"), simpleTable(["model", "owner", "on-call route", "retrain every",
     "retraining", "versions"],
     models.map((m) => [m.name, m.owner, m.oncall, days(m.retrain_every_s),
