@@ -131,7 +131,11 @@ class OtherPaths:
         m = hot.model
         if isinstance(xs, np.ndarray) and hot.image is None:
             t0 = time.perf_counter_ns()
-            good, errors = m.validator.rows(xs)
+            try:
+                good, errors = m.validator.rows(xs)
+            except InputError as exc:  # the batch as a whole (its shape, its type): counted like any refusal
+                self._reject(exc.kind, exc.feature)
+                raise
             for e in errors:
                 if e is not None:
                     self._reject(e.kind, e.feature)

@@ -71,9 +71,17 @@ def build_report(device: DeviceDir) -> Report:
         device_id=cfg.device_id, at=fmt(utcnow()),
         active=None if active is None else {"name": active[1].name, "version": active[1].version},
         standby=None if standby is None else {"name": standby[1].name, "version": standby[1].version},
-        update_state=str(rec.state), last_result=rec.last_result, agent_version=AGENT_VERSION,
+        update_state=str(rec.state), last_result=_shared_result(rec.last_result), agent_version=AGENT_VERSION,
         desired_seq=desired_seq, desired_outcome=desired_outcome,
     )
+
+
+def _shared_result(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The install result as the report shares it: the package by its file name, not the path it had on the
+    device (a folder name can say more about the device's user than the fleet needs)."""
+    if not result or not result.get("package"):
+        return result
+    return {**result, "package": Path(str(result["package"])).name}
 
 
 Stat = tuple[int, int, int, int] | None  # (inode, size, mtime_ns, ctime_ns); None: absent

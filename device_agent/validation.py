@@ -58,6 +58,7 @@ class Validator:
         """
         if type(x) is not np.ndarray or x.dtype != np.float32:
             try:
+                _numeric(x, f"input is not numeric: expected {self.width} numbers")
                 x = np.asarray(x, dtype=np.float32)
             except OverflowError:  # a Python int beyond float range (JSON allows any number of digits)
                 raise self._overflow(x) from None
@@ -78,6 +79,7 @@ class Validator:
     def rows(self, x: Any) -> tuple[np.ndarray, list[InputError | None]]:
         """A batch ``[N, F]``: the valid rows and, per input row, None or its error (errors do not stop others)."""
         try:
+            _numeric(x, "batch is not a numeric [N, F] array")
             a = np.asarray(x, dtype=np.float32)
         except OverflowError:
             raise self._overflow(x) from None
@@ -156,6 +158,16 @@ class Validator:
                                  feature=n)
             values.append(v)
         return self.row(values)
+
+
+def _numeric(x: Any, message: str) -> None:
+    """Refuse what a float32 conversion would take silently: complex numbers (their imaginary part dropped),
+    strings that spell numbers ("14.2": the local HTTP API refuses them too) and booleans. Raises
+    InputError (``wrong_shape``) saying what the input holds; OverflowError for an int past float range."""
+    kind = x.dtype.kind if isinstance(x, np.ndarray) else np.asarray(x).dtype.kind
+    what = {"c": "complex numbers", "U": "strings", "S": "bytes", "b": "booleans"}.get(kind)
+    if what is not None:  # objects (None, ints past 64 bits) go on to the conversion, which names them
+        raise InputError(f"{message}; it holds {what}", kind="wrong_shape")
 
 
 def _listed(names: list[str], shown: int = 5) -> str:

@@ -75,8 +75,16 @@ def test_bad_inputs_name_the_feature_are_counted_and_the_agent_keeps_serving(cli
         agent.predict({names[0]: 1.0})  # a partial list of what is missing says it is partial
     with pytest.raises(InputError, match="must be a number, got str"):
         agent.predict({**fields, names[2]: "12"})
+    # what a float conversion would take silently: a complex array (imaginary part dropped), strings that spell
+    # numbers (the HTTP API refuses "14.2" too), booleans
+    with pytest.raises(InputError, match="input is not numeric: expected 30 numbers; it holds complex numbers"):
+        agent.predict(x[0].astype(np.complex128) + 5j)
+    with pytest.raises(InputError, match="it holds strings"):
+        agent.predict([str(v) for v in x[0]])
+    with pytest.raises(InputError, match="batch is not a numeric \\[N, F\\] array; it holds booleans"):
+        agent.predict_batch(np.ones((2, 30), dtype=bool))
     assert agent.predict(fields).version == "1.0.0"  # still serving
-    assert agent.counters.rejected == {"nan": 1, "out_of_range": 1, "wrong_shape": 2, "missing_field": 2,
+    assert agent.counters.rejected == {"nan": 1, "out_of_range": 1, "wrong_shape": 5, "missing_field": 2,
                                        "unexpected_field": 1, "invalid_input": 1}
     for i in range(10):
         agent.predict(x[i])

@@ -267,6 +267,22 @@ def test_a_good_desired_state_downloads_with_a_resume_installs_and_commits_after
     assert h.record().outcome["status"] == "committed"  # type: ignore[index]
 
 
+def test_the_report_names_a_refused_package_by_its_file_name_not_its_path_on_the_device(built, tmp_path):
+    pk = packages(built)
+    dev = provisioned(built, tmp_path / "dev", package=pk.v100)
+    private = tmp_path / "home" / "dr-alice-smith"
+    private.mkdir(parents=True)
+    bad = private / "clinical-1.1.0.efpkg"
+    raw = bytearray(pk.v110.read_bytes())
+    raw[len(raw) // 2] ^= 1  # damaged in transit
+    bad.write_bytes(bytes(raw))
+    assert not Updater(dev).install(bad).ok
+    assert Updater(dev).record().last_result["package"] == str(bad)  # type: ignore[index]  # kept locally
+    shared = build_report(dev).to_dict()
+    assert shared["last_result"]["package"] == "clinical-1.1.0.efpkg"
+    assert "dr-alice-smith" not in json.dumps(shared), shared["last_result"]
+
+
 def test_the_standby_version_is_switched_to_without_any_download(built, tmp_path, server, agent_for):
     pk = packages(built)
     dev = provisioned(built, tmp_path / "dev", package=pk.v100)
