@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from tests.dashboard.conftest import SHIFTED, Dash, shot, sign_in, wait_for
+from tests.e2e.conftest import cli
 
 DRIFTED = sorted(f"f{i}" for i in SHIFTED)
 
@@ -146,6 +147,29 @@ def test_operator_pauses_resumes_and_aborts_a_rollout(page: Any, dash: Dash) -> 
     shot(page, "rollout-aborted")
     with dash.api() as api:
         assert api.get(f"/api/v1/rollouts/{rid}").json()["state"] == "aborted"
+
+
+def test_a_stale_page_shows_what_is_true_now_and_a_revoked_token_signs_out(page: Any, dash: Dash) -> None:
+    rid = dash.active_rollout()
+    data = str(dash.server.data)
+    token = cli(["tokens", "create", "--data", data, "--role", "operator", "--name", "otto"]).strip()
+    sign_in(page, dash, token, f"#/rollouts/{rid}")
+    page.locator("[data-testid=rollout-state][data-state=running]").wait_for()
+    with dash.api() as api:  # another operator pauses it while this page still offers "Pause"
+        assert api.post(f"/api/v1/rollouts/{rid}/pause").status_code == 200
+    page.get_by_test_id("pause").click()
+    page.locator("[data-testid=rollout-state][data-state=paused]").wait_for()  # the page now shows it
+    status = page.locator("#status")
+    assert status.inner_text().startswith("Pause failed: ") and "already paused" in status.inner_text()
+
+    cli(["tokens", "revoke", token, "--data", data])
+    page.get_by_test_id("resume").click()
+    page.get_by_label("API token").wait_for()  # signed out, not left signed in with a dead token
+    assert status.inner_text() == "Signed out: token revoked"
+    assert page.evaluate("sessionStorage.getItem('edgefleet.token')") is None
+    with dash.api() as api:
+        assert api.get(f"/api/v1/rollouts/{rid}").json()["state"] == "paused"  # the revoked token did nothing
+        assert api.post(f"/api/v1/rollouts/{rid}/resume").status_code == 200
 
 
 def test_device_page_shows_reported_state_install_history_and_windows(page: Any, dash: Dash) -> None:

@@ -73,6 +73,8 @@ export async function render() {
   markNav(path);
   if (!(await ensureSession())) {
     renderWho();
+    if (session.flash) setStatus(session.flash);
+    session.flash = null;
     main.replaceChildren(loginPage(async (token) => {
       session.token = token;
       if (await ensureSession()) {
@@ -91,7 +93,8 @@ export async function render() {
     try {
       const node = await page(params, ...m.slice(1).map(decodeURIComponent));
       main.replaceChildren(node);
-      setStatus("");
+      setStatus(session.flash || "");
+      session.flash = null;
     } catch (e) {
       if (e instanceof ApiError && e.status === 401) {
         session.token = null;

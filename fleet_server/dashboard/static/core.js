@@ -11,6 +11,7 @@ export const session = {
   set token(v) { if (v) sessionStorage.setItem(TOKEN_KEY, v); else sessionStorage.removeItem(TOKEN_KEY); },
   name: null,
   role: null,
+  flash: null,  // a message for the status line once the next page has rendered (render() shows it)
   get canAct() { return this.role === "operator" || this.role === "admin"; },
 };
 
@@ -107,6 +108,18 @@ export function actionButton(label, onClick, { kind = "", testid, needs = "opera
     try {
       await onClick();
     } catch (e) {
+      if (e.status === 401) {  // the token was revoked or expired meanwhile: sign out, say why
+        session.token = null;
+        session.role = null;
+        session.flash = `Signed out: ${e.message}`;
+        refresh();
+        return;
+      }
+      if (e.status === 409) {  // the page was stale (another operator acted): show what is true now
+        session.flash = `${label} failed: ${e.message}`;
+        refresh();
+        return;
+      }
       setStatus(`${label} failed: ${e.message}`);
       b.disabled = false;
     }
