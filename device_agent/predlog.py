@@ -37,9 +37,9 @@ segments. What they share is kept consistent across processes:
   never move), and ``lookup`` re-reads the map when a record names an index it does not know yet.
 * A prediction another process made sits in that process's memory for up to a second or two (staged rows, then
   the log's queue). With ``share(before_flush)`` (the serve workers call it) each process answers flush
-  requests on a Linux abstract Unix socket named after the folder and its boot; ``lookup`` of another boot's
-  prediction that is not on disk asks that process to flush (``before_flush`` first: the agent's staged rows)
-  and reads again. A process that does not answer (gone) holds nothing more: the id is unknown. The hot path is
+  requests (``predlog_peers``: a Linux abstract Unix socket named after the folder and its boot); ``lookup`` of
+  another boot's prediction that is not on disk asks that process to flush (``before_flush`` first: the agent's
+  staged rows) and reads again. A process that does not answer (gone) holds nothing more: the id is unknown. The hot path is
   unchanged: nothing is written or sent per prediction.
 
 Faults: nothing here stops the agent or its log thread.
@@ -63,12 +63,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import socket
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -93,6 +90,7 @@ from .predlog_format import (
     segment_name,
     segment_numbers,
 )
+from .predlog_peers import FlushPeers
 
 __all__ = ["RECORD", "PredictionLog", "Record", "parse_prediction_id"]
 
@@ -138,8 +136,7 @@ class PredictionLog:
         self._labels = self._load_labels()
         self._labels_limit = max(1, self.max_rows)
         self._stop = threading.Event()
-        self._flush_server: socket.socket | None = None  # answers other processes' flush requests (``share``)
-        self._before_flush: Callable[[], None] | None = None
+        self._peers = FlushPeers(self.dir, self.flush, self._stop)  # other processes' flush requests (``share``)
         self._thread = threading.Thread(target=self._run, args=(flush_seconds,), name="prediction-log", daemon=True)
         self._thread.start()
 
@@ -163,71 +160,11 @@ class PredictionLog:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _socket_name(self, boot: str) -> str:
-        digest = hashlib.sha256(f"{self.dir.resolve()}\0{boot}".encode()).hexdigest()[:40]
-        return f"\0edgefleet-predlog-{digest}"
-
     def share(self, before_flush: Callable[[], None] | None = None) -> bool:
-        """Answer other processes' flush requests for this boot (see the module docstring); ``before_flush`` runs
-        first on each (the agent hands over its staged rows). Call after the boot is set. False (and a warning)
-        where it cannot listen (not Linux: no abstract sockets): then another process's lookup sees this one's
-        predictions only after its periodic flush."""
-        self._before_flush = before_flush
-        if self._flush_server is not None:
-            return True
-        if not sys.platform.startswith("linux"):
-            log.warning("prediction log: flush requests need Linux abstract sockets; not listening")
-            return False
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(self._socket_name(self._boot))
-            sock.listen(16)
-        except OSError as exc:
-            sock.close()
-            log.warning("prediction log: cannot listen for flush requests (%s)", exc)
-            return False
-        sock.settimeout(0.5)  # accept wakes to see the stop flag
-        self._flush_server = sock
-        threading.Thread(target=self._serve_flush, args=(sock,), name="prediction-log-share", daemon=True).start()
-        return True
-
-    def _serve_flush(self, sock: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stop.wait(0.1):
-                    break
-                continue
-            with conn:
-                try:
-                    conn.settimeout(5)
-                    if not conn.recv(16).startswith(b"flush"):
-                        continue
-                    if self._before_flush is not None:
-                        self._before_flush()
-                    self.flush()
-                    conn.sendall(b"ok\n")
-                except OSError:
-                    pass
-                except Exception:  # never end the listener over a bug: logged, the asker sees no answer
-                    log.exception("prediction log: a flush request failed")
-        sock.close()
-
-    def _ask_flush(self, boot: str, timeout: float = 5.0) -> bool:
-        """Ask the process whose boot is ``boot`` to write its predictions out; True once it says it has."""
-        if not sys.platform.startswith("linux"):
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(self._socket_name(boot))
-                s.sendall(b"flush\n")
-                return s.recv(16).startswith(b"ok")
-        except OSError:
-            return False  # no such process any more (or it is stuck): what it held is not on disk
+        """Answer other processes' flush requests for this boot (``predlog_peers``); ``before_flush`` runs first
+        on each (the agent hands over its staged rows). Call after the boot is set. False (and a warning) where
+        it cannot listen."""
+        return self._peers.listen(self._boot, before_flush)
 
     # ---- start-up ----------------------------------------------------------------------------------------
     def _load_models(self) -> list[list[str]]:
@@ -537,7 +474,7 @@ class PredictionLog:
         boot, counter = parse_prediction_id(pid)
         self.flush()
         found = self._find(boot, counter)
-        if found is None and boot != self._boot and self._ask_flush(boot):
+        if found is None and boot != self._boot and self._peers.ask(boot):
             found = self._find(boot, counter)
         return found
 
