@@ -129,8 +129,13 @@ class DeviceConfig:
             raise ConfigError(str(exc)) from None
         if self.broker:
             u = urlparse(self.broker)
-            if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-                raise ConfigError(f"broker {self.broker!r} must look like mqtt://host:port or mqtts://host:port")
+            try:
+                port_ok = u.port is None or u.port > 0  # .port raises for a port past 65535 or not a number
+            except ValueError:
+                port_ok = False
+            if u.scheme not in ("mqtt", "mqtts") or not u.hostname or not port_ok:
+                raise ConfigError(f"broker {self.broker!r} must look like mqtt://host:port or mqtts://host:port "
+                                  "(a port from 1 to 65535)")
         if self.server and urlparse(self.server).scheme not in ("http", "https"):
             raise ConfigError(f"server {self.server!r} must look like http://host:port")
         for name in ("window_seconds", "heartbeat_seconds"):

@@ -114,7 +114,7 @@ class DownloadOptions:
             raise ValueError("timeouts must be positive and resumes >= 0")
 
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"\Abytes ([0-9]+)-([0-9]+)/([0-9]+|\*)\Z")
 
 
 def parse_content_range(text: str) -> tuple[int, int, int | None]:

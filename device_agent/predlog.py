@@ -39,8 +39,8 @@ segments. What they share is kept consistent across processes:
   the log's queue). With ``share(before_flush)`` (the serve workers call it) each process answers flush
   requests (``predlog_peers``: a Linux abstract Unix socket named after the folder and its boot); ``lookup`` of
   another boot's prediction that is not on disk asks that process to flush (``before_flush`` first: the agent's
-  staged rows) and reads again. A process that does not answer (gone) holds nothing more: the id is unknown. The hot path is
-  unchanged: nothing is written or sent per prediction.
+  staged rows) and reads again. A process that does not answer (gone) holds nothing more: the id is unknown.
+  The hot path is unchanged: nothing is written or sent per prediction.
 
 Faults: nothing here stops the agent or its log thread.
 

@@ -24,7 +24,7 @@ from .versions import parse_version
 
 DESIRED_TYPE = "edgefleet.desired"
 DESIRED_SPEC = 1
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 class WrongDeviceError(SchemaError):

@@ -24,9 +24,9 @@ KEYSET_NAME = "keyset.json"
 RUNTIMES = ("onnxruntime", "litert")
 KINDS = ("tabular", "image")
 DTYPES = ("float32", "float64", "int8", "uint8", "int32", "int64")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_PATH = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,63}\Z")
+_SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+_PATH = re.compile(r"\A[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 
 
 @dataclass(frozen=True)

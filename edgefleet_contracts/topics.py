@@ -17,7 +17,7 @@ from .errors import SchemaError
 
 PREFIX = "edgefleet"
 KINDS = ("summary", "report", "heartbeat", "desired")
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"\A[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def check_id(value: str, what: str) -> str:

@@ -6,7 +6,7 @@ import re
 
 from .errors import SchemaError
 
-_VERSION = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
+_VERSION = re.compile(r"\A[0-9]{1,9}(\.[0-9]{1,9}){0,3}\Z")
 
 
 def parse_version(text: object) -> tuple[int, ...]:

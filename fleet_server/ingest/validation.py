@@ -75,7 +75,7 @@ class _Staged(NamedTuple):
     signatures_json: Callable[[], str]
 
 # A wire timestamp already in the normalised form fmt() writes (then it is its own normalised form).
-_NORMAL_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_NORMAL_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")  # ASCII digits only
 
 
 class Validator(StoreLookups):

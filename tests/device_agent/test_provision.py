@@ -301,3 +301,22 @@ def test_status_asks_the_running_agent_for_its_counters(built, tmp_path, capsys)
     assert main(["status", "--dir", str(dev.path), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["agent"]["state"] == "not_running" and st["predictions"] is None
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--device-id", "d9\n"], "device_id 'd9\\n' must be 1-64 characters"),
+    (["--fleet", "north\n"], "fleet 'north\\n' must be 1-64 characters"),
+    (["--broker", "mqtt://broker.local:99999"], "broker 'mqtt://broker.local:99999' must look like mqtt://host:port"),
+    (["--broker", "mqtt://broker.local:port"], "(a port from 1 to 65535)"),
+])
+def test_provision_refuses_what_the_agent_could_not_start_with_and_writes_nothing(built, tmp_path, capsys, flags,
+                                                                                   says):
+    d = tmp_path / "dev"
+    args = _args(built, d)
+    if flags[0] == "--device-id":
+        args[args.index("--device-id") + 1] = flags[1]
+    else:
+        args += flags
+    assert main(args) != 0
+    assert says in capsys.readouterr().err
+    assert not d.exists() and _siblings(d) == []
