@@ -3,8 +3,10 @@
 The archive is an uncompressed tar whose first member is ``keyset.json`` and second ``manifest.json``; the
 signatures are checked before any payload byte is read. Each payload member must be a regular file listed in
 the manifest with the same length; exactly that many bytes are read and hashed. Nothing is written outside
-the staging folder; links, devices, absolute paths, ``..`` and duplicates are refused. Uncompressed tar
-keeps byte ranges meaningful for resumable downloads and removes decompression bombs from the threat model.
+the staging folder; links, devices, absolute paths, ``..`` and duplicates are refused, and so are oversized
+extended headers and anything after the end of the archive (``check_layout``, before ``tarfile`` reads a
+byte). Uncompressed tar keeps byte ranges meaningful for resumable downloads and removes decompression bombs
+from the threat model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from .trust import check_target, verify_keyset, verify_manifest
 MAX_METADATA_BYTES = 1024 * 1024
 MAX_MEMBERS = 256
 CHUNK = 1024 * 1024
+# An extended header (PAX ``x``/``g``, GNU long name ``L``/``K``) carries a member's long name or attributes:
+# a few hundred bytes. Python's tarfile reads one whole into memory before anything is verified, so a package
+# padded with a 300 MB header cost 1 GB of memory to read; the layout check refuses one over this size first.
+MAX_EXTENDED_HEADER = 64 * 1024
+MAX_TRAILER = 64 * 1024  # zero padding after the end-of-archive blocks (tar writers pad to 10 KiB records)
+_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,55 @@ def _check_member(m: tarfile.TarInfo, seen: set[str]) -> str:
         raise UnsafeArchiveError(f"archive member {name!r} appears twice")
     seen.add(norm)
     return norm
+
+
+def check_layout(path: Path) -> None:
+    """Walk the tar headers of ``path`` (reading 512-byte headers only, seeking over contents) before ``tarfile``
+    parses it: refuse an extended header over ``MAX_EXTENDED_HEADER`` bytes, more than ``3 * MAX_MEMBERS``
+    headers, and anything after the end-of-archive blocks but zero padding (up to ``MAX_TRAILER`` bytes): no
+    byte of a package goes unsigned and unread. A header it cannot read, or a file cut short, is left to
+    ``tarfile`` (which names it). Raises UnsafeArchiveError, PackageError (unreadable file)."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            offset, headers = 0, 0
+            while offset + _BLOCK <= size:
+                fh.seek(offset)
+                block = fh.read(_BLOCK)
+                if block == bytes(_BLOCK):  # end of archive: only zero padding may follow
+                    tail = size - offset
+                    if tail > 2 * _BLOCK + MAX_TRAILER:
+                        raise UnsafeArchiveError(f"package has {tail - 2 * _BLOCK:,} bytes after the end of its "
+                                                 "archive; a package holds nothing else")
+                    if fh.read(tail - _BLOCK).strip(b"\0"):
+                        raise UnsafeArchiveError("package has data after the end of its archive (an appended "
+                                                 "member or bytes); a package holds nothing else")
+                    return
+                headers += 1
+                if headers > 3 * MAX_MEMBERS:
+                    raise UnsafeArchiveError(f"package has more than {3 * MAX_MEMBERS} tar headers")
+                length = _header_size(block)
+                if length is None:
+                    return  # not a header tarfile can read either: it says so
+                kind = block[156:157]
+                if kind in (b"x", b"g", b"L", b"K") and length > MAX_EXTENDED_HEADER:
+                    raise UnsafeArchiveError(f"package has a {length:,}-byte extended tar header (type "
+                                             f"{kind.decode()!r}); at most {MAX_EXTENDED_HEADER:,} bytes are read")
+                offset += _BLOCK + -(-length // _BLOCK) * _BLOCK
+    except OSError as exc:
+        raise PackageError(f"{path} is not a readable package archive: {exc}") from exc
+
+
+def _header_size(block: bytes) -> int | None:
+    """The size field of a tar header: octal digits, or base-256 when its first byte has the high bit set."""
+    field = block[124:136]
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big") if field[0] == 0x80 else None
+    digits = field.strip(b" \0")
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        return None
 
 
 def _read_bounded(fh: IO[bytes], length: int) -> bytes:
@@ -101,6 +158,7 @@ def open_package(
     ``staging`` and should delete it on error.
     """
     seen: set[str] = set()
+    check_layout(path)
     try:
         tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
@@ -181,6 +239,7 @@ def carried_keyset(pkg: Path) -> object:
     (the device's trust store, the server's publish). None when it cannot be read (``open_package`` then says
     why). Reads only the first member, bounded like ``open_package`` reads it."""
     try:
+        check_layout(pkg)
         with tarfile.open(pkg, mode="r:") as tar:
             m = tar.next()
             if m is None or m.name != KEYSET_NAME or not m.isreg() or m.size > MAX_METADATA_BYTES:

@@ -5,7 +5,8 @@ byte) and the agent's counters stay as they were and ``Agent.predict`` keeps ans
 
 The list is issue 8's: unsigned; untrusted key; revoked key; expired signing key; one byte of weights flipped;
 a manifest of one version with the weights of another; an extra file; path traversal, absolute path, symlink
-and hardlink members; endless data past the declared length (and an archive cut short); an expired package;
+and hardlink members; endless data past the declared length (and an archive cut short); an oversized extended
+header, a member or bytes after the end of the archive (added 2026-11-28, from an audit); an expired package;
 the wrong hardware target; a downgrade; a keyset rotation signed only by the new key; an old keyset replayed;
 the device clock set back to revive expired metadata (judged by the trust store's persisted high-water mark).
 """
@@ -192,6 +193,37 @@ def cut_short(c: Ctx, out: Path) -> Path:
     return out
 
 
+def padded_header(c: Ctx, out: Path) -> Path:
+    """The signed package with a 2 MiB PAX extended header in front of keyset.json: tarfile reads such a header
+    whole before anything is verified (a 300 MB one cost 1 GB of memory), so the layout check refuses it."""
+    items = members(packages(c.built).v110)
+    with tarfile.open(out, "w:", format=tarfile.PAX_FORMAT) as tar:
+        for i, (m, data) in enumerate(items):
+            ti = tarfile.TarInfo(m.name)
+            ti.size = len(data)
+            if i == 0:
+                ti.pax_headers = {"comment": "A" * (2 << 20)}
+            tar.addfile(ti, io.BytesIO(data))
+    return out
+
+
+def appended_member(c: Ctx, out: Path) -> Path:
+    """The signed package with another tar member after its end-of-archive blocks (tarfile stops at the end and
+    never sees it: bytes of a package that nobody signed)."""
+    extra = io.BytesIO()
+    with tarfile.open(fileobj=extra, mode="w:") as tar:
+        ti = tarfile.TarInfo("evil.sh")
+        ti.size = 6
+        tar.addfile(ti, io.BytesIO(b"owned\n"))
+    out.write_bytes(packages(c.built).v110.read_bytes() + extra.getvalue())
+    return out
+
+
+def trailing_bytes(c: Ctx, out: Path) -> Path:
+    out.write_bytes(packages(c.built).v110.read_bytes() + b"#!/bin/sh\n" * 100)
+    return out
+
+
 def expired_package(c: Ctx, out: Path) -> Path:
     return with_expiry(c.built, packages(c.built).v110, out, c.now - timedelta(hours=1))
 
@@ -260,6 +292,11 @@ ATTACKS: dict[str, tuple[Callable[[Ctx, Path], Path], str, str, Callable[[Ctx, D
                                               f"file 'model.onnx' is {HUGE} bytes in the archive but the manifest "
                                               "says", None),
     "package cut short (partial download)": (cut_short, "file_mismatch", "archive ended early", None),
+    "oversized extended header": (padded_header, "unsafe_archive", "extended tar header (type 'x'); at most",
+                                  None),
+    "member appended after the end": (appended_member, "unsafe_archive", "data after the end of its archive",
+                                      None),
+    "bytes appended after the end": (trailing_bytes, "unsafe_archive", "after the end of its archive", None),
     "expired package": (expired_package, "expired", "package clinical 1.1.0 expired at", None),
     "wrong hardware target": (wrong_target, "wrong_target", "built for target 'rpi5-aarch64', not 'x86_64-avx2'",
                               None),
