@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -114,6 +115,17 @@ def _mqtt_check(ctx: Context) -> dict[str, Any]:
     return checks[0] if checks else {"status": "down", "error": "ingest is not running"}
 
 
+def _store_check(ctx: Context) -> dict[str, Any]:
+    """``down`` (with the error and since when) while ingest's commits fail, e.g. on a full disk: summaries
+    then wait unacknowledged (MQTT) or are answered 503 (HTTP); ``ok`` otherwise."""
+    writer = getattr(ctx.extensions.get("ingest"), "writer", None)
+    since = getattr(writer, "failing_since", None)
+    if since is None:
+        return {"status": "ok"}
+    return {"status": "down", "error": getattr(writer, "last_write_error", None),
+            "down_since": datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")}
+
+
 def validation_detail(errors: Any) -> str:
     """FastAPI's parameter errors as one sentence naming each parameter: ``query limit: Input should be less
     than or equal to 10000 (got '10001')``."""
@@ -199,13 +211,14 @@ def create_app(settings: ServerSettings, store: Store | None = None) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz(strict: bool = False) -> JSONResponse:
-        """``{"status": "ok" | "degraded", "checks": {"http": {...}, "mqtt": {...}}}``: which part is degraded
-        (``mqtt`` ``down`` with the broker, its error and since when; ``disabled`` with ``--broker none``).
+        """``{"status": "ok" | "degraded", "checks": {"http": {...}, "mqtt": {...}, "store": {...}}}``: which part
+        is degraded (``mqtt`` ``down`` with the broker, its error and since when; ``disabled`` with ``--broker
+        none``; ``store`` ``down`` while ingest cannot commit, e.g. a full disk).
         HTTP 200 while this process answers, degraded or not: the API, package downloads, HTTP ingest and the
         dashboard still work, and restarting the server would not bring an external broker back, so a liveness
         probe must not kill it. ``?strict=true`` answers 503 when degraded, for monitors that read only the
         status code."""
-        checks = {"http": {"status": "ok"}, "mqtt": _mqtt_check(ctx)}
+        checks = {"http": {"status": "ok"}, "mqtt": _mqtt_check(ctx), "store": _store_check(ctx)}
         degraded = any(c["status"] not in ("ok", "disabled") for c in checks.values())
         return JSONResponse({"status": "degraded" if degraded else "ok", "checks": checks},
                             status_code=503 if degraded and strict else 200)

@@ -37,8 +37,15 @@ class IngestWriter:
 
     A transaction holds up to ``settings.ingest_batch`` rows (summaries, quarantine rows, reports); a single
     submission is never split. A failing transaction is retried ``retries`` times with backoff; if it still
-    fails, each callback gets ``Outcome(error=...)`` (nothing was committed, so nothing may be acknowledged).
+    fails, each HTTP submission's callback gets ``Outcome(error=...)`` (the client is answered 503 and sends
+    again), while the MQTT submissions are kept and retried (backoff up to ``MAX_BACKOFF_S``) until they commit
+    or the writer stops: their acknowledgement is withheld meanwhile. Giving them up instead relied on the broker
+    delivering them again after a reconnect, which Mosquitto does and the embedded amqtt broker does not (an
+    audit lost 5,963 summaries on a disk that filled and emptied again, with no crash). ``failing_since``
+    says since when commits fail (None while they succeed), for ``/healthz``.
     """
+
+    MAX_BACKOFF_S = 5.0
 
     def __init__(self, settings: ServerSettings, store: Store, *, counters: IngestCounters | None = None,
                  retries: int = 3) -> None:
@@ -51,6 +58,9 @@ class IngestWriter:
         self._pending = 0  # submitted, callback not yet run
         self._accepting = False
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.failing_since: float | None = None  # wall time of the first failed commit of the current run
+        self.last_write_error: str | None = None
 
     @property
     def pending(self) -> int:
@@ -95,6 +105,7 @@ class IngestWriter:
             thread, self._accepting = self._thread, False
         if thread is None:
             return True
+        self._stopping.set()  # a batch being retried gives up: its MQTT messages stay unacknowledged
         self._queue.put(None)
         thread.join(timeout)
         if thread.is_alive():
@@ -130,23 +141,38 @@ class IngestWriter:
             self._commit(batch)
 
     def _commit(self, batch: list[Submission]) -> None:
-        error: str | None = None
-        outcomes: list[Outcome] = []
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while batch:
             try:
                 outcomes = self._write(batch)
-                error = None
-                break
-            except Exception as exc:  # sqlite3 errors, disk full: retry, then fail the callbacks (no ack)
+            except Exception as exc:  # sqlite3 errors, disk full: retry; HTTP callers are answered (no ack)
+                attempt += 1
                 error = f"store write failed: {exc!r}"
-                log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt + 1, exc)
-                time.sleep(min(1.0, 0.05 * 2 ** attempt))
-        if error is not None:
-            self.counters.add_write_error()
-            outcomes = [Outcome(error=error) for _ in batch]
-        else:
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                self.last_write_error = error
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt, exc)
+                if attempt <= self.retries:
+                    time.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)))
+                    continue
+                self.counters.add_write_error()
+                keep = [] if self._stopping.is_set() else [s for s in batch if s.source == "mqtt"]
+                kept = {id(s) for s in keep}
+                self._done([(s, Outcome(error=error)) for s in batch if id(s) not in kept])
+                batch = keep
+                if batch:
+                    self._stopping.wait(min(self.MAX_BACKOFF_S, 0.05 * 2 ** min(attempt, 10)))
+                continue
+            if attempt:
+                log.warning("ingest commits work again after %d failed attempt(s)", attempt)
+            self.failing_since = self.last_write_error = None
             self.counters.add_committed(list(zip(batch, outcomes, strict=True)))
-        for sub, out in zip(batch, outcomes, strict=True):
+            self._done(list(zip(batch, outcomes, strict=True)))
+            return
+
+    def _done(self, results: list[tuple[Submission, Outcome]]) -> None:
+        for sub, out in results:
             self._finish(sub, out)
             with self._cond:
                 self._pending -= 1

@@ -102,7 +102,8 @@ def test_a_lost_broker_is_logged_at_warning_shown_by_healthz_and_the_connected_g
 
     assert wait_until(lambda: gauge() == "edgefleet_mqtt_connected 1", 10)
     assert client.get("/healthz").json() == {"status": "ok", "checks": {
-        "http": {"status": "ok"}, "mqtt": {"status": "ok", "broker": f"127.0.0.1:{mosquitto.port}"}}}
+        "http": {"status": "ok"}, "mqtt": {"status": "ok", "broker": f"127.0.0.1:{mosquitto.port}"},
+        "store": {"status": "ok"}}}
 
     with caplog.at_level(logging.INFO, logger="fleet_server.mqtt_ingest"):
         mosquitto.stop()
@@ -124,7 +125,30 @@ def test_healthz_says_mqtt_is_disabled_without_a_broker(make_fleet: FleetFactory
     fleet = make_fleet()  # broker none
     with TestClient(create_app(fleet.settings, fleet.store)) as client:
         assert client.get("/healthz?strict=true").json() == {"status": "ok", "checks": {
-            "http": {"status": "ok"}, "mqtt": {"status": "disabled"}}}
+            "http": {"status": "ok"}, "mqtt": {"status": "disabled"}, "store": {"status": "ok"}}}
+
+
+def test_healthz_says_the_store_is_down_while_ingest_cannot_commit(make_fleet: FleetFactory) -> None:
+    fleet = make_fleet()  # broker none: HTTP ingest
+    app = create_app(fleet.settings, fleet.store)
+    svc = attach_ingest(app, app.state.ctx, validator_processes=0)
+    with TestClient(app) as client:
+        assert client.get("/healthz?strict=true").json() == {"status": "ok", "checks": {
+            "http": {"status": "ok"}, "mqtt": {"status": "disabled"}, "store": {"status": "ok"}}}
+        svc.writer.retries = 0
+        with fleet.store.write() as c:  # every insert fails, as on a full disk
+            c.execute("CREATE TRIGGER broken BEFORE INSERT ON summaries BEGIN SELECT RAISE(ABORT, 'database or "
+                      "disk is full'); END")
+        r = client.post("/api/v1/summaries", content=fleet["dev-1"].message([1]))
+        assert r.status_code == 503 and "database or disk is full" in r.json()["detail"]
+        health = client.get("/healthz?strict=true")
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        store = health.json()["checks"]["store"]
+        assert store["status"] == "down" and "database or disk is full" in store["error"] and store["down_since"]
+        with fleet.store.write() as c:
+            c.execute("DROP TRIGGER broken")
+        assert client.post("/api/v1/summaries", content=fleet["dev-1"].message([1])).json()["accepted"] == 1
+        assert client.get("/healthz?strict=true").json()["checks"]["store"] == {"status": "ok"}
 
 
 def test_serve_with_the_embedded_broker_warns_that_a_crash_loses_its_queue(
