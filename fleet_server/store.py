@@ -183,7 +183,8 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE, retried while another writer holds the lock)."""
+        """A write transaction (BEGIN IMMEDIATE, retried while another writer holds the lock). What the block or
+        the COMMIT raises is raised as it is (a failed COMMIT's "database or disk is full", not the rollback's)."""
         c = self.conn()
         for attempt in range(100):
             try:
@@ -199,7 +200,12 @@ class Store:
             yield c
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            # A COMMIT that failed (SQLITE_FULL, an I/O error) may have rolled back already: a ROLLBACK then
+            # raises "cannot rollback - no transaction is active", hiding the error that matters. Roll back only
+            # a transaction still open, and never let the rollback's own failure replace the original error.
+            if c.in_transaction:
+                with suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
             raise
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
