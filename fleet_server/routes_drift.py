@@ -57,6 +57,7 @@ class DriftService:
         self.evaluations = 0
         self.evaluation_failures = 0
         self.evaluation_errors = 0  # per-model problems of passes that ran (bad rules, unreadable profiles)
+        self.delivery_failures = 0  # delivery passes that raised (a store that cannot be written)
         self._errors_seen: set[str] = set()
         self.last_evaluation_seconds = 0.0
         self.last = Evaluation()
@@ -134,12 +135,25 @@ class DriftService:
             self._stop.wait(self.interval)
 
     def _delivery_loop(self) -> None:
+        failures = 0  # passes failed in a row
         while not self._stop.is_set():
             try:
                 self.deliver_once()
-            except Exception:  # noqa: BLE001
-                log.exception("alert delivery pass failed")
-            nxt = alerts.next_delivery_at(self.store)
+                failures = 0
+            except Exception:  # noqa: BLE001 - logged (the first of a run with its traceback), counted, backed off
+                failures += 1
+                self.delivery_failures += 1
+                if failures == 1:
+                    log.exception("alert delivery pass failed; retrying with backoff")
+                elif failures % 20 == 0:
+                    log.error("alert delivery passes keep failing (%d in a row)", failures)
+                self._wake_delivery.wait(min(60.0, 0.5 * 2 ** min(failures, 7)))
+                self._wake_delivery.clear()
+                continue
+            try:
+                nxt = alerts.next_delivery_at(self.store)
+            except Exception:  # noqa: BLE001 - an unreadable store: poll at the usual pace
+                nxt = None
             wait = self.delivery_poll_s if nxt is None else min(max(nxt - time.time(), 0.01), self.delivery_poll_s)
             self._wake_delivery.wait(wait)
             self._wake_delivery.clear()
@@ -170,6 +184,10 @@ class DriftService:
             "others (bad alert rules, an unreadable reference profile, a failed model).",
             "# TYPE edgefleet_drift_evaluation_errors_total counter",
             f"edgefleet_drift_evaluation_errors_total {self.evaluation_errors}",
+            "# HELP edgefleet_alert_delivery_pass_failures_total Alert delivery passes that raised (a store that "
+            "cannot be written); backed off.",
+            "# TYPE edgefleet_alert_delivery_pass_failures_total counter",
+            f"edgefleet_alert_delivery_pass_failures_total {self.delivery_failures}",
             "# HELP edgefleet_drift_evaluation_seconds Duration of the last evaluation pass.",
             "# TYPE edgefleet_drift_evaluation_seconds gauge",
             f"edgefleet_drift_evaluation_seconds {self.last_evaluation_seconds:.6f}",

@@ -62,6 +62,19 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
             doc = alert_doc(r)
             body = payload(doc, r["owner"])
             error = None
+            attempts = r["delivery_attempts"] + 1
+            # only if nobody re-queued the alert meanwhile (an auto-resolve restarts delivery with a new event)
+            same = " AND state = ? AND delivery_state = 'pending' AND delivery_attempts = ?"
+            # Claim the attempt before sending: the attempt and its retry time are stored first, so a store that
+            # cannot be written (a full disk) stops the POST instead of letting every pass send it again (an
+            # audit saw 26 identical pages a second while the write after the POST failed).
+            retry_at = time.time() + min(cfg.backoff_base_s * 2 ** (attempts - 1), cfg.backoff_max_s)
+            with store.write() as c:
+                claimed = c.execute("UPDATE alerts SET delivery_attempts = ?, next_attempt = ? WHERE id = ?" + same,
+                                    (attempts, retry_at, r["id"], r["state"], r["delivery_attempts"])).rowcount
+            if not claimed:
+                continue  # changed since it was read: the next pass sees it as it is now
+            guard = (r["state"], attempts)
             if not r["oncall"]:
                 error = f"model {r['model']} has no on-call route"
             else:
@@ -72,11 +85,7 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
                         error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"[:300]
-            attempts = r["delivery_attempts"] + 1
             done = time.time()
-            # only if nobody re-queued the alert meanwhile (an auto-resolve restarts delivery with a new event)
-            same = " AND state = ? AND delivery_state = 'pending' AND delivery_attempts = ?"
-            guard = (r["state"], r["delivery_attempts"])
             with store.write() as c:
                 if error is None:
                     c.execute("UPDATE alerts SET delivery_state = 'delivered', delivery_attempts = ?,"
@@ -89,10 +98,8 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
                     record_event(c, done, "alert_delivery_failed", r["model"], {"id": r["id"], "attempts": attempts,
                                                                                 "error": error})
                     counts["failed"] += 1
-                else:
-                    delay = min(cfg.backoff_base_s * 2 ** (attempts - 1), cfg.backoff_max_s)
-                    c.execute("UPDATE alerts SET delivery_attempts = ?, delivery_error = ?, next_attempt = ?"
-                              " WHERE id = ?" + same, (attempts, error, done + delay, r["id"], *guard))
+                else:  # its retry time was stored with the claim
+                    c.execute("UPDATE alerts SET delivery_error = ? WHERE id = ?" + same, (error, r["id"], *guard))
                     counts["retry"] += 1
             if error is not None:
                 log.warning("alert %s delivery attempt %d failed: %s", r["id"], attempts, error)

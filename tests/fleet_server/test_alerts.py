@@ -24,6 +24,7 @@ from fleet_server.routes_drift import attach_drift
 from fleet_server.settings import ServerSettings
 from tests.fleet_server import test_health
 from tests.fleet_server.test_health import SHIFTED, DriftFleet
+from tests.support import wait_until
 
 # the same real-summary fleet as the health tests (fixtures re-exported, not redefined)
 clinical = test_health.clinical
@@ -365,6 +366,33 @@ def test_the_drift_service_evaluates_delivers_and_exports_metrics(drift_fleet, r
         assert 'edgefleet_alert_delivery_attempts_total{outcome="delivered"} 1' in text
     assert svc._threads == []  # stopped with the app
     assert len(_active(f, "input_drift")) == 1  # repeated evaluations kept one alert
+
+
+def test_a_store_that_cannot_record_a_delivery_stops_the_page_instead_of_repeating_it(drift_fleet, receiver):
+    """The audit's storm: the POST went out, the write recording it failed, and every pass (26 a second) sent the
+    page again. The attempt is claimed (stored) before the POST and failed passes back off: no page while the
+    store refuses writes, exactly one once it takes them again."""
+    f = drift_fleet
+    f.cohorts()
+    _fleet_only(f)
+    _route_to(f, receiver.url)
+    [alert_id] = alerts.evaluate(f.store).opened
+    with f.store.write() as c:  # the store refuses every change to alerts, as a full disk would
+        c.execute("CREATE TRIGGER full BEFORE UPDATE ON alerts BEGIN SELECT RAISE(ABORT, 'database or disk is "
+                  "full (simulated)'); END")
+    settings = ServerSettings(data_dir=Path(f.settings.data_dir), broker="none", drift_interval_seconds=3600)
+    app = create_app(settings, f.store)
+    svc = attach_drift(app, app.state.ctx, delivery=FAST, delivery_poll_s=0.01)
+    with TestClient(app) as client:
+        assert wait_until(lambda: svc.delivery_failures >= 2, 10)
+        time.sleep(1.0)
+        assert receiver.requests == []  # never sent while it could not be recorded
+        assert svc.delivery_failures <= 6  # backed off: 0.5 s, 1 s, 2 s, ... not a pass every 10 ms
+        assert "edgefleet_alert_delivery_pass_failures_total" in client.get("/metrics").text
+        with f.store.write() as c:
+            c.execute("DROP TRIGGER full")
+        assert wait_until(lambda: alerts.get_alert(f.store, alert_id)["delivery"]["state"] == "delivered", 15)
+    assert len(receiver.requests) == 1
 
 
 def test_the_alerts_cli_lists_acknowledges_resolves_sets_rules_and_evaluates(drift_fleet, capsys):
