@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from .store import Store
 
 # ---- init / serve ----------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
+    """All or nothing: every precondition is checked before anything is written, and a failure while writing (a
+    full disk) removes what this run wrote, so the folder is left as it was and ``init`` can simply run again."""
     data = Path(args.data)
     if (data / "server.toml").exists():
         raise ConfigError(f"{data} is already initialised; refusing to overwrite its keys")
@@ -40,14 +43,40 @@ def _init(args: argparse.Namespace) -> int:
     host, port = parse_http_address(args.http, "--http")
     public_url = check_public_url(args.public_url, "--public-url") if args.public_url else ""
     settings = ServerSettings(data_dir=data, fleet=args.fleet, http_host=host, http_port=port, public_url=public_url)
-    (data / "keys").mkdir(parents=True, exist_ok=True)
-    (data / "keys").chmod(0o700)
-    save_public_key(root, settings.root_pub)
-    fleet_key = generate_key()
-    save_private_key(fleet_key, settings.fleet_key)
-    save_public_key(fleet_key.public_key(), settings.fleet_pub)
-    Store(settings.db_path).close()
-    atomic_write_text(data / "server.toml", server_toml_text(args.fleet, args.http, public_url))
+    db = settings.db_path
+    ours = [settings.root_pub, settings.fleet_key, settings.fleet_pub, db, db.with_name(db.name + "-wal"),
+            db.with_name(db.name + "-shm")]
+    present = [str(f.relative_to(data)) for f in ours if f.exists() or f.is_symlink()]
+    if present:  # without server.toml: an earlier init that failed before this one cleaned up, or a hand copy
+        raise ConfigError(f"{data} has no server.toml but already holds {', '.join(present)}; init writes none of "
+                          "them over (keys/root.pub is the pinned root key): move them away, or restore the folder's "
+                          "server.toml if it is a data folder")
+    made: list[Path] = []  # what this run created, removed again (last first) if it fails
+    try:
+        for folder in (data, data / "keys"):
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                made.append(folder)
+        (data / "keys").chmod(0o700)
+        made.append(settings.root_pub)
+        save_public_key(root, settings.root_pub)
+        fleet_key = generate_key()
+        made.append(settings.fleet_key)
+        save_private_key(fleet_key, settings.fleet_key)
+        made.append(settings.fleet_pub)
+        save_public_key(fleet_key.public_key(), settings.fleet_pub)
+        made.extend(ours[3:])
+        Store(db).close()
+        made.append(data / "server.toml")
+        atomic_write_text(data / "server.toml", server_toml_text(args.fleet, args.http, public_url))
+    except (OSError, sqlite3.Error) as exc:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink(missing_ok=True)
+        raise ConfigError(f"init of {data} failed, nothing of it was kept: {exc}") from None
     print(f"initialised {data}: fleet {args.fleet}, devices download packages from {settings.base_url()} "
           f"(public_url in {data / 'server.toml'}); provision devices with --root-key {args.root_key} "
           f"--fleet-key {settings.fleet_pub}")
@@ -529,6 +558,22 @@ def main(argv: list[str] | None = None) -> int:
     except (FleetError, OSError) as exc:
         print(f"fleet-server: error: {exc}", file=sys.stderr)
         return 1
+    except sqlite3.Error as exc:
+        print(f"fleet-server: error: {_database_error(args, exc)}", file=sys.stderr)
+        return 1
+
+
+def _database_error(args: argparse.Namespace, exc: sqlite3.Error) -> str:
+    """One line for an error SQLite raised, naming the database file; for a damaged one (malformed, truncated,
+    not a database), what to do about it."""
+    data = getattr(args, "data", None)
+    where = f"the database {Path(data) / 'fleet.sqlite'}" if data else "a database"
+    damaged = (isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError)
+               or "malformed" in str(exc))
+    if damaged:
+        return (f"{where} is damaged ({exc}); stop the server and restore the data folder from a backup "
+                "(`fleet-server backup` made one; serve --data on it)")
+    return f"{where}: {exc}"
 
 
 if __name__ == "__main__":
