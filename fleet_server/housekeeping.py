@@ -35,10 +35,12 @@ so checking the caps is one read of one row.
 
 :class:`HousekeepingService` runs a full pass every ``housekeeping_interval_seconds`` (default 60), and checks the
 quarantine caps every second in between, running the quarantine steps at once when a flood has pushed it over,
-so the overshoot stays about one second of flood. A failing pass is logged and counted and the next one runs as
-usual; ``stop`` interrupts a pass between chunks. ``fleet-server housekeeping --data DIR`` runs one pass (cron,
-or before a backup). The file does not shrink when rows go (SQLite reuses the freed pages): it stays at its
-high-water mark, which these bounds cap; ``VACUUM`` with the server stopped gives the space back.
+so the overshoot stays about one second of flood. A pass's summary pruning checks them every second too, between
+its chunks, so a long prune (many old rows) does not leave the quarantine unchecked meanwhile. A failing pass is
+logged and counted and the next one runs as usual; ``stop`` interrupts a pass between chunks. ``fleet-server
+housekeeping --data DIR`` runs one pass (cron, or before a backup). The file does not shrink when rows go (SQLite
+reuses the freed pages): it stays at its high-water mark, which these bounds cap; ``VACUUM`` with the server stopped
+gives the space back.
 
 Metrics (``/metrics``): ``edgefleet_quarantine_evicted_total{part="row"|"payload"}`` (rising = you are under a
 flood), ``edgefleet_quarantine_evicted_bytes_total``, gauges ``edgefleet_quarantine_rows`` and
@@ -159,6 +161,7 @@ class HousekeepingService:
         self.failures = 0
         self.last_cutoff: float | None = None
         self._held_by = ""  # what held summary pruning back on the last pass (logged when it changes)
+        self._next_check = 0.0  # monotonic: when a summary prune next checks the quarantine caps between chunks
 
     # ---- the pass -----------------------------------------------------------------------------------------
     def run_once(self, *, summaries: bool = True) -> PassResult:
@@ -285,6 +288,7 @@ class HousekeepingService:
                             self.settings.summary_retention_days, held_by,
                             fmt_epoch(cutoff))
             self._held_by = held_by
+        self._next_check = time.monotonic() + self.check_seconds
         for model, version in self._versions():
             while not self._stop.is_set():
                 # Chosen by a read (no lock, through the index); the write transaction only deletes them by
@@ -303,6 +307,17 @@ class HousekeepingService:
                 if len(ids) < self.chunk:
                     break
                 self._pause(time.monotonic() - t0)
+                self._quarantine_between(result)
+
+    def _quarantine_between(self, result: PassResult) -> None:
+        """Between two summary chunks: the quarantine caps, checked every ``check_seconds`` as between passes. A
+        long prune (a year of summaries after retention was shortened) takes many seconds; a flood must not grow
+        the quarantine past its caps meanwhile."""
+        if time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + self.check_seconds
+        if not self._stop.is_set():
+            self._evict_quarantine(result)  # reads the usage row first: no write when under the caps
 
     # ---- the thread ---------------------------------------------------------------------------------------
     def start(self) -> None:
