@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import unicodedata
 from typing import Any
 
 from .errors import AuthError, ForbiddenError, NotFoundError, RequestError
@@ -26,10 +27,29 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+MAX_NAME_CHARS = 64  # a token's name, as `tokens list` prints it on one line
+
+
+def token_name_rule_broken(name: str) -> str | None:
+    """What is wrong with ``name`` as a token's name, worded to follow "must", or None when it is allowed: at most
+    MAX_NAME_CHARS characters, none of them a control, format or line/paragraph separator character (a newline
+    in a name would print as a forged line of `tokens list`, a right-to-left mark reorder it)."""
+    if len(name) > MAX_NAME_CHARS:
+        return f"be at most {MAX_NAME_CHARS} characters, not {len(name)}"
+    bad = [ch for ch in name if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")]
+    if bad:
+        return f"hold no control characters (it holds {bad[0]!r})"
+    return None
+
+
 def create_token(store: Store, role: str, name: str = "", ttl_seconds: float | None = None) -> str:
-    """Create a token and return it (shown once). Raises RequestError for an unknown role."""
+    """Create a token and return it (shown once). Raises RequestError for an unknown role or a name
+    :func:`token_name_rule_broken` refuses."""
     if role not in ROLES:
         raise RequestError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    broken = token_name_rule_broken(name)
+    if broken is not None:
+        raise RequestError(f"a token's name must {broken}")
     if ttl_seconds is not None and not ttl_seconds >= 1:  # 0 must not read as "no expiry"
         raise RequestError(f"a token's lifetime must be at least 1 s, not {ttl_seconds!r} (omit it for no expiry)")
     token = "eft_" + secrets.token_urlsafe(32)

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.timeutil import parse_duration
 
-from .auth import create_token, list_tokens, revoke_token, token_id
+from .auth import create_token, list_tokens, revoke_token, token_id, token_name_rule_broken
 from .cli_common import _data, _number, _print, _settings, _settings_and_sources, _storage, _storage_flags
 from .errors import ConfigError
 from .settings import STORAGE
@@ -66,6 +66,9 @@ def _tokens_create(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ttl: {exc}") from None
         if ttl < 1:
             raise ConfigError(f"--ttl {args.ttl!r} must be at least 1s (omit --ttl for a token that never expires)")
+    broken = token_name_rule_broken(args.name or "")
+    if broken is not None:
+        raise ConfigError(f"--name {args.name!r} must {broken}")
     store = Store(s.db_path)
     token = create_token(store, args.role, args.name or "", ttl)
     print(token)
@@ -111,7 +114,8 @@ def add_admin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = tsub.add_parser("create")
     _data(p)
     p.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
-    p.add_argument("--name")
+    p.add_argument("--name", help="shown by `tokens list` (default: the role); at most 64 characters, no control "
+                                   "characters")
     p.add_argument("--ttl", help="lifetime such as 90d (default: no expiry)")
     p.set_defaults(func=_tokens_create)
     p = tsub.add_parser("list", help="every token's id, role, state (active, expired, revoked) and name")

@@ -24,8 +24,9 @@ from edgefleet_contracts.topics import check_id
 
 from .errors import ConfigError, named_unknown
 
-__all__ = ["DEFAULT_HTTP", "MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS", "ServerSettings",
-           "StorageSetting", "check_public_url", "parse_http_address", "storage_rule_broken", "storage_table"]
+__all__ = ["DEFAULT_HTTP", "MAX_SUMMARY_RETENTION_DAYS", "MIN_SUMMARY_RETENTION_DAYS", "STORAGE", "STORAGE_SETTINGS",
+           "ServerSettings", "StorageSetting", "check_public_url", "parse_http_address", "storage_rule_broken",
+           "storage_table"]
 
 DEFAULT_HTTP = "127.0.0.1:8480"  # where `serve` binds its HTTP API when neither --http nor server.toml's http says
 
@@ -34,6 +35,9 @@ DEFAULT_HTTP = "127.0.0.1:8480"  # where `serve` binds its HTTP API when neither
 # this against both). A shorter retention would empty them, so it is refused. Longer windows set at run time (a
 # model's ``window_s``, an active rollout's stage) are protected by the housekeeping pass itself.
 MIN_SUMMARY_RETENTION_DAYS = 1.0
+
+# The longest retention accepted (100 years): longer is "forever", which is 0.
+MAX_SUMMARY_RETENTION_DAYS = 36_600.0
 
 # A storage setting's rule: None when the value is allowed, else what it must be, worded to follow "must be".
 Rule = Callable[[object], str | None]
@@ -85,6 +89,8 @@ def _retention(days: float) -> str | None:
     if 0 < days < MIN_SUMMARY_RETENTION_DAYS:
         return (f"0 (keep forever) or at least {MIN_SUMMARY_RETENTION_DAYS:g} day: alert evaluation and the drift "
                 f"report read the last {MIN_SUMMARY_RETENTION_DAYS:g} day of summaries by default")
+    if days > MAX_SUMMARY_RETENTION_DAYS:  # a cutoff before year 1 is no date: housekeeping could not print it
+        return f"0 (keep forever) or at most {MAX_SUMMARY_RETENTION_DAYS:,g} days (100 years)"
     return None
 
 
@@ -207,9 +213,13 @@ def parse_http_address(text: object, what: str) -> tuple[str, int]:
     """``HOST:PORT`` (``--http``, server.toml's ``http``) as (host, port); ``[::1]:8480`` for an IPv6 host.
     ConfigError naming ``what`` when it is not a string of that form with a port 0..65535."""
     host, sep, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not (sep and host and port.isdigit() and int(port) < 65536):
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) < 65536):
         raise ConfigError(f"{what} must be a quoted HOST:PORT such as \"{DEFAULT_HTTP}\", not {text!r}")
+    if ":" in host and not bracketed:  # "localhost:80:80" is no address; an IPv6 host is written [::1]:8480
+        raise ConfigError(f"{what} must be a quoted HOST:PORT such as \"{DEFAULT_HTTP}\", not {text!r}: the host "
+                          f"{host!r} holds a ':' (an IPv6 host goes in brackets: \"[::1]:8480\")")
     return host, int(port)
 
 
