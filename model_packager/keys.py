@@ -24,7 +24,7 @@ from typing import Any
 
 from edgefleet_contracts.atomic import atomic_write_text
 from edgefleet_contracts.canonical import parse_json
-from edgefleet_contracts.errors import ContractError
+from edgefleet_contracts.errors import ContractError, ExpiredError
 from edgefleet_contracts.keyset import DelegatedKey, Keyset
 from edgefleet_contracts.signing import (
     Ed25519PrivateKey,
@@ -40,7 +40,7 @@ from edgefleet_contracts.signing import (
 from edgefleet_contracts.timeutil import utcnow
 from edgefleet_contracts.trust import verify_keyset
 
-from .errors import KeysError
+from .errors import FlagError, KeysError
 
 DEFAULT_KEY_LIFETIME = timedelta(days=365)
 DEFAULT_KEYSET_LIFETIME = timedelta(days=365)
@@ -70,22 +70,39 @@ class KeyFolder:
     def signing_key_file(self, keyid: str) -> Path:
         return self.path / f"signing-{keyid[:16]}.key"
 
+    def _read(self, path: Path) -> bytes:
+        """The bytes of a file of the folder; KeysError when it is missing, not a file, or unreadable."""
+        if not path.exists():
+            raise KeysError(f"{path} is missing; run `model-packager keys init --dir {self.path}`")
+        if not path.is_file():
+            raise KeysError(f"{path} is not a file; the key folder {self.path} is damaged")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise KeysError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
     def root_public(self) -> Ed25519PublicKey:
-        if not self.root_pub.exists():
-            raise KeysError(f"{self.root_pub} is missing; run `model-packager keys init --dir {self.path}`")
-        return load_public_key(self.root_pub)
+        self._read(self.root_pub)
+        try:
+            return load_public_key(self.root_pub)
+        except (ContractError, OSError, ValueError) as exc:
+            raise KeysError(f"{self.root_pub} is not a root public key: {exc}") from exc
 
     def keyset_envelope(self) -> dict[str, Any]:
-        if not self.keyset_file.exists():
-            raise KeysError(f"{self.keyset_file} is missing; run `model-packager keys init --dir {self.path}`")
-        env = parse_json(self.keyset_file.read_bytes(), what=str(self.keyset_file))
+        env = parse_json(self._read(self.keyset_file), what=str(self.keyset_file))
         if not isinstance(env, dict):
             raise KeysError(f"{self.keyset_file} is not a keyset envelope")
         return env
 
-    def keyset(self, now: datetime | None = None) -> Keyset:
+    def keyset(self, now: datetime | None = None, *, allow_expired: bool = False) -> Keyset:
+        """The folder's keyset, verified against its root key. ``allow_expired``: an expired keyset is still
+        returned (rotate and revoke publish its successor). Raises KeysError."""
         try:
-            return verify_keyset(self.keyset_envelope(), self.root_public(), now or utcnow())
+            return verify_keyset(self.keyset_envelope(), self.root_public(), now or utcnow(),
+                                 allow_expired=allow_expired)
+        except ExpiredError as exc:
+            raise KeysError(f"{self.keyset_file}: {exc}: run `model-packager keys rotate --dir {self.path}` "
+                            "(with the root key present)") from exc
         except ContractError as exc:
             raise KeysError(f"{self.keyset_file}: {exc}") from exc
 
@@ -99,7 +116,16 @@ class KeyFolder:
         for k in live:
             f = self.signing_key_file(k.keyid)
             if f.exists():
-                return load_private_key(f), ks
+                try:
+                    key = load_private_key(f)  # an insecure or malformed file: its ContractError says so
+                except OSError as exc:
+                    raise KeysError(f"cannot read signing key {f}: {exc.strerror or exc}") from exc
+                if key_id(key.public_key()) != k.keyid:
+                    raise KeysError(
+                        f"signing key {f} holds key {key_id(key.public_key())[:16]}, not key {k.keyid[:16]} that "
+                        f"keyset v{ks.version} delegates: packages signed with it would be refused by every "
+                        "device; restore the right file or run `model-packager keys rotate`")
+                return key, ks
         raise KeysError(
             f"no live signing key in {self.path} (keyset version {ks.version}); run `model-packager keys rotate`"
         )
@@ -129,8 +155,11 @@ def init_keys(
     keyset_lifetime: timedelta = DEFAULT_KEYSET_LIFETIME,
     now: datetime | None = None,
 ) -> KeyFolder:
-    """Create root key, first signing key and keyset v1. Raises KeysError if a root key already exists."""
+    """Create root key, first signing key and keyset v1. Raises KeysError if a root key already exists, FlagError
+    if a lifetime is not positive (the key or keyset would be born expired)."""
     now = now or utcnow()
+    _check_lifetime("--key-lifetime", key_lifetime)
+    _check_lifetime("--keyset-lifetime", keyset_lifetime)
     folder = KeyFolder(Path(path))
     if folder.root_key.exists() or folder.keyset_file.exists():
         raise KeysError(f"{path} already holds keys; refusing to overwrite them")
@@ -143,6 +172,12 @@ def init_keys(
     ks = Keyset(version=1, issued=now, expires=now + keyset_lifetime, keys={signing.keyid: signing})
     _publish(folder, root, ks)
     return folder
+
+
+def _check_lifetime(flag: str, lifetime: timedelta) -> None:
+    if lifetime <= timedelta(0):
+        raise FlagError(f"{flag} must be longer than 0: a key or keyset that is born expired signs nothing a "
+                        "device accepts")
 
 
 def _root_private(folder: KeyFolder) -> Ed25519PrivateKey:
@@ -159,11 +194,14 @@ def rotate_keys(
     keyset_lifetime: timedelta = DEFAULT_KEYSET_LIFETIME,
     now: datetime | None = None,
 ) -> Keyset:
-    """Add a new signing key and publish keyset version+1 (older live keys stay until they expire)."""
+    """Add a new signing key and publish keyset version+1 (older live keys stay until they expire). Works from
+    an expired keyset too: rotating is how a lapsed keyset is renewed. Raises KeysError, FlagError."""
     now = now or utcnow()
+    _check_lifetime("--key-lifetime", key_lifetime)
+    _check_lifetime("--keyset-lifetime", keyset_lifetime)
     folder = KeyFolder(Path(path))
     root = _root_private(folder)
-    old = folder.keyset(now)
+    old = folder.keyset(now, allow_expired=True)
     signing = _new_signing_key(folder, key_lifetime, now)
     keys = {k: v for k, v in old.keys.items() if v.expires > now}
     keys[signing.keyid] = signing
@@ -173,11 +211,13 @@ def rotate_keys(
 
 
 def revoke_key(path: Path, keyid_prefix: str, *, now: datetime | None = None) -> Keyset:
-    """Publish keyset version+1 without the key (matched by id prefix, >= 8 hex digits) and listing it revoked."""
+    """Publish keyset version+1 without the key (matched by id prefix, >= 8 hex digits) and listing it revoked.
+    Works from an expired keyset too (its successor then lives DEFAULT_KEYSET_LIFETIME): a leaked key must stay
+    revocable after a missed rotation. Raises KeysError."""
     now = now or utcnow()
     folder = KeyFolder(Path(path))
     root = _root_private(folder)
-    old = folder.keyset(now)
+    old = folder.keyset(now, allow_expired=True)
     if len(keyid_prefix) < 8:
         raise KeysError("give at least 8 hex digits of the key id to revoke")
     matches = [k for k in old.keys if k.startswith(keyid_prefix.lower())]
