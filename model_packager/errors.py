@@ -32,9 +32,13 @@ class OutputExistsError(PackagerError):
     """The output file already exists and replacing it was not asked for (``--force``)."""
 
 
+class OutputError(PackagerError):
+    """The output file cannot be written (read-only folder, disk full, ...); the message names the --out path."""
+
+
 class InputFileError(PackagerError):
     """A file named on the command line (package, root key, keyset) does not exist or is not a file."""
 
 
-__all__ = ["ContractError", "DataError", "FlagError", "InputFileError", "KeysError", "ModelError", "OutputExistsError",
-           "PackagerError", "QuantizationError"]
+__all__ = ["ContractError", "DataError", "FlagError", "InputFileError", "KeysError", "ModelError", "OutputError",
+           "OutputExistsError", "PackagerError", "QuantizationError"]

@@ -11,6 +11,8 @@ import numpy as np
 
 from device_agent.runtime import Runtime
 
+from .errors import DataError, ModelError
+
 
 @dataclass
 class Candidate:
@@ -37,7 +39,15 @@ class Candidate:
 
 
 def predict_all(rt: Runtime, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([rt.run(x[i : i + batch]) for i in range(0, len(x), batch)])
+    """Class probabilities ``[rows, classes]`` for every row of ``x``. Raises DataError (no rows) or ModelError
+    (an output of another shape)."""
+    if len(x) == 0:
+        raise DataError("no data rows to evaluate the model on")
+    probs = np.concatenate([rt.run(x[i : i + batch]) for i in range(0, len(x), batch)])
+    if probs.ndim != 2 or len(probs) != len(x):
+        raise ModelError(f"the model's probabilities output has shape {list(probs.shape)} for {len(x)} rows; "
+                         "expected [rows, classes]")
+    return probs
 
 
 def latency_ms(rt: Runtime, x: np.ndarray, runs: int = 300, warmup: int = 30) -> tuple[float, float]:

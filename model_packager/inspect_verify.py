@@ -70,9 +70,16 @@ def read_manifest_unverified(path: Path) -> dict[str, Any]:
     raise PackageError(f"{path} has no manifest.json")
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one: ``inspect`` shows an unverified manifest, which may
+    hold anything, and prints ``None`` for what is missing or malformed rather than failing."""
+    return value if isinstance(value, dict) else {}
+
+
 def describe(signed: dict[str, Any]) -> str:
-    ev = signed.get("evaluation", {})
-    q = signed.get("quantization", {})
+    """A few lines on an unverified manifest; fields of the wrong type show as None."""
+    ev = _obj(signed.get("evaluation"))
+    q = _obj(signed.get("quantization"))
     lines = [
         f"{signed.get('name')} {signed.get('version')}  target={signed.get('target')}  runtime={signed.get('runtime')}"
         f"  kind={signed.get('kind')}",
@@ -82,8 +89,9 @@ def describe(signed: dict[str, Any]) -> str:
         f"owner: {signed.get('owner') or '-'}  created: {signed.get('created')}  expires: {signed.get('expires')}",
         "files:",
     ]
-    for name, e in sorted(signed.get("files", {}).items()):
-        lines.append(f"  {name:<20} {e.get('length'):>10}  {str(e.get('sha256'))[:16]}…")
+    for name, e in sorted(_obj(signed.get("files")).items(), key=lambda kv: str(kv[0])):
+        e = _obj(e)
+        lines.append(f"  {name:<20} {e.get('length')!s:>10}  {str(e.get('sha256'))[:16]}…")
     return "\n".join(lines)
 
 

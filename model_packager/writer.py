@@ -14,7 +14,7 @@ from edgefleet_contracts.atomic import fsync_dir
 from edgefleet_contracts.digest import sha256_file_with_length
 from edgefleet_contracts.manifest import KEYSET_NAME, MANIFEST_NAME, FileEntry
 
-from .errors import OutputExistsError
+from .errors import OutputError, OutputExistsError
 
 
 def file_entry(path: Path) -> FileEntry:
@@ -41,6 +41,25 @@ def refuse_existing(out: Path, *, overwrite: bool) -> None:
         raise OutputExistsError(f"{out} already exists; refusing to overwrite it (pass --force to replace it)")
 
 
+def check_writable(out: Path) -> None:
+    """Raises OutputError when the package file ``out`` could not be created: its folder (or the nearest existing
+    folder above it) does not accept a new file. Checked by creating and removing a temporary file there, which
+    also holds for root and for read-only mounts, where permission bits say nothing."""
+    out = Path(out)
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write --out {out}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write --out {out}: {folder} does not accept new files "
+                          f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_archive(
     out: Path, keyset_env: dict[str, Any], manifest_env: dict[str, Any], payload: dict[str, Path], *,
     overwrite: bool = False,
@@ -49,8 +68,17 @@ def write_archive(
 
     Without ``overwrite`` an existing ``out`` is never replaced, not even one created while the package was being
     written (the finished file is linked into place, which fails if the name is taken). Raises OutputExistsError
-    or OSError."""
+    or OutputError (the file system refused: read-only, full, ...; the message names ``out``, never the hidden
+    temporary file)."""
     out = Path(out)
+    try:
+        _write(out, keyset_env, manifest_env, payload, overwrite)
+    except OSError as exc:
+        raise OutputError(f"cannot write --out {out}: {exc.strerror or exc}; nothing was written") from exc
+
+
+def _write(out: Path, keyset_env: dict[str, Any], manifest_env: dict[str, Any], payload: dict[str, Path],
+           overwrite: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
