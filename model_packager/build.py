@@ -23,13 +23,13 @@ from edgefleet_contracts.signing import sign_envelope
 from edgefleet_contracts.targets import Target, get_target
 from edgefleet_contracts.timeutil import utcnow
 
-from .data import Dataset, load_dataset
+from .data import Dataset, check_labels, check_varies, complete, load_dataset
 from .errors import DataError, FlagError, ModelError, QuantizationError
 from .evaluate import Candidate, measure
 from .keys import KeyFolder
 from .profiling import calibration_map, feature_ranges, golden_tolerance, reference_profile
 from .quantize import op_types, quantize
-from .writer import file_entry, refuse_existing, write_archive
+from .writer import check_writable, file_entry, refuse_existing, write_archive
 
 MODES = ("auto", "none", "int8-dynamic", "int8-static")
 
@@ -68,14 +68,32 @@ class BuildResult:
 
 
 def _image_spec(path: Path | None) -> ImageSpec | None:
+    """The preprocessing spec, checked by the manifest schema's own rules (so build refuses what a device would).
+    Raises DataError naming the file and the field."""
     if path is None:
         return None
     try:
         d = json.loads(Path(path).read_text())
-        return ImageSpec(int(d["width"]), int(d["height"]), str(d["color"]), str(d["resize"]), float(d["scale"]),
-                         float(d["mean"]), float(d["std"]), str(d["layout"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"cannot read preprocessing spec {path}: {exc!r}") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"cannot read preprocessing spec {path}: {exc}") from exc
+    if not isinstance(d, dict):
+        raise DataError(f"preprocessing spec {path} must be a JSON object (width, height, color, resize, scale, "
+                        "mean, std, layout)")
+    now = utcnow()
+    probe = Manifest(
+        name="probe", version="1", target="probe", runtime="onnxruntime", kind="image", model_file="model.onnx",
+        input=InputSpec("x", "float32", (-1, 1), (FeatureSpec("f0", 0.0, 1.0),)),
+        output=OutputSpec("probabilities", ("a", "b")), files={"model.onnx": FileEntry("0" * 64, 0)},
+        created=now, expires=now + timedelta(days=1))
+    signed = probe.to_signed()
+    signed["input"]["image"] = d
+    try:
+        spec = Manifest.from_signed(signed).input.image
+    except SchemaError as exc:
+        reason = str(exc).replace("manifest.input.image.", "").replace("manifest.input.image", "the spec")
+        raise DataError(f"preprocessing spec {path}: {reason}") from None
+    assert spec is not None
+    return spec
 
 
 def _onnx_interface(model: Path, probabilities: str | None) -> tuple[str, list[int], str]:
@@ -106,7 +124,10 @@ def _onnx_interface(model: Path, probabilities: str | None) -> tuple[str, list[i
 def _litert_interface(model: Path) -> tuple[str, list[int], str]:
     from device_agent.runtime import LiteRtRuntime
 
-    rt = LiteRtRuntime(model)
+    try:
+        rt = LiteRtRuntime(model)
+    except AgentError as exc:
+        raise ModelError(f"{model} is not a loadable LiteRT model: {exc}") from exc
     shape = [int(s) for s in rt._in["shape_signature"]] if "shape_signature" in rt._in else list(rt._in["shape"])
     shape[0] = -1
     return rt.input_name, shape, str(rt._out["name"])
@@ -185,11 +206,18 @@ def check_request(req: BuildRequest) -> None:
 
 
 def build_package(req: BuildRequest, console: Console | None = None) -> BuildResult:
-    """Build, sign and write a package. Raises PackagerError subclasses (FlagError and OutputExistsError before any
-    work) or ContractError with the reason."""
+    """Build, sign and write a package. Raises PackagerError subclasses (FlagError, OutputExistsError and
+    OutputError before any work) or ContractError with the reason.
+
+    Rows with an empty, NaN or infinite cell (the README allows missing values) are left out of quantization
+    calibration, evaluation, the calibration map, the golden inputs and the profile's prediction histograms: a
+    device refuses such an input, so the model never sees it there. The profile's feature bins still count them
+    (as missing). The report says how many were left out (``rows``); a data file without one complete row, labels
+    that are not class indices of the model, and a model whose probabilities are not finite are refused."""
     console = console or Console(stderr=True, quiet=not req.progress)
     check_request(req)
     refuse_existing(Path(req.out), overwrite=req.force)
+    check_writable(Path(req.out))  # a read-only folder is found before minutes of measuring, not after
     target = get_target(req.target)
     folder = KeyFolder(Path(req.keys))
     signing_key, keyset = folder.signing_key()  # fail early, before minutes of measuring
@@ -203,9 +231,9 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
         raise ModelError(f"model file {req.model} does not exist")
     spec = _image_spec(req.preprocess)
     label = req.label_column or "label"
-    cal = load_dataset(req.calibration, label_column=label, image_spec=spec)
-    hold = load_dataset(req.holdout, label_column=label, image_spec=spec) if req.holdout else cal
-    for data in (cal, hold):  # a label column named explicitly must exist: a typo would be read as a feature
+    cal_all = load_dataset(req.calibration, label_column=label, image_spec=spec)
+    hold_all = load_dataset(req.holdout, label_column=label, image_spec=spec) if req.holdout else cal_all
+    for data in (cal_all, hold_all):  # a label column named explicitly must exist: a typo would be read as a feature
         if req.label_column and data.y is None and data.source.endswith(".csv"):
             cols = data.feature_names  # no label column was found, so these are all the CSV's columns
             shown = ", ".join(cols[:40]) + (f", … ({len(cols)} in all)" if len(cols) > 40 else "")
@@ -215,9 +243,23 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
         input_name, shape, prob_name = _onnx_interface(req.model, req.probabilities)
     else:
         input_name, shape, prob_name = _litert_interface(req.model)
-    if list(cal.x.shape[1:]) != [s for s in shape[1:]] and -1 not in shape[1:]:
-        raise DataError(f"model input {input_name} has shape {shape} but the data rows have shape "
-                        f"{list(cal.x.shape[1:])}")
+    for data in (cal_all, hold_all):
+        if list(data.x.shape[1:]) != [s for s in shape[1:]] and -1 not in shape[1:]:
+            raise DataError(f"{data.source}: model input {input_name} has shape {shape} but the data rows have shape "
+                            f"{list(data.x.shape[1:])}")
+    if cal_all.x.shape[1:] != hold_all.x.shape[1:]:
+        raise DataError(f"holdout {hold_all.source} rows have shape {list(hold_all.x.shape[1:])} but calibration "
+                        f"{cal_all.source} rows have shape {list(cal_all.x.shape[1:])}")
+    cal, hold = complete(cal_all), complete(hold_all)
+    if runtime == "onnxruntime" and req.quantize in ("auto", "int8-static"):
+        check_varies(cal)
+    n_classes = _probe_model(runtime, Path(req.model), prob_name, hold, target)
+    if hold.class_names and len(hold.class_names) != n_classes:
+        raise DataError(f"{hold.source} has {len(hold.class_names)} class folders ({', '.join(hold.class_names)}) "
+                        f"but the model outputs {n_classes} probabilities")
+    check_labels(hold, n_classes)
+    if req.classes is not None and len(req.classes) != n_classes:
+        raise FlagError(f"--classes names {len(req.classes)} classes but the model outputs {n_classes} probabilities")
 
     modes = ["none"]
     if runtime == "onnxruntime":
@@ -238,7 +280,11 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
                 if mode == "none":
                     path.write_bytes(Path(req.model).read_bytes())
                 else:
-                    quantize(mode, Path(req.model), path, target, cal.x, input_name)
+                    try:
+                        quantize(mode, Path(req.model), path, target, cal.x, input_name)
+                    except QuantizationError as exc:
+                        raise QuantizationError(f"{exc} (calibration data {cal.source}: {len(cal)} complete "
+                                                "rows)") from exc
                 try:
                     rt = open_runtime(runtime, path, prob_name, threads=1, graph_optimization=target.graph_optimization)
                     c = Candidate(mode, path, path.stat().st_size)
@@ -256,18 +302,24 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
         if len(classes) != n_classes:
             raise DataError(f"{len(classes)} class names given but the model outputs {n_classes} probabilities")
 
-        rt = open_runtime(runtime, chosen.path, prob_name, threads=1)
-        cal_probs = np.concatenate([rt.run(cal.x[i : i + 256]) for i in range(0, len(cal), 256)])
-        profile = reference_profile(cal.features, cal.feature_names, cal_probs, classes, req.bins)
+        try:
+            rt = open_runtime(runtime, chosen.path, prob_name, threads=1)
+            cal_probs = np.concatenate([rt.run(cal.x[i : i + 256]) for i in range(0, len(cal), 256)])
+        except AgentError as exc:
+            raise ModelError(f"{chosen.mode} variant does not run on {cal.source}: {exc}") from exc
+        _check_finite(cal_probs, chosen.mode, cal.source)
+        profile = reference_profile(cal_all.features, cal_all.feature_names, cal_probs, classes, req.bins)
         cmap, fitted = calibration_map(chosen.probabilities, hold.y)
         payload = _payload(tmp, req, chosen, hold, profile.to_dict(), cmap.to_dict())
         report = _report(req, target, cands, chosen, cal, hold, fitted)
+        report["rows"].update({"calibration_incomplete_left_out": len(cal_all) - len(cal),
+                               "holdout_incomplete_left_out": len(hold_all) - len(hold)})
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
         payload["report.json"] = tmp / "report.json"
 
         model_file = "model" + suffix
         now = utcnow()
-        ranges = feature_ranges(cal.features, cal.feature_names)
+        ranges = feature_ranges(cal_all.features, cal_all.feature_names)
         manifest = Manifest(
             name=req.name, version=req.version, target=target.name, runtime=runtime,
             kind="image" if spec else "tabular", model_file=model_file,
@@ -288,6 +340,29 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
     return BuildResult(Path(req.out), manifest, report)
 
 
+def _probe_model(runtime: str, model: Path, prob_name: str, hold: Dataset, target: Target) -> int:
+    """Run the float model on a few holdout rows before the long measuring: its probabilities output must be
+    ``[rows, classes]`` and finite. Returns the number of classes. Raises ModelError."""
+    try:
+        rt = open_runtime(runtime, model, prob_name, threads=1, graph_optimization=target.graph_optimization)
+        out = np.asarray(rt.run(hold.x[:8]))
+    except AgentError as exc:
+        raise ModelError(f"{model} does not run on {hold.source}: {exc}") from exc
+    if out.ndim != 2 or out.shape[0] != min(8, len(hold)) or out.shape[1] < 1:
+        raise ModelError(f"{model}: output {prob_name!r} has shape {list(out.shape)} for {min(8, len(hold))} rows; "
+                         "edgefleet needs class probabilities [rows, classes] (pass --probabilities NAME to pick "
+                         "another output)")
+    _check_finite(out, "none", hold.source)
+    return int(out.shape[1])
+
+
+def _check_finite(probs: np.ndarray, mode: str, source: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):
+        raise ModelError(f"the {mode} model gives NaN or infinite probabilities for {len(bad)} complete rows of "
+                         f"{source} (first: row index {bad[0]}); such a package would fail every device's smoke test")
+
+
 def _payload(tmp: Path, req: BuildRequest, chosen: Candidate, hold: Dataset, profile: dict[str, Any],
              cmap: dict[str, Any]) -> dict[str, Path]:
     suffix = chosen.path.suffix
@@ -298,6 +373,7 @@ def _payload(tmp: Path, req: BuildRequest, chosen: Candidate, hold: Dataset, pro
     payload["calibration.json"] = tmp / "calibration.json"
     assert chosen.probabilities is not None
     k = min(req.golden_count, len(hold))
+    _check_finite(chosen.probabilities[:k], chosen.mode, hold.source)  # the device's smoke test compares these
     gold = {"x": hold.x[:k], "probabilities": chosen.probabilities[:k],
             "tolerance": np.float32(golden_tolerance(chosen.mode))}
     np.savez(tmp / "golden.npz", **gold)  # type: ignore[arg-type]

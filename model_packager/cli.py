@@ -10,7 +10,7 @@ from edgefleet_contracts.errors import ContractError
 from edgefleet_contracts.timeutil import parse_duration
 
 from . import keys as keysmod
-from .errors import PackagerError
+from .errors import FlagError, PackagerError
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -33,6 +33,9 @@ def _keys(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .build import BuildRequest, build_package
 
+    if args.out.endswith(("/", "\\")) or Path(args.out).name in ("", ".", ".."):
+        raise FlagError(f"--out {args.out!r} names a folder; give the path of the package file to write "
+                        "(e.g. out/clinical-1.0.0.efpkg)")
     req = BuildRequest(
         model=Path(args.model), name=args.name, version=args.version, target=args.target,
         calibration=Path(args.calibration), holdout=Path(args.holdout) if args.holdout else None,
@@ -48,6 +51,11 @@ def _build(args: argparse.Namespace) -> int:
     print(f"built {result.path}: {result.manifest.name} {result.manifest.version} for {result.manifest.target}, "
           f"quantization {ch['mode']}, accuracy {acc}, agreement {ch['agreement']:.4f}, "
           f"size {ch['size_ratio']:.2f}x float")
+    rows = result.report["rows"]
+    for what in ("calibration", "holdout"):
+        if rows.get(f"{what}_incomplete_left_out"):
+            print(f"  note: {rows[f'{what}_incomplete_left_out']} {what} rows with an empty, NaN or infinite value "
+                  f"were left out (evaluated and calibrated on the {rows[what]} complete rows)")
     for c in result.report["candidates"]:
         note = "chosen" if c["chosen"] else (f"rejected: {c['rejected']}" if c["rejected"] else "")
         print(f"  {c['mode']:<13} size {c['size_ratio']:.2f}x  agreement {c['agreement']:.4f}  "
@@ -153,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (PackagerError, FileExistsError, FileNotFoundError) as exc:
         print(f"model-packager: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file system refusal no layer translated: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"model-packager: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

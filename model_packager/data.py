@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass, field
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +47,77 @@ def load_npz(path: Path, feature_names: list[str] | None = None) -> Dataset:
             if "x" not in z:
                 raise DataError(f"{path} has no array named 'x' (arrays: {', '.join(z.files)})")
             x = np.asarray(z["x"], dtype=np.float32)
-            y = np.asarray(z["y"], dtype=np.int64) if "y" in z else None
+            y_raw = np.asarray(z["y"]) if "y" in z else None
             names = [str(n) for n in z["feature_names"]] if "feature_names" in z else None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path} as .npz: {exc}") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as .npz (a damaged or truncated file?): {exc}") from exc
     if x.ndim != 2:
         raise DataError(f"{path}: x must be 2-D [rows, features], got shape {x.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: x has no rows")
+    y = None if y_raw is None else _whole_labels(y_raw, path)
     if y is not None and len(y) != len(x):
         raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
     names = names or feature_names or [f"f{i}" for i in range(x.shape[1])]
     return Dataset(x, y, names, x.astype(np.float64), sha256_file(path), str(path))
+
+
+def _whole_labels(y: np.ndarray, path: Path) -> np.ndarray:
+    """``y`` as int64 class indices; DataError naming the first label that is not a whole number (0.5 would
+    otherwise be truncated to 0 silently)."""
+    if y.ndim != 1:
+        raise DataError(f"{path}: y must be 1-D [rows], got shape {y.shape}")
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64)
+    if y.dtype.kind not in "fb":
+        raise DataError(f"{path}: y holds {y.dtype} values; labels must be integer class indices")
+    yf = y.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(yf) | (yf != np.round(yf)))
+    if len(bad):
+        raise DataError(f"{path}: y[{bad[0]}] = {yf[bad[0]]:g} is not a whole number; labels must be integer class "
+                        f"indices ({len(bad)} such labels)")
+    return yf.astype(np.int64)
+
+
+def check_labels(data: Dataset, n_classes: int) -> None:
+    """Refuse labels outside ``0 .. n_classes - 1`` (they would count as wrong predictions and make the accuracy
+    meaningless). Raises DataError naming the file and the first bad row (CSV line, ``y[i]`` otherwise)."""
+    if data.y is None:
+        return
+    bad = np.flatnonzero((data.y < 0) | (data.y >= n_classes))
+    if len(bad):
+        i = int(bad[0])
+        where = f"{data.source}:{i + 2}" if data.source.endswith(".csv") else f"{data.source}: y[{i}]"
+        raise DataError(f"{where}: label {int(data.y[i])} is not a class index of this {n_classes}-class model "
+                        f"(0..{n_classes - 1}); {len(bad)} labels are out of range")
+
+
+def complete_rows(x: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows whose every value is finite (no empty cell, NaN or inf)."""
+    return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+
+
+def complete(data: Dataset) -> Dataset:
+    """The rows of ``data`` without an empty, NaN or infinite cell (what a device would run the model on). Raises
+    DataError when no row is complete."""
+    ok = complete_rows(data.x)
+    if ok.all():
+        return data
+    if not ok.any():
+        raise DataError(f"{data.source}: none of its {len(data)} rows is complete (each has an empty, NaN or "
+                        "infinite value); the model cannot be evaluated or calibrated on it")
+    return replace(data, x=data.x[ok], y=None if data.y is None else data.y[ok], features=data.features[ok],
+                   images=[b for b, keep in zip(data.images, ok, strict=False) if keep] if data.images else [])
+
+
+def check_varies(data: Dataset) -> None:
+    """Refuse calibration data whose complete rows are all the same: int8-static quantization derives its scales
+    from the spread of the values and would fail with an obscure "scale" error. Raises DataError."""
+    flat = data.x.reshape(len(data), -1)
+    if len(flat) >= 2 and not np.ptp(flat, axis=0).any():
+        raise DataError(f"{data.source}: all {len(flat)} complete rows are identical; calibration data must vary "
+                        "(int8-static quantization takes its scales from the spread of the values; --quantize none "
+                        "skips it)")
 
 
 def load_csv(path: Path, label_column: str | None = "label") -> Dataset:
