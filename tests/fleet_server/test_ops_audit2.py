@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -149,6 +150,43 @@ def test_healthz_says_the_store_is_down_while_ingest_cannot_commit(make_fleet: F
             c.execute("DROP TRIGGER broken")
         assert client.post("/api/v1/summaries", content=fleet["dev-1"].message([1])).json()["accepted"] == 1
         assert client.get("/healthz?strict=true").json()["checks"]["store"] == {"status": "ok"}
+
+
+def test_a_second_serve_on_the_same_data_folder_or_a_taken_port_stops_before_starting_anything(
+        cli_data: Path, tmp_path: Path) -> None:
+    from tests.brokers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--data", str(cli_data),
+                              "--broker", "none", "--http", f"127.0.0.1:{port}"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _answers(port), 30), first.stderr.read() if first.poll() is not None else ""
+        rc, out, err = run_cli(["serve", "--data", str(cli_data), "--broker", "none", "--http",
+                                f"127.0.0.1:{free_port()}"])
+        assert (rc, out) == (1, "")
+        assert err.endswith(f"fleet-server: error: another fleet-server serve (pid {first.pid}) is running on "
+                            f"{cli_data}; stop it first (one server per data folder)\n"), err
+        # another data folder, the same HTTP port: refused before its ingest, alerts or rollouts start
+        other = tmp_path / "other"
+        assert run_cli(["init", "--data", str(other), "--root-key", str(cli_data / "keys" / "root.pub")])[0] == 0
+        rc, _, err = run_cli(["serve", "--data", str(other), "--broker", "none", "--http", f"127.0.0.1:{port}"])
+        assert rc == 1 and f"fleet-server: error: cannot listen for HTTP on 127.0.0.1:{port}: " in err, err
+    finally:
+        first.terminate()
+        assert first.wait(30) == 0
+    # the lock went with the process: the folder serves again
+    assert wait_until(lambda: not _answers(port), 10)
+
+
+def _answers(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_serve_with_the_embedded_broker_warns_that_a_crash_loses_its_queue(
