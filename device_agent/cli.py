@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -341,7 +342,6 @@ def _add_serve(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
 
     import uvicorn
 
@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         print("device-agent: error: choose a command", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="device-agent: %(message)s")
+    # Nothing the agent writes (slots, models, logs, outbox) is group- or world-writable, whatever umask it was
+    # started with (an installer's `umask 000` made every slot file 0666); the keys are 0600 regardless.
+    os.umask(os.umask(0o022) | 0o022)
     try:
         return int(args.func(args))
     except (AgentError, ContractError) as exc:

@@ -6,6 +6,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,14 @@ def test_provision_refuses_what_the_agent_could_not_start_with_and_writes_nothin
     assert main(args) != 0
     assert says in capsys.readouterr().err
     assert not d.exists() and _siblings(d) == []
+
+
+def test_a_device_provisioned_under_umask_000_has_no_group_or_world_writable_file(built, tmp_path):
+    d = tmp_path / "dev"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-c", "import os, sys; os.umask(0); from device_agent.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", *_args(built, d, "--package", str(packages(built).v100))]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0
+    writable = [str(p.relative_to(d)) for p in [d, *d.rglob("*")] if p.stat().st_mode & 0o022]
+    assert writable == [], writable
+    assert stat.S_IMODE(DeviceDir(d).device_key.stat().st_mode) == 0o600
