@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edgefleet_contracts.archive import VerifiedPackage, open_package
+from edgefleet_contracts.archive import VerifiedPackage, check_layout, open_package
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.errors import PackageError, SchemaError
 from edgefleet_contracts.signing import load_public_key
@@ -55,6 +55,7 @@ def read_manifest_unverified(path: Path) -> dict[str, Any]:
     """The manifest's ``signed`` part, without verifying it (``inspect`` says so). Raises InputFileError (no such
     file) or PackageError."""
     _existing(path, "package file")
+    check_layout(path)  # an oversized extended header would be read whole by tarfile: refused first
     try:
         with tarfile.open(path, mode="r:") as tar:
             for m in tar:

@@ -276,3 +276,14 @@ def test_inspect_shows_a_manifest_with_malformed_fields_instead_of_failing(built
     assert main(["inspect", str(pkg)]) == 0
     out = capsys.readouterr().out
     assert "quantization: None (requested None)" in out and "not verified" in out
+
+
+def test_inspect_refuses_an_oversized_extended_header_before_reading_it(built, tmp_path, capsys):
+    pkg = tmp_path / "padded.efpkg"
+    with tarfile.open(built.package) as src, tarfile.open(pkg, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i, m in enumerate(src.getmembers()):
+            if i == 0:
+                m.pax_headers = {"comment": "A" * (2 << 20)}
+            tar.addfile(m, src.extractfile(m))
+    assert main(["inspect", str(pkg)]) == 1
+    assert "extended tar header" in capsys.readouterr().err
