@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,15 +19,7 @@ from edgefleet_contracts.signing import generate_key, key_id, load_public_key, s
 from edgefleet_contracts.summary import Summary
 from edgefleet_contracts.topics import topic
 from tests.brokers import Mosquitto, Subscriber, free_port
-
-
-def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support import wait_until
 
 
 def _device(built, tmp_path: Path, broker_url: str) -> DeviceDir:
@@ -60,7 +51,7 @@ def test_running_agent_serves_http_and_delivers_signed_summaries_through_a_broke
                              "--http-port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        assert _wait(lambda: _up(base), 30), "agent HTTP API did not come up"
+        assert wait_until(lambda: _up(base), 30), "agent HTTP API did not come up"
         with np.load(built.holdout) as z:
             x = z["x"]
         for row in x[:50]:  # two windows of 25
@@ -71,7 +62,7 @@ def test_running_agent_serves_http_and_delivers_signed_summaries_through_a_broke
         assert sub.wait_for(lambda ms: any(m.topic.endswith("/report") for m in ms), 10)
 
         mosquitto.stop()  # the link goes down; the agent keeps serving and summarising
-        assert _wait(lambda: json.loads(dd.link_file.read_text())["state"] != "connected", 10)
+        assert wait_until(lambda: json.loads(dd.link_file.read_text())["state"] != "connected", 10)
         for row in x[50:100]:
             assert httpx.post(f"{base}/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
         status = httpx.get(f"{base}/v1/status").json()

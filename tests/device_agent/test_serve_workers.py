@@ -27,17 +27,10 @@ from edgefleet_contracts.signing import generate_key, key_id, load_public_key, s
 from edgefleet_contracts.summary import Summary
 from edgefleet_contracts.topics import topic
 from tests.brokers import Subscriber, free_port
+from tests.support import wait_until
 
 DEVICE = "serve-1"
 
-
-def _wait(pred: Any, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _device(built: Any, tmp_path: Path, broker_url: str = "") -> DeviceDir:
@@ -78,7 +71,7 @@ def start_serve() -> Iterator[Any]:
             cmd += ["--store", str(store)]
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         started.append(proc)
-        assert _wait(lambda: _up(base), 60), "serve did not come up"
+        assert wait_until(lambda: _up(base), 60), "serve did not come up"
         return Served(base, proc)
 
     yield start
@@ -225,7 +218,7 @@ def test_serve_reports_like_one_device_over_one_link_and_stops_on_sigterm(built,
         assert holder != served.proc.pid  # a worker holds the link, not the supervisor
 
         os.kill(holder, signal.SIGKILL)  # the worker holding the link dies: another worker takes it over
-        assert _wait(lambda: status_doc(dd)["agent"].get("pid") not in (None, holder)
+        assert wait_until(lambda: status_doc(dd)["agent"].get("pid") not in (None, holder)
                      and status_doc(dd)["agent"]["state"] == "running", 30), status_doc(dd)["agent"]
         for row in x[40:60]:
             assert httpx.post(f"{served.base}/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
