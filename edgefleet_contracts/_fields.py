@@ -22,12 +22,17 @@ def string(d: dict[str, Any], key: str, what: str, *, optional: bool = False) ->
     return v
 
 
+INT64_MAX = 2**63 - 1  # what SQLite stores, and the fast path's bound: no wire integer is larger
+
+
 def integer(d: dict[str, Any], key: str, what: str, *, minimum: int | None = None) -> int:
     v = d.get(key)
     if not isinstance(v, int) or isinstance(v, bool):
         raise SchemaError(f"{what}.{key} must be an integer")
     if minimum is not None and v < minimum:
         raise SchemaError(f"{what}.{key} must be >= {minimum}, got {v}")
+    if not -INT64_MAX - 1 <= v <= INT64_MAX:
+        raise SchemaError(f"{what}.{key} must fit in 64 bits, got {v}")
     return v
 
 

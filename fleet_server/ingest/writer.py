@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +21,7 @@ from edgefleet_contracts.timeutil import parse
 from ..settings import ServerSettings
 from ..store import Store
 from .counters import IngestCounters
-from .results import QUARANTINE_PAYLOAD_BYTES, Outcome, ReportUpdate, Submission
+from .results import QUARANTINE_PAYLOAD_BYTES, Outcome, Rejection, ReportUpdate, Submission
 
 __all__ = ["IngestWriter"]
 
@@ -60,6 +62,7 @@ class IngestWriter:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.failing_since: float | None = None  # wall time of the first failed commit of the current run
+        self._retrying = False  # a batch of MQTT messages waits for the store (HTTP ones are answered at once)
         self.last_write_error: str | None = None
 
     @property
@@ -72,21 +75,26 @@ class IngestWriter:
             if self._thread is not None:
                 return
             self._accepting = True
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
             self._thread.start()
 
     def submit(self, sub: Submission) -> None:
-        """Queue a submission (never blocks). After ``stop()`` its callback gets an error at once."""
+        """Queue a submission (never blocks). After ``stop()`` its callback gets an error at once, and so does an
+        HTTP submission while a batch of MQTT messages waits for the store (the client is answered 503 at once
+        and sends again; queued, it would wait behind that batch and hold its body in memory meanwhile)."""
+        failing = self._retrying and sub.source != "mqtt"
         with self._cond:
-            accepting = self._accepting
+            accepting = self._accepting and not failing
             if accepting:
                 self._pending += 1
-        if not accepting:
-            self._finish(sub, Outcome(rejected=[], error="ingest writer is stopped"))
-            return
-        n = len(sub.summaries) + len(sub.rejections) if sub.kind == "summary" else 1
-        self.counters.add_received(sub.kind, n)
-        self._queue.put(sub)
+                n = len(sub.summaries) + len(sub.rejections) if sub.kind == "summary" else 1
+                self.counters.add_received(sub.kind, n)
+                self._queue.put(sub)  # under the lock: stop() cannot queue its end marker before it
+                return
+        error = (f"the store is failing ({self.last_write_error}); nothing was stored, send again later" if failing
+                 else "ingest writer is stopped")
+        self._finish(sub, Outcome(rejected=[], error=error))
 
     def flush(self, timeout: float) -> bool:
         """Wait (bounded) until every submitted callback ran; returns whether it did."""
@@ -106,7 +114,8 @@ class IngestWriter:
         if thread is None:
             return True
         self._stopping.set()  # a batch being retried gives up: its MQTT messages stay unacknowledged
-        self._queue.put(None)
+        with self._cond:
+            self._queue.put(None)
         thread.join(timeout)
         if thread.is_alive():
             log.error("ingest writer did not finish within %.1f s; %d messages not committed", timeout, self.pending)
@@ -141,35 +150,67 @@ class IngestWriter:
             self._commit(batch)
 
     def _commit(self, batch: list[Submission]) -> None:
+        """Commit ``batch`` and run its callbacks. The store's own failures (``sqlite3.DatabaseError`` such as a
+        full disk or an I/O error) are retried (``_store_failed``); a value SQLite cannot bind or store (an int
+        past 64 bits, ``DataError``, ``ProgrammingError``) comes from what a submission holds, so the batch is
+        committed one submission at a time and the one the store refuses is quarantined as ``internal`` and
+        acknowledged, never retried for ever (one bad message held every other one back)."""
         attempt = 0
         while batch:
             try:
                 outcomes = self._write(batch)
-            except Exception as exc:  # sqlite3 errors, disk full: retry; HTTP callers are answered (no ack)
+            except (sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+                content: Exception | None = exc  # a value SQLite cannot bind or store
+            except sqlite3.DatabaseError as exc:  # the store's trouble: full disk, I/O, locked, a trigger refusing
                 attempt += 1
-                error = f"store write failed: {exc!r}"
-                if self.failing_since is None:
-                    self.failing_since = time.time()
-                self.last_write_error = error
-                if attempt == 1 or attempt % 20 == 0:
-                    log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt, exc)
-                if attempt <= self.retries:
-                    time.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)))
-                    continue
-                self.counters.add_write_error()
-                keep = [] if self._stopping.is_set() else [s for s in batch if s.source == "mqtt"]
-                kept = {id(s) for s in keep}
-                self._done([(s, Outcome(error=error)) for s in batch if id(s) not in kept])
-                batch = keep
-                if batch:
-                    self._stopping.wait(min(self.MAX_BACKOFF_S, 0.05 * 2 ** min(attempt, 10)))
+                batch = self._store_failed(batch, exc, attempt)
                 continue
+            except Exception as exc:  # noqa: BLE001 - OverflowError (an int past 64 bits) and the like: content
+                content = exc
+            else:
+                content = None
+            if content is not None:
+                if len(batch) > 1:
+                    for sub in batch:
+                        self._commit([sub])
+                    return
+                sub = batch[0]
+                if sub.summaries or sub.report is not None:
+                    log.error("ingest: the store refused a %s message (%r); quarantined as internal", sub.source,
+                              content)
+                    batch = [_quarantined(sub, content)]
+                    continue
+                self._done([(sub, Outcome(error=f"store write failed: {content!r}"))])  # not even its rejection
+                return
             if attempt:
                 log.warning("ingest commits work again after %d failed attempt(s)", attempt)
             self.failing_since = self.last_write_error = None
+            self._retrying = False
             self.counters.add_committed(list(zip(batch, outcomes, strict=True)))
             self._done(list(zip(batch, outcomes, strict=True)))
             return
+
+    def _store_failed(self, batch: list[Submission], exc: Exception, attempt: int) -> list[Submission]:
+        """After the store failed ``attempt`` times in a row on ``batch``: the submissions to try again (after a
+        pause). Past ``retries`` the HTTP ones are answered with the error (the client sends again) and the MQTT
+        ones kept, their acknowledgement withheld, until the store takes them or the writer stops."""
+        error = f"store write failed: {exc!r}"
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self.last_write_error = error
+        if attempt == 1 or attempt % 20 == 0:
+            log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt, exc)
+        if attempt <= self.retries:
+            time.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)))
+            return batch
+        self.counters.add_write_error()
+        keep = [] if self._stopping.is_set() else [s for s in batch if s.source == "mqtt"]
+        kept = {id(s) for s in keep}
+        self._done([(s, Outcome(error=error)) for s in batch if id(s) not in kept])
+        self._retrying = bool(keep)
+        if keep:
+            self._stopping.wait(min(self.MAX_BACKOFF_S, 0.05 * 2 ** min(attempt, 10)))
+        return keep
 
     def _done(self, results: list[tuple[Submission, Outcome]]) -> None:
         for sub, out in results:
@@ -235,3 +276,12 @@ class IngestWriter:
                 return False
         c.execute("UPDATE devices SET reported = ? WHERE device_id = ?", (report.document, report.device_id))
         return True
+
+
+def _quarantined(sub: Submission, exc: Exception) -> Submission:
+    """``sub`` with nothing stored but a quarantine row saying the store refused it (its first body kept as
+    the payload): committed and acknowledged like any rejection, so the broker does not deliver it again."""
+    device = sub.summaries[0].device_id if sub.summaries else (sub.report.device_id if sub.report else None)
+    payload = sub.summaries[0].body.encode() if sub.summaries and sub.summaries[0].body else b""
+    refused = Rejection(None, "internal", f"the store refused it: {exc!r}", device, payload)
+    return replace(sub, summaries=[], report=None, rejections=[*sub.rejections, refused], seen=())
