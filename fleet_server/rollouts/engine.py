@@ -45,6 +45,9 @@ class Rollout:
     # seconds the current stage spent paused (between a pause and its resume): not bake time. Derived from the
     # decision log when the rollout is read, not stored; reset when a stage starts.
     paused_seconds: float = 0.0
+    # the current stage's bake has begun (every device it had was asked): devices that join the stage later (a
+    # newly enrolled or re-tagged one) are asked without restarting it. Derived from the decision log too.
+    baking: bool = False
 
 
 @dataclass
@@ -78,7 +81,7 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
     if r.state == "awaiting_approval":
         if r.stage in r.approved:
             r.state = "running"
-            r.stage_started, r.paused_seconds = now, 0.0
+            r.stage_started, r.paused_seconds, r.baking = now, 0.0, False
             out.decisions.append(Decision("start_stage", f"stage {r.stage + 1} approved; starting"))
         else:
             return out
@@ -94,11 +97,11 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
         if pending:
             out.decisions.append(Decision("target", f"stage {r.stage + 1}: {len(pending)} device(s) asked to move "
                                           f"to {r.version}", evidence={"devices": pending}))
-            if all(d in r.targeted for d in stage_members):
+            if not r.baking and all(d in r.targeted for d in stage_members):
                 # The stage's last device was just asked: its bake starts now, not when the stage began. A rate
                 # limit, a maintenance window, an approval or a pause before this point is no bake time, and the
                 # gates judge evidence gathered after every device of the stage was asked.
-                r.stage_started, r.paused_seconds = now, 0.0
+                r.stage_started, r.paused_seconds, r.baking = now, 0.0, True
                 out.decisions.append(Decision("bake", f"stage {r.stage + 1}: every device asked; the gates are "
                                               f"judged after a bake of {r.bake_seconds:g} s"))
     if out.to_target or [d for d in stage_members if d not in r.targeted]:
@@ -127,7 +130,7 @@ def step(r: Rollout, stage_members: list[str], snapshot: Snapshot | Callable[[],
         out.decisions.append(Decision("complete", f"all {len(r.stages)} stages passed", evidence=evidence))
         return out
     r.stage += 1
-    r.stage_started, r.paused_seconds = now, 0.0
+    r.stage_started, r.paused_seconds, r.baking = now, 0.0, False
     if r.stage in r.approve_stages and r.stage not in r.approved:
         r.state = "awaiting_approval"
         out.decisions.append(Decision("await_approval", f"stage {r.stage} passed its gates; stage {r.stage + 1} "
