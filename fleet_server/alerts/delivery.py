@@ -98,8 +98,10 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
                     record_event(c, done, "alert_delivery_failed", r["model"], {"id": r["id"], "attempts": attempts,
                                                                                 "error": error})
                     counts["failed"] += 1
-                else:  # its retry time was stored with the claim
-                    c.execute("UPDATE alerts SET delivery_error = ? WHERE id = ?" + same, (error, r["id"], *guard))
+                else:  # the backoff counts from the answer (a slow failure must not shorten it)
+                    delay = min(cfg.backoff_base_s * 2 ** (attempts - 1), cfg.backoff_max_s)
+                    c.execute("UPDATE alerts SET delivery_error = ?, next_attempt = ? WHERE id = ?" + same,
+                              (error, done + delay, r["id"], *guard))
                     counts["retry"] += 1
             if error is not None:
                 log.warning("alert %s delivery attempt %d failed: %s", r["id"], attempts, error)

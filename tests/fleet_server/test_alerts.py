@@ -395,6 +395,31 @@ def test_a_store_that_cannot_record_a_delivery_stops_the_page_instead_of_repeati
     assert len(receiver.requests) == 1
 
 
+def test_a_slow_failing_webhook_does_not_shorten_the_backoff(drift_fleet):
+    f = drift_fleet
+    f.cohorts()
+    _fleet_only(f)
+    slow = Receiver(always=503)
+    handler = slow.server.RequestHandlerClass
+    answer = handler.do_POST
+
+    def late(self: Any) -> None:  # the on-call route answers after 0.5 s, with an error
+        time.sleep(0.5)
+        answer(self)
+
+    handler.do_POST = late  # type: ignore[method-assign]
+    try:
+        _route_to(f, slow.url)
+        [alert_id] = alerts.evaluate(f.store).opened
+        asked = time.time()
+        assert alerts.deliver_due(f.store, DeliveryConfig(timeout_s=5.0, retries=3, backoff_base_s=0.3)) == {
+            "delivered": 0, "retry": 1, "failed": 0}
+        nxt = f.store.one("SELECT next_attempt FROM alerts WHERE id = ?", (alert_id,))[0]
+        assert nxt >= asked + 0.5 + 0.3  # counted from the answer, not from before the POST
+    finally:
+        slow.close()
+
+
 def test_the_alerts_cli_lists_acknowledges_resolves_sets_rules_and_evaluates(drift_fleet, capsys):
     from fleet_server.cli import main as fleet_cli
 
