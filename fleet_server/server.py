@@ -67,7 +67,10 @@ def _one_server(data_dir: Path) -> Iterator[None]:
     on-call and drive rollouts twice, and take the broker session from each other (an audit saw 47 reconnects in
     15 s and duplicate pages). The lock dies with the process, so a crash never leaves the folder locked."""
     path = data_dir / "serve.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror or exc} (serve needs a writable data folder)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,14 +90,22 @@ def _check_listen(host: str, port: int) -> None:
     ingest, alert delivery and rollouts): a taken port stops ``serve`` before it pages anyone."""
     if not port:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc} (the http setting "
-                              "in server.toml, or --http)") from None
+    try:  # every address the host name has, as uvicorn would bind it (a name may resolve to IPv6 only)
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc} (the http setting "
+                          "in server.toml, or --http)") from None
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+                return
+            except OSError as exc:
+                error = exc
+    raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {error.strerror if error else 'no address'} "
+                      "(the http setting in server.toml, or --http)")
 
 
 def _serve(settings: ServerSettings, uvicorn: Any) -> int:
