@@ -296,13 +296,16 @@ class DeviceRunner:
             if json.loads(self.device.agent_file.read_text()).get("pid") == os.getpid():
                 self.device.agent_file.unlink()
 
-    def stop(self) -> None:
+    def stop(self, *, close_agent: bool = True) -> None:
+        """Stop the link, the handler and the local API; ``close_agent`` False leaves the agent open (a serve
+        worker whose link failed to start keeps serving with it)."""
         self._withdraw()
         self._stop.set()
         if self._server is not None:
             self._server.should_exit = True
         self.handler.stop()
-        self.agent.close()
+        if close_agent:
+            self.agent.close()
         if self.link is not None:
             self.link.stop(timeout=5)
 
@@ -364,14 +367,19 @@ class ServeLink:
             with self._lock:
                 if self._stop.is_set():
                     break
+                runner: DeviceRunner | None = None
                 try:
                     runner = DeviceRunner(self.device.path, agent=self.agent, http=False, **self.runner_options)
                     runner.start()
-                except Exception:  # a broken config or trust store: logged; the lock goes, the next try is later
+                    runner._announce(self.url)
+                except Exception:  # a broken config or trust store, agent.json not writable: logged; the runner
+                    # (if half started) stops, the lock goes, and the next try is later
                     log.exception("this serve worker cannot run the device's link; retrying")
+                    if runner is not None:
+                        with contextlib.suppress(Exception):
+                            runner.stop(close_agent=False)
                     self._release()
                     continue
-                runner._announce(self.url)
                 self.runner = runner
                 log.info("serve worker %d runs the device's link", os.getpid())
             return
