@@ -285,4 +285,3 @@ def test_two_logs_on_one_folder_label_once_and_a_rewrite_keeps_the_others_labels
     finally:
         a.close()
         b.close()
-
