@@ -58,8 +58,7 @@ class Validator:
         """
         if type(x) is not np.ndarray or x.dtype != np.float32:
             try:
-                _numeric(x, f"input is not numeric: expected {self.width} numbers")
-                x = np.asarray(x, dtype=np.float32)
+                x = _as_float32(x, f"input is not numeric: expected {self.width} numbers")
             except OverflowError:  # a Python int beyond float range (JSON allows any number of digits)
                 raise self._overflow(x) from None
             except (TypeError, ValueError):
@@ -79,8 +78,7 @@ class Validator:
     def rows(self, x: Any) -> tuple[np.ndarray, list[InputError | None]]:
         """A batch ``[N, F]``: the valid rows and, per input row, None or its error (errors do not stop others)."""
         try:
-            _numeric(x, "batch is not a numeric [N, F] array")
-            a = np.asarray(x, dtype=np.float32)
+            a = _as_float32(x, "batch is not a numeric [N, F] array")
         except OverflowError:
             raise self._overflow(x) from None
         except (TypeError, ValueError):
@@ -160,14 +158,16 @@ class Validator:
         return self.row(values)
 
 
-def _numeric(x: Any, message: str) -> None:
-    """Refuse what a float32 conversion would take silently: complex numbers (their imaginary part dropped),
-    strings that spell numbers ("14.2": the local HTTP API refuses them too) and booleans. Raises
-    InputError (``wrong_shape``) saying what the input holds; OverflowError for an int past float range."""
-    kind = x.dtype.kind if isinstance(x, np.ndarray) else np.asarray(x).dtype.kind
-    what = {"c": "complex numbers", "U": "strings", "S": "bytes", "b": "booleans"}.get(kind)
-    if what is not None:  # objects (None, ints past 64 bits) go on to the conversion, which names them
+def _as_float32(x: Any, message: str) -> np.ndarray:
+    """``x`` as a float32 array, converted once, refusing what the conversion would take silently: complex
+    numbers (their imaginary part dropped), strings that spell numbers ("14.2": the local HTTP API refuses them
+    too) and booleans (InputError ``wrong_shape`` saying what the input holds). Objects (None, ints past 64
+    bits) go on to the conversion, which raises TypeError, ValueError or OverflowError for the caller to name."""
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    what = {"c": "complex numbers", "U": "strings", "S": "bytes", "b": "booleans"}.get(a.dtype.kind)
+    if what is not None:
         raise InputError(f"{message}; it holds {what}", kind="wrong_shape")
+    return a.astype(np.float32, copy=False)
 
 
 def _listed(names: list[str], shown: int = 5) -> str:
