@@ -34,6 +34,10 @@ class DeliveryConfig:
     backoff_max_s: float = 300.0
     batch: int = 50
 
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt: ``backoff_base_s · 2^(attempts-1)``, capped."""
+        return float(min(self.backoff_base_s * 2 ** (attempts - 1), self.backoff_max_s))
+
     @classmethod
     def from_settings(cls, s: ServerSettings, **kw: Any) -> DeliveryConfig:
         return cls(timeout_s=s.webhook_timeout_seconds, retries=s.webhook_retries, **kw)
@@ -68,7 +72,7 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
             # Claim the attempt before sending: the attempt and its retry time are stored first, so a store that
             # cannot be written (a full disk) stops the POST instead of letting every pass send it again (an
             # audit saw 26 identical pages a second while the write after the POST failed).
-            retry_at = time.time() + min(cfg.backoff_base_s * 2 ** (attempts - 1), cfg.backoff_max_s)
+            retry_at = time.time() + cfg.backoff(attempts)
             with store.write() as c:
                 claimed = c.execute("UPDATE alerts SET delivery_attempts = ?, next_attempt = ? WHERE id = ?" + same,
                                     (attempts, retry_at, r["id"], r["state"], r["delivery_attempts"])).rowcount
@@ -99,9 +103,8 @@ def deliver_due(store: Store, cfg: DeliveryConfig, now: float | None = None,
                                                                                 "error": error})
                     counts["failed"] += 1
                 else:  # the backoff counts from the answer (a slow failure must not shorten it)
-                    delay = min(cfg.backoff_base_s * 2 ** (attempts - 1), cfg.backoff_max_s)
                     c.execute("UPDATE alerts SET delivery_error = ?, next_attempt = ? WHERE id = ?" + same,
-                              (error, done + delay, r["id"], *guard))
+                              (error, done + cfg.backoff(attempts), r["id"], *guard))
                     counts["retry"] += 1
             if error is not None:
                 log.warning("alert %s delivery attempt %d failed: %s", r["id"], attempts, error)
