@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import AgentError, InferenceError, InputError
+from .validation import listed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 log = logging.getLogger("edgefleet.agent")
@@ -148,7 +149,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, list[str]]:
         raise BatchError(f"{path} is not an .npz archive (np.savez writes one): it holds a single array")
     with z:
         if "x" not in z.files:
-            held = ", ".join(repr(n) for n in z.files[:10]) or "no arrays"
+            held = listed(list(z.files), 10) or "no arrays"
             raise BatchError(f"{path} has no array 'x' (it holds {held}); a batch .npz holds x (and optional keys)")
         x = _array(z, "x", path)
         keys_array = _array(z, "keys", path) if "keys" in z.files else None
@@ -202,8 +203,7 @@ def _csv_items(path: Path) -> Iterator[Item]:
         try:
             header = next(reader, [])
             if "key" not in header:
-                shown = ", ".join(repr(c) for c in header[:20]) + (
-                    f", … ({len(header)} in all)" if len(header) > 20 else "")
+                shown = listed(header, 20)
                 raise BatchError(f"{path} needs a 'key' column naming each row; its header has "
                                  f"{shown or 'no columns'}")
             twice = sorted({c for c in header if header.count(c) > 1})

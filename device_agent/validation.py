@@ -139,12 +139,12 @@ class Validator:
         unexpected = sorted(k for k in fields if k not in self._index)
         if missing and unexpected:
             raise InputError(
-                f"input schema changed upstream: missing {_listed(missing)} and unexpected {_listed(unexpected)} "
+                f"input schema changed upstream: missing {listed(missing)} and unexpected {listed(unexpected)} "
                 "(renamed fields?)", kind="missing_field", feature=missing[0])
         if missing:
-            raise InputError(f"missing feature(s) {_listed(missing)}", kind="missing_field", feature=missing[0])
+            raise InputError(f"missing feature(s) {listed(missing)}", kind="missing_field", feature=missing[0])
         if unexpected:
-            raise InputError(f"unexpected field(s) {_listed(unexpected)}; the model takes {self.width} named "
+            raise InputError(f"unexpected field(s) {listed(unexpected)}; the model takes {self.width} named "
                              "features", kind="unexpected_field")
         values = []
         for n in self.names:
@@ -170,7 +170,7 @@ def _as_float32(x: Any, message: str) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def _listed(names: list[str], shown: int = 5) -> str:
+def listed(names: list[str], shown: int = 5) -> str:
     """The first ``shown`` names, and how many more there are (an error message must not pass for the full list)."""
     head = ", ".join(repr(n) for n in names[:shown])
     return head if len(names) <= shown else f"{head} and {len(names) - shown} more ({len(names)} in all)"

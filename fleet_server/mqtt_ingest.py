@@ -11,8 +11,9 @@ the network thread.)
 Delivery rules:
 
 - A QoS 1 message is acknowledged only after the transaction holding its rows (summaries stored, duplicates
-  ignored, or its quarantine row) committed. A message whose transaction failed is not acknowledged; the
-  subscriber reconnects so the broker delivers it again.
+  ignored, or its quarantine row) committed. The writer keeps a message whose transaction failed and retries
+  it until it commits (``IngestWriter``); one it gives up (ingest stopping or not running) is not acknowledged,
+  and the subscriber reconnects so that a broker that delivers again (Mosquitto) does so: a safety net.
 - Acknowledgements are only sent on the connection that received the message: a PUBACK for a packet id of an
   earlier connection could acknowledge a different message the broker has since sent with that id. The broker
   re-delivers the unacknowledged message on the new connection; it is then a duplicate and acknowledged.

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edgefleet_contracts.timeutil import duration_text
+
 from .alerts import dedup_key, raise_alert, record_event
 from .errors import RequestError, did_you_mean
 from .health import fmt_epoch
@@ -70,8 +72,8 @@ def check_due(store: Store, now: float | None = None) -> list[HookRun]:
                          (dedup_key(name, None, "retraining_due", scope),)).fetchone():
                 continue  # already raised for this due period
             version = _latest_version(store, name)
-            days = m["retrain_every_s"] / 86400
-            summary = (f"{name}: retraining due since {fmt_epoch(due_at)} (every {days:g} days; last retrained "
+            every = duration_text(m["retrain_every_s"])
+            summary = (f"{name}: retraining due since {fmt_epoch(due_at)} (every {every}; last retrained "
                        f"{fmt_epoch(m['last_retrained'] or m['created'])})")
             evidence: dict[str, Any] = {"due_at": fmt_epoch(due_at), "retrain_every_s": m["retrain_every_s"],
                                         "last_retrained": m["last_retrained"], "latest_version": version,

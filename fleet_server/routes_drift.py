@@ -147,7 +147,7 @@ class DriftService:
                     log.exception("alert delivery pass failed; retrying with backoff")
                 elif failures % 20 == 0:
                     log.error("alert delivery passes keep failing (%d in a row)", failures)
-                self._wake_delivery.wait(min(60.0, 0.5 * 2 ** min(failures, 7)))
+                self._wake_delivery.wait(min(60.0, 0.5 * 2 ** min(failures - 1, 7)))  # 0.5 s doubling to 60 s
                 self._wake_delivery.clear()
                 continue
             try:

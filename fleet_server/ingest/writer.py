@@ -201,7 +201,7 @@ class IngestWriter:
         if attempt == 1 or attempt % 20 == 0:
             log.warning("ingest batch of %d messages failed (attempt %d): %s", len(batch), attempt, exc)
         if attempt <= self.retries:
-            time.sleep(min(1.0, 0.05 * 2 ** (attempt - 1)))
+            self._stopping.wait(min(1.0, 0.05 * 2 ** (attempt - 1)))  # stop() ends the pause
             return batch
         self.counters.add_write_error()
         keep = [] if self._stopping.is_set() else [s for s in batch if s.source == "mqtt"]

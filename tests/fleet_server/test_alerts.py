@@ -318,6 +318,7 @@ def test_retraining_due_raises_one_event_and_runs_the_hook(drift_fleet, tmp_path
     assert retraining.check_due(f.store, now + 60) == []  # one per due period
     due = _active(f, "retraining_due")
     assert len(due) == 1 and due[0]["severity"] == "info" and due[0]["delivery"]["state"] == "pending"
+    assert "(every 1 day; last retrained" in due[0]["summary"]  # as `models show` writes a cadence
     assert len(retraining.events(f.store, "retraining_due")) == 1
     assert retraining.run_hook(f.store, run) == 0
     assert out.read_text() == "clinical due"

@@ -59,7 +59,7 @@ def test_http_submissions_are_answered_at_once_while_an_mqtt_batch_waits_for_the
     assert fleet.seqs("dev-1") == [1]
 
 
-def test_stop_ends_a_batch_being_retried_and_never_strands_a_submission(fleet: Fleet) -> None:
+def test_stop_ends_a_batch_being_retried_and_a_restarted_writer_retries_again(fleet: Fleet) -> None:
     writer = IngestWriter(fleet.settings, fleet.store, retries=0)
     got: dict[int, Outcome] = {}
     with fleet.store.write() as c:

@@ -18,6 +18,7 @@ from fleet_server.errors import ConflictError, RequestError
 from fleet_server.registry import parse_range, publish
 from fleet_server.settings import ServerSettings
 from fleet_server.store import Store
+from tests.support import expired_token
 
 
 @pytest.fixture()
@@ -43,9 +44,7 @@ def test_tokens_and_roles(server):
     r = client.post("/api/v1/devices", json=body, headers=_auth(viewer))
     assert r.status_code == 403 and "needs 'operator'" in r.json()["detail"]
     assert client.post("/api/v1/devices", json=body, headers=_auth(operator)).status_code == 200
-    expired = create_token(store, "admin", ttl_seconds=1)
-    with store.write() as c:  # its second has passed
-        c.execute("UPDATE tokens SET expires = created - 1 WHERE role = 'admin'")
+    expired = expired_token(store, "admin")
     assert client.get("/api/v1/devices", headers=_auth(expired)).json()["detail"] == "token expired"
 
 
