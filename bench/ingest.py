@@ -230,7 +230,6 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
             rounds.append(time.perf_counter() - t0)
         return min(rounds) / n * 1e6
 
-    sodium = signatures._sodium_open
     payloads = [m for _, m in messages]
     decoded = [(m, fastpath.decode(m) or []) for m in payloads]
     steps: list[tuple[str, Any, list[Any]]] = [
@@ -241,14 +240,16 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
         ("full path: canonical bytes of the signed part (orjson, sorted keys)",
          lambda d: parsing.canonical_fast(d["signed"]), docs),
         ("full path: schema, Summary.from_dict", lambda d: Summary.from_dict(d["signed"]), docs),
-        ("Ed25519 verify (libsodium)", lambda ksb: ksb[0].verify(ksb[1], ksb[2]), signed),
     ]
     out = [(name, best(fn, items)) for name, fn, items in steps]
-    signatures._sodium_open = None
-    try:
-        out.append(("Ed25519 verify (OpenSSL, the fallback)", best(lambda ksb: ksb[0].verify(ksb[1], ksb[2]), signed)))
-    finally:
-        signatures._sodium_open = sodium
+    zebra, sodium = signatures._zebra_verify, signatures._sodium_open
+    for name, z, s in (("ed25519-zebra (used)", zebra, sodium), ("libsodium (without zebra)", None, sodium),
+                       ("OpenSSL (without either)", None, None)):
+        signatures._zebra_verify, signatures._sodium_open = z, s
+        try:
+            out.append((f"Ed25519 verify, {name}", best(lambda ksb: ksb[0].verify(ksb[1], ksb[2]), signed)))
+        finally:
+            signatures._zebra_verify, signatures._sodium_open = zebra, sodium
     out.append(("whole validator: check_batch, 16 messages a batch (all of the above + look-ups, results)",
                 best(lambda i: validator.check_batch(work[i:i + 16]), list(range(0, n, 16)))))
     subs = [validator.check_batch(work[i:i + 16]) for i in range(0, n, 16)]
