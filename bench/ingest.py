@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import struct
 import subprocess
@@ -51,7 +52,7 @@ from edgefleet_contracts.summary import Summary  # noqa: E402
 from edgefleet_contracts.topics import topic  # noqa: E402
 from fleet_server.devices import enroll  # noqa: E402
 from fleet_server.ingest import IngestService, IngestWriter, Validator, fastpath, parsing, signatures  # noqa: E402
-from fleet_server.mqtt_ingest import mqtt_source  # noqa: E402
+from fleet_server.mqtt_ingest import _IngestClient, mqtt_source  # noqa: E402
 from fleet_server.settings import ServerSettings  # noqa: E402
 from fleet_server.store import Store  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
@@ -261,7 +262,51 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
         writer._write(flat[i:i + 25])
     out.append(("writer: INSERT OR IGNORE + commit, 25 a transaction (once)", (time.perf_counter() - t0) / n * 1e6))
     store.close()
+    for fast in (False, True):
+        name = "the fast read (used)" if fast else "paho's read, decode and on_message"
+        out.append((f"MQTT: take a QoS 1 PUBLISH from the socket, {name}",
+                    min(_mqtt_read_cost(messages, fast) for _ in range(5))))
     return out
+
+
+def _mqtt_read_cost(messages: list[tuple[str, bytes]], fast: bool) -> float:
+    """CPU µs (this thread's) per message for ``_IngestClient`` to read ``messages`` as QoS 1 PUBLISH packets
+    from a socket and hand each on as (topic bytes, packet id, payload bytes), as ``MqttIngest`` does."""
+    wire = bytearray()
+    for i, (t, payload) in enumerate(messages):
+        body = struct.pack("!H", len(t)) + t.encode() + struct.pack("!H", i % 65535 + 1) + payload
+        length, enc = len(body), bytearray()
+        while True:
+            length, digit = length >> 7, length & 127
+            enc.append(digit | (128 if length else 0))
+            if not length:
+                break
+        wire += bytes([0x32]) + enc + body
+    got: list[int] = []
+    client = _IngestClient(CallbackAPIVersion.VERSION2, client_id="bench-read", protocol=mqtt.MQTTv311,
+                           manual_ack=True)
+    def on_message(c: Any, userdata: Any, m: mqtt.MQTTMessage) -> None:  # what paho hands on, as MqttIngest takes it
+        topic = m._topic if isinstance(m._topic, bytes) else m.topic.encode()
+        got.append(len(topic) + len(bytes(m.payload)) + m.mid)
+
+    client.on_message = on_message  # with the fast read too: for the packets it leaves to paho
+    if fast:
+        client.publish_fast = lambda t, mid, payload: got.append(mid)
+    rsock, wsock = socket.socketpair()
+    client._sock = rsock
+    sender = threading.Thread(target=wsock.sendall, args=(bytes(wire),), daemon=True)
+    sender.start()
+    t0 = time.thread_time()
+    while len(got) < len(messages):
+        if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise RuntimeError("bench: the MQTT read failed")
+    cost = (time.thread_time() - t0) / len(messages) * 1e6
+    sender.join(10)
+    rsock.close()
+    wsock.close()
+    if fast and client.fast_publishes < len(messages) // 2:
+        raise RuntimeError(f"bench: the fast read took only {client.fast_publishes} of {len(messages)} packets")
+    return cost
 
 
 def ingest(broker: Mosquitto, data: Path, devices: list[tuple[str, Ed25519PrivateKey]],

@@ -64,6 +64,10 @@ KINDS = ("summary", "report", "heartbeat")
 
 _READ_BYTES = 256 * 1024
 _PUBACK = 0x40
+_PUBLISH_QOS1 = (0x32, 0x3A)  # PUBLISH, QoS 1, not retained; without and with DUP
+
+# (topic, packet id, payload) of one QoS 1 PUBLISH, taken from the read buffer by _IngestClient's fast read.
+PublishFn = Callable[[bytes, int, bytes], None]
 
 
 class _IngestClient(mqtt.Client):
@@ -73,6 +77,11 @@ class _IngestClient(mqtt.Client):
       rest) after a ``select()``, and one packet per ``loop()``. Here one ``recv()`` takes up to 256 KB and
       paho's small reads are served from that buffer; ``loop_read`` goes on while it holds bytes, so every
       packet already received is handled before the next ``select()``.
+    - **QoS 1 PUBLISH packets** (most of what ingest reads) with ``publish_fast`` set: taken whole from that
+      buffer and handed to ``publish_fast(topic, mid, payload)``, one slice each, instead of paho's reads into
+      a growing bytearray, its decode, its ``MQTTMessage`` and its callback matching (measured in
+      ``bench/ingest.py``). Anything else (another packet type or QoS, a retained message, a packet not yet
+      wholly received, a malformed one) is left to paho, which reads it from the same buffer.
     - **Acknowledgements.** ``ack()`` queues one 4-byte PUBACK and writes it at once (a ``send()``, plus a byte
       on paho's wake-up socket pair, which the next ``select()`` then wakes up for and reads). ``ack_many``
       writes all acknowledgements owed at once, in one ``send()``.
@@ -87,7 +96,10 @@ class _IngestClient(mqtt.Client):
         super().__init__(*args, **kw)
         self._rbuf = b""
         self._rpos = 0
-        self._fast = self._fast and isinstance(getattr(self, "_out_packet", None), collections.deque)
+        self._fast = (self._fast and isinstance(getattr(self, "_out_packet", None), collections.deque)
+                      and isinstance(getattr(self, "_in_packet", None), dict) and hasattr(self, "_msgtime_mutex"))
+        self.publish_fast: PublishFn | None = None
+        self.fast_publishes = 0  # QoS 1 PUBLISH packets taken by the fast read (tests check it is used)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if not self._fast:
@@ -100,6 +112,47 @@ class _IngestClient(mqtt.Client):
         chunk = self._rbuf[self._rpos:self._rpos + bufsize]
         self._rpos += len(chunk)
         return chunk
+
+    def _packet_read(self) -> MQTTErrorCode:
+        handler = self.publish_fast
+        if handler is None or not self._fast or self._in_packet["command"] != 0:
+            return super()._packet_read()
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            try:
+                data = super()._sock_recv(_READ_BYTES)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:  # paho's _packet_read answers the same (it logs, then the loop disconnects)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if not data:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            self._rbuf, self._rpos = buf, pos = data, 0
+        if buf[pos] not in _PUBLISH_QOS1:
+            return super()._packet_read()
+        end = len(buf)
+        i, length, shift = pos + 1, 0, 0
+        while True:  # the remaining length: 1-4 bytes, 7 bits each, low first
+            if i >= end or shift > 21:
+                return super()._packet_read()  # not all here yet, or malformed: paho reads it (and judges it)
+            b = buf[i]
+            i += 1
+            length |= (b & 127) << shift
+            shift += 7
+            if not b & 128:
+                break
+        stop = i + length
+        if stop > end or length < 5:
+            return super()._packet_read()
+        topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+        if topic_end == i + 2 or topic_end + 2 > stop:
+            return super()._packet_read()  # an empty or overlong topic: paho reports the packet malformed
+        self._rpos = stop
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()  # paho's clock, for its keepalive
+        self.fast_publishes += 1
+        handler(buf[i + 2:topic_end], (buf[topic_end] << 8) | buf[topic_end + 1], buf[topic_end + 2:stop])
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
@@ -321,6 +374,7 @@ class MqttIngest(IngestSource):
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.publish_fast = lambda topic, mid, payload: self._deliver(client, topic, 1, mid, payload)
         return client
 
     def _session(self) -> bool:
@@ -423,27 +477,34 @@ class MqttIngest(IngestSource):
         self._up = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        raw = getattr(message, "_topic", None)  # paho 2.x keeps the topic's bytes here (``.topic`` decodes them)
+        topic = raw if isinstance(raw, bytes) else message.topic.encode()
+        self._deliver(client, topic, message.qos, message.mid, bytes(message.payload))
+
+    def _deliver(self, client: mqtt.Client, topic: bytes, qos: int, mid: int, payload: bytes) -> None:
+        """One message from paho's ``on_message`` or ``_IngestClient``'s fast read: handed to ingest, its
+        acknowledgement queued by the writer once committed (QoS 1)."""
         if self._paused.is_set():
             self._count("paused_dropped")  # not acknowledged: the broker delivers it again next session
             return
         self._count("messages")
         try:
-            kind, device = self._topic(message.topic)
+            kind, device = self._topic(topic.decode())
         except (SchemaError, UnicodeDecodeError) as exc:
             self._count("ignored")
             log.warning("mqtt ingest: ignoring a message: %s", exc)
-            if message.qos:
-                client.ack(message.mid, message.qos)
+            if qos:
+                client.ack(mid, qos)
             return
         done: Callable[[Outcome], None] | None = None
-        if message.qos:
-            connection, mid, acks = self._connection, message.mid, self._acks
+        if qos:
+            connection, acks = self._connection, self._acks
 
             def done(outcome: Outcome) -> None:  # runs on the writer thread: only queue the ack
                 acks.put((connection, mid, outcome.ok))
 
             self._outstanding += 1
-        self._submit(kind, bytes(message.payload), topic_device=device, source="mqtt", done=done)
+        self._submit(kind, payload, topic_device=device, source="mqtt", done=done)
 
     def _topic(self, name: str) -> tuple[str, str]:
         """(kind, device) of one of our topics, parsed once per topic (a cache of at most 4096 topics, emptied
