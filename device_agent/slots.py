@@ -143,8 +143,23 @@ class Slots:
         m = read_manifest(folder)
         return m is not None and (folder / m.model_file).is_file()
 
-    def write_manifest(self, folder: Path, manifest: Manifest) -> None:
-        atomic_write_text(folder / MANIFEST_NAME, json.dumps({"signed": manifest.to_signed()}, sort_keys=True))
+    def write_manifest(self, folder: Path, manifest: Manifest, signer: str | None = None) -> None:
+        """The slot's manifest, with the id of the key that signed it (``signer``: checked against the keyset's
+        revocations when the slot is switched to again, by rollback or rollout)."""
+        doc: dict[str, Any] = {"signed": manifest.to_signed()}
+        if signer is not None:
+            doc["signer"] = signer
+        atomic_write_text(folder / MANIFEST_NAME, json.dumps(doc, sort_keys=True))
+
+    def signer(self, slot: str) -> str | None:
+        """The key id that signed the model in ``slot``; None when unknown (a slot installed by an agent older
+        than the signer record, or an unreadable manifest)."""
+        try:
+            doc = parse_json((self.path(slot) / MANIFEST_NAME).read_bytes(), what=MANIFEST_NAME)
+        except (OSError, ContractError):
+            return None
+        signer = doc.get("signer") if isinstance(doc, dict) else None
+        return signer if isinstance(signer, str) else None
 
     def mark_complete(self, folder: Path, at: datetime) -> None:
         """fsync the whole unpacked tree, then write the ``.complete`` marker last (fsynced)."""

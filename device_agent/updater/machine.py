@@ -202,7 +202,7 @@ class Updater:
             staged = self.trust.verify_package(pkg, tmp, self.target.name)
             if staged.manifest != m:
                 raise TrustStoreError("the package file changed while it was being installed; install it again")
-            self.slots.write_manifest(tmp, m)
+            self.slots.write_manifest(tmp, m, staged.signer)
             self.slots.mark_complete(tmp, self.clock())
             self._enter(rec, S.SMOKE_TEST, f"unpacked {len(m.files)} files into {tmp.name}, fsynced, "
                         ".complete written")
@@ -319,6 +319,27 @@ class Updater:
             return "file_mismatch", f"the standby {m.name} {m.version} is damaged: {bad}"
         return None
 
+    def _revoked_signer(self, slot: str) -> str | None:
+        """A warning when the model in ``slot`` was signed by a key the device's keyset now revokes, else None.
+
+        Switching to it (a rollback, or a rollout back to the standby) is not refused: it passed every check,
+        signature included, when it was installed, and a rollback is how a device gets back to a working model,
+        from probation too, so refusing it could leave a failing model serving. The warning goes in the result
+        (the report the server shows) and the log, and the details carry ``standby_signer_revoked``, so the
+        operator replaces it with a package signed by a live key. Slots installed before the signer was recorded
+        are not checked."""
+        signer = self.slots.signer(slot)
+        if signer is None:
+            return None
+        try:
+            keyset = self.trust.trusted_keyset()
+        except TrustStoreError:
+            return None  # the trust store's own problem is reported where it is used
+        if keyset is None or signer not in keyset.revoked:
+            return None
+        return (f"it was signed by key {short(signer)}, which the device's keyset (version {keyset.version}) now "
+                "revokes; install a package signed by a live key")
+
     def standby_is_older(self) -> bool | None:
         """Whether switching to the standby slot goes back (``checks.goes_back``); None without an active model
         or a ready standby."""
@@ -379,8 +400,13 @@ class Updater:
             return result
         assert standby is not None
         folder, m = standby
+        warning = self._revoked_signer(folder.name)
+        if warning is not None:
+            log.warning("rolled back to %s %s in slot %s: %s", m.name, m.version, folder.name, warning)
+            details = {**details, "standby_signer_revoked": self.slots.signer(folder.name)}
         result = self._result("rolled_back", reason, f"{prefix}rolled back from {old} to {m.name} {m.version} "
-                              f"(slot {folder.name})", m, folder.name, details)
+                              f"(slot {folder.name})" + (f"; warning: {warning}" if warning else ""), m,
+                              folder.name, details)
         self._enter(rec, S.IDLE, f"rolled_back ({reason})", package=None, candidate=None,
                     last_result=result.to_dict())
         return result
@@ -439,7 +465,13 @@ class Updater:
                 return result
             now = f"switched to the standby slot {slot}: {m.name} {m.version} active" + (
                 f"; standby {was} in slot {other(slot)}" if active else "")
-            details = {"from": None if active is None else {"name": active[1].name, "version": active[1].version}}
+            details: dict[str, Any] = {"from": None if active is None else {"name": active[1].name,
+                                                                            "version": active[1].version}}
+            warning = self._revoked_signer(slot)
+            if warning is not None:
+                log.warning("switched to %s %s in the standby slot %s: %s", m.name, m.version, slot, warning)
+                now += f"; warning: {warning}"
+                details["standby_signer_revoked"] = self.slots.signer(slot)
             if probation is not None:
                 previous = None if active is None else {"name": active[1].name, "version": active[1].version,
                                                         "slot": active[0].name}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from device_agent.updater import (
     check_transition,
     compare_golden,
 )
-from edgefleet_contracts.signing import generate_key, key_id
+from edgefleet_contracts.signing import generate_key, key_id, short
 from edgefleet_contracts.timeutil import utcnow
 
 from . import (
@@ -358,6 +359,49 @@ def test_a_newer_keyset_is_persisted_and_an_older_one_never_lowers_it(built, tmp
     live_old_keyset = with_version(built, pk.v200, tmp_path / "live.efpkg", "2.0.0", signer=new_signer)
     assert Updater(dev).install(live_old_keyset).status == "installed"
     assert TrustStore(dev).state.keyset_version == 3
+
+
+def test_a_rollback_to_a_standby_signed_by_a_now_revoked_key_warns_and_says_which_key(built, tmp_path, dev,
+                                                                                       caplog):
+    from model_packager.keys import KeyFolder, revoke_key, rotate_keys
+
+    pk = packages(built)
+    keys = tmp_path / "keys"
+    shutil.copytree(built.keys, keys)
+    old_signer = signing_key(keys)
+    old_id = key_id(old_signer.public_key())
+    rotate_keys(keys)
+    revoke_key(keys, old_id[:12])  # keyset v3: the key that signed 1.0.0 revoked
+    new_signer = signing_key(keys)
+    assert Updater(dev).install(pk.v100).ok  # signed by the old key, then live
+    assert Slots(dev).signer("a") == old_id
+    carrying_v3 = with_version(built, pk.v110, tmp_path / "v3.efpkg", "1.1.0", signer=new_signer,
+                               keyset_env=KeyFolder(keys).keyset_envelope())
+    assert Updater(dev).install(carrying_v3).status == "installed"
+    assert Slots(dev).signer("b") == key_id(new_signer.public_key())
+
+    with caplog.at_level(logging.WARNING, logger="device_agent.updater"):
+        r = Updater(dev).rollback()
+    assert r.status == "rolled_back" and serve(dev) == "1.0.0"  # not refused: it is the last-known-good model
+    assert f"warning: it was signed by key {short(old_id)}, which the device's keyset (version 3) now revokes" \
+        in r.message
+    assert r.details["standby_signer_revoked"] == old_id
+    assert any("now revokes" in rec.getMessage() for rec in caplog.records)
+
+    # Back to 1.1.0 (signed by the live key) through the standby: no warning.
+    switched = Updater(dev).activate_standby({"name": "clinical", "version": "1.1.0"})
+    assert switched.status == "switched" and "warning" not in switched.message
+    assert "standby_signer_revoked" not in switched.details
+
+
+def test_a_slot_installed_without_a_signer_record_rolls_back_without_a_check(built, upgraded):
+    manifest = upgraded.slot("a") / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["signer"]  # as an agent older than the signer record wrote it
+    manifest.write_text(json.dumps(doc))
+    assert Slots(upgraded).signer("a") is None
+    r = Updater(upgraded).rollback()
+    assert r.status == "rolled_back" and "warning" not in r.message and serve(upgraded) == "1.0.0"
 
 
 def test_a_hand_edited_trust_store_is_refused(built, dev):
