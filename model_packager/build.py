@@ -167,6 +167,23 @@ def _choose(cands: list[Candidate], target: Target, mode: str, bound: float, lab
     )
 
 
+MIN_EVALUATION_ROWS = 100
+
+
+def few_rows_warnings(rows: int, given: int, labelled: bool, max_drop: float) -> list[str]:
+    """Warnings for an evaluation too small to trust: fewer than ``MIN_EVALUATION_ROWS`` complete holdout rows
+    (``given`` before rows with missing values were left out). Below that one row moves accuracy (or agreement)
+    by more than a point, so the accuracy recorded for the package and the quantization gate (``max_drop``
+    points) are coarse; the build goes on, and the report and the CLI say so."""
+    if rows >= MIN_EVALUATION_ROWS:
+        return []
+    what = "accuracy" if labelled else "agreement with the float model"
+    thinned = f" ({given - rows} of {given} left out for missing values)" if given > rows else ""
+    return [f"{what} was measured on only {rows} complete holdout rows{thinned}: one row is "
+            f"{100 / max(rows, 1):.1f} points, against a quantization bound of {max_drop:g} points; give at "
+            f"least {MIN_EVALUATION_ROWS} complete rows for a meaningful evaluation"]
+
+
 def check_request(req: BuildRequest) -> None:
     """Check the values a build is asked for before any work. Every manifest field a flag sets (name, version,
     owner, classes, expiry, MLflow run) goes through the manifest schema's own rule (``Manifest.from_signed``), so
@@ -314,6 +331,7 @@ def build_package(req: BuildRequest, console: Console | None = None) -> BuildRes
         report = _report(req, target, cands, chosen, cal, hold, fitted)
         report["rows"].update({"calibration_incomplete_left_out": len(cal_all) - len(cal),
                                "holdout_incomplete_left_out": len(hold_all) - len(hold)})
+        report["warnings"] = few_rows_warnings(len(hold), len(hold_all), hold.y is not None, req.max_accuracy_drop)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
         payload["report.json"] = tmp / "report.json"
 

@@ -56,6 +56,8 @@ def _build(args: argparse.Namespace) -> int:
         if rows.get(f"{what}_incomplete_left_out"):
             print(f"  note: {rows[f'{what}_incomplete_left_out']} {what} rows with an empty, NaN or infinite value "
                   f"were left out (evaluated and calibrated on the {rows[what]} complete rows)")
+    for warning in result.report.get("warnings", []):
+        print(f"  warning: {warning}")
     for c in result.report["candidates"]:
         note = "chosen" if c["chosen"] else (f"rejected: {c['rejected']}" if c["rejected"] else "")
         print(f"  {c['mode']:<13} size {c['size_ratio']:.2f}x  agreement {c['agreement']:.4f}  "

@@ -230,7 +230,9 @@ def test_all_nan_holdout_rows_are_left_out_and_golden_outputs_are_finite(built, 
     np.savez(hold, x=x, y=y)
     out = tmp_path / "p.efpkg"
     assert main(_args(built, out, holdout=hold)) == 0
-    assert "5 holdout rows with an empty, NaN or infinite value were left out" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "5 holdout rows with an empty, NaN or infinite value were left out" in out_text
+    assert "warning" not in out_text  # 109 complete rows are enough
     with tarfile.open(out) as tar:
         golden = tar.extractfile("golden.npz")
         assert golden is not None
@@ -239,6 +241,15 @@ def test_all_nan_holdout_rows_are_left_out_and_golden_outputs_are_finite(built, 
         report = json.load(tar.extractfile("report.json"))  # type: ignore[arg-type]
     assert report["rows"]["holdout_incomplete_left_out"] == 5 and report["rows"]["holdout"] == len(x) - 5
     assert main(["verify", str(out), "--root", str(built.keys / "root.pub")]) == 0
+
+
+def test_a_small_holdout_builds_with_a_warning_that_names_its_resolution(built, tmp_path, capsys):
+    x, y = _hold(built)
+    hold = tmp_path / "hold.npz"
+    np.savez(hold, x=x[:40], y=y[:40])
+    assert main(_args(built, tmp_path / "p.efpkg", holdout=hold)) == 0
+    assert ("  warning: accuracy was measured on only 40 complete holdout rows: one row is 2.5 points, against a "
+            "quantization bound of 0.5 points") in capsys.readouterr().out
 
 
 def test_five_percent_empty_cells_leave_evaluation_and_the_auto_choice_meaningful(built, tmp_path):
@@ -255,6 +266,11 @@ def test_five_percent_empty_cells_leave_evaluation_and_the_auto_choice_meaningfu
     assert result.report["rows"]["holdout_incomplete_left_out"] == len(x) - complete
     float_cand = next(c for c in result.report["candidates"] if c["mode"] == "none")
     clean_float = next(c for c in clean.report["candidates"] if c["mode"] == "none")
+    assert clean.report["warnings"] == []  # 114 complete rows
+    assert complete < 100 and result.report["warnings"] == [  # thinned below the minimum: said, not refused
+        f"accuracy was measured on only {complete} complete holdout rows ({len(x) - complete} of {len(x)} left out "
+        f"for missing values): one row is {100 / complete:.1f} points, against a quantization bound of 0.5 points; "
+        "give at least 100 complete rows for a meaningful evaluation"]
     assert float_cand["accuracy"] >= clean_float["accuracy"] - 0.1  # not the ~0.5 of a model fed NaN
     for c in result.report["candidates"]:
         assert c["agreement"] >= 0.9, c  # quantized variants agree with float on what a device would run
