@@ -87,11 +87,25 @@ class Binner:
 
 
 def quantile_edges(values: np.ndarray, bins: int = 20) -> list[float]:
-    """Reference edges at the data's quantiles (ties collapse, so a discrete feature gets fewer bins)."""
+    """Reference edges at the data's quantiles, or, for a feature with at most ``bins`` distinct values (a flag,
+    a coded category, a count, a constant), one bin per value.
+
+    Quantile edges of a discrete feature collapse onto its values, and since the last inner bin is closed, the
+    top two values would share one bin: a flag going from half ones to no ones would change no count. So such a
+    feature gets edges at its smallest value, the midpoints between consecutive values and its largest value
+    (``[0, 0.5, 1]`` for a 0/1 flag: 0 and 1 each in a bin of its own), and a constant ``c`` gets ``[c, c⁺]``
+    (the next float up), so values below it underflow and values above it overflow. Packages built before
+    2026-11-28 keep the edges they were built with (the agent bins on the package's edges)."""
     v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
+    v = v[np.isfinite(v)]
     if v.size == 0:
         return [0.0]
+    levels = np.unique(v)
+    if levels.size == 1:
+        return [float(levels[0]), float(np.nextafter(levels[0], np.inf))]
+    if levels.size <= bins:
+        mids = (levels[:-1] + levels[1:]) / 2.0
+        return [float(levels[0]), *(float(m) for m in mids), float(levels[-1])]
     edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, bins + 1)))
     return [float(e) for e in edges]
 
