@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..drift import CORRECTIONS
 from ..errors import NotFoundError, RequestError
 from ..health import HealthPolicy
 from ..store import Store
@@ -144,10 +145,43 @@ def parse_rules(doc: Any) -> AlertRules:
         else:
             raise RequestError(f"alert_rules.{k} is not a rule; rules: {', '.join(secs)}, window_s, resolve_after_s, "
                                "cooldown_s, settle_s, cohort_tags")
-    secs["input_drift"].stat()  # an unknown or categorical statistic fails here, listing the choices
+    _check_values(secs, top.get("cohort_tags"))
     health = HealthPolicy(secs["input_drift"], secs["output_drift"], secs["data_quality"], secs["trust"])
     return replace(r, health=health, accuracy_drop=secs["accuracy_drop"], error_rate=secs["error_rate"],
                    latency_p95=secs["latency_p95"], enabled=enabled, **top)
+
+
+# Settings that are probabilities, rates or shares: 0 to 1 (alpha: over 0 and under 1).
+_FRACTIONS = {"input_drift": ("ks_floor",), "output_drift": ("confidence_floor",),
+              "data_quality": ("max_missing_rate", "max_nan_rate", "max_out_of_range_rate", "max_schema_error_rate"),
+              "trust": ("max_empty_share", "max_feature_empty_share"), "accuracy_drop": ("max_drop",),
+              "error_rate": ("max_rate",)}
+
+
+def _check_values(secs: dict[str, Any], cohort_tags: list[str] | None) -> None:
+    """What the types alone do not catch: a statistic or correction that does not exist (which would otherwise
+    fail every evaluation of the model, silently ending its alerts), a probability or rate outside 0..1, a
+    threshold the statistic does not read, an empty tag name. Raises RequestError naming the setting."""
+    drift = secs["input_drift"]
+    stat = drift.stat()  # an unknown or categorical statistic fails here, listing the choices
+    if drift.correction not in CORRECTIONS:
+        raise RequestError(f"alert_rules.input_drift.correction {drift.correction!r} is not a correction; "
+                           f"corrections: {', '.join(CORRECTIONS)}")
+    if drift.threshold is not None and stat.threshold_kind != "distance":
+        raise RequestError(f"alert_rules.input_drift.threshold applies to distance statistics (psi, jensen_shannon); "
+                           f"{stat.name} is judged by alpha and its effect floors")
+    for name in ("input_drift", "output_drift"):
+        alpha = secs[name].alpha
+        if not 0 < alpha < 1:
+            raise RequestError(f"alert_rules.{name}.alpha is a probability over 0 and under 1 (0.01 by default), "
+                               f"not {alpha!r}")
+    for name, keys in _FRACTIONS.items():
+        for k in keys:
+            v = getattr(secs[name], k)
+            if not 0 <= v <= 1:
+                raise RequestError(f"alert_rules.{name}.{k} is a fraction from 0 to 1, not {v!r}")
+    if cohort_tags is not None and not all(t.strip() for t in cohort_tags):
+        raise RequestError("alert_rules.cohort_tags must name tags: an empty name matches no device")
 
 
 def rules_for(store: Store, model: str) -> AlertRules:

@@ -263,6 +263,17 @@ def test_rules_are_overridable_per_model_and_validated(drift_fleet):
     ('{"latency_p95": {"max_p95_ms": -1}}', "alert_rules.latency_p95.max_p95_ms must be a finite number, 0 or more"),
     ('{"latency_p95": {"max_p95_ms": 1e400}}', "alert_rules.latency_p95.max_p95_ms = inf has the wrong type"),
     ('{"error_rate": {"min_requests": -3}}', "alert_rules.error_rate.min_requests must be a whole number, 0 or more"),
+    # values of the right type that mean nothing (the correction one ended every alert of the model)
+    ('{"input_drift": {"correction": "fdr"}}',
+     "alert_rules.input_drift.correction 'fdr' is not a correction; corrections: holm, bonferroni"),
+    ('{"input_drift": {"alpha": 5}}', "alert_rules.input_drift.alpha is a probability over 0 and under 1"),
+    ('{"output_drift": {"alpha": 0}}', "alert_rules.output_drift.alpha is a probability over 0 and under 1"),
+    ('{"data_quality": {"max_missing_rate": 7}}',
+     "alert_rules.data_quality.max_missing_rate is a fraction from 0 to 1"),
+    ('{"trust": {"max_empty_share": 3}}', "alert_rules.trust.max_empty_share is a fraction from 0 to 1"),
+    ('{"accuracy_drop": {"max_drop": 2}}', "alert_rules.accuracy_drop.max_drop is a fraction from 0 to 1"),
+    ('{"input_drift": {"threshold": 0.2}}', "alert_rules.input_drift.threshold applies to distance statistics"),
+    ('{"cohort_tags": [""]}', "alert_rules.cohort_tags must name tags"),
 ])
 def test_rules_out_of_range_are_a_422_naming_them_and_nothing_is_stored(drift_fleet, body, says):
     f = drift_fleet
@@ -285,6 +296,9 @@ def test_one_models_unreadable_rules_stop_neither_the_others_alerts_nor_the_retr
                   " retrain_on_drift, '{', created FROM models WHERE name = 'clinical'")
         c.execute("INSERT INTO models SELECT 'badger', owner, oncall, retrain_every_s, last_retrained, retrain_hook,"
                   " retrain_on_drift, '{\"window_s\": 1e11}', created FROM models WHERE name = 'clinical'")
+        c.execute("INSERT INTO models SELECT 'civet', owner, oncall, retrain_every_s, last_retrained, retrain_hook,"
+                  " retrain_on_drift, '{\"input_drift\": {\"correction\": \"fdr\"}}', created FROM models"
+                  " WHERE name = 'clinical'")
         c.execute("UPDATE models SET retrain_every_s = 86400, last_retrained = ? WHERE name = 'clinical'",
                   (time.time() - 2 * 86400,))
     app = create_app(f.settings, f.store)
@@ -294,14 +308,15 @@ def test_one_models_unreadable_rules_stop_neither_the_others_alerts_nor_the_retr
 
     assert sorted(a["kind"] for a in _active(f)) == ["input_drift", "retraining_due"]
     assert len(res.opened) == 1
-    assert [e.split(":")[0] for e in res.errors] == ["aardvark", "badger"], res.errors
+    assert [e.split(":")[0] for e in res.errors] == ["aardvark", "badger", "civet"], res.errors
     assert "evaluation failed: JSONDecodeError" in res.errors[0]
     assert "window_s must be a number of seconds" in res.errors[1] and "the defaults apply" in res.errors[1]
-    assert "edgefleet_drift_evaluation_errors_total 2" in svc.metrics()
+    assert "correction 'fdr' is not a correction" in res.errors[2] and "the defaults apply" in res.errors[2]
+    assert "edgefleet_drift_evaluation_errors_total 3" in svc.metrics()
     logged = [r.getMessage() for r in caplog.records if r.name == "edgefleet.drift"]
     svc.run_once()  # the same problems again: counted, not logged again
-    assert "edgefleet_drift_evaluation_errors_total 4" in svc.metrics()
-    assert [r.getMessage() for r in caplog.records if r.name == "edgefleet.drift"] == logged and len(logged) == 2
+    assert "edgefleet_drift_evaluation_errors_total 6" in svc.metrics()
+    assert [r.getMessage() for r in caplog.records if r.name == "edgefleet.drift"] == logged and len(logged) == 3
 
 
 def test_retraining_due_raises_one_event_and_runs_the_hook(drift_fleet, tmp_path):
