@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy.stats import kstwobign
 
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
 
@@ -96,12 +97,25 @@ def _ks_signed(ref: np.ndarray, counts: np.ndarray) -> StatBatch:
 
 
 def _input_drift(ref: np.ndarray, noisy: np.ndarray, bins: np.ndarray, noise_var: float, names: list[str],
-                 p: InputDriftPolicy) -> dict[str, Any]:
+                 p: InputDriftPolicy, n_values: np.ndarray | None = None) -> dict[str, Any]:
+    """``n_values``: the values binned per feature, as the devices counted them (exact: noise covers only the
+    histograms); without it, the histograms' totals."""
     stat = p.stat()
     cur = np.clip(noisy, 0.0, None)  # for the distances (PSI, ...), which need proportions
     m = cur.sum(axis=1)
     tested, m_eff = effective_counts(noisy, bins, noise_var)
-    enough = m >= p.min_samples
+    # Enough data is judged on the effective sample size: with noised counts the clipped totals (m) overstate
+    # it (the noise of the empty bins, clipped at zero, only adds), and the test has only m_eff values' power.
+    enough = m_eff >= p.min_samples
+    if stat.threshold_kind == "p_value":
+        # A reference so small that even the largest gap (every value moved past every reference value, KS 1)
+        # could not reach alpha across the features can detect nothing: "insufficient", not a reassuring "ok".
+        n_ref = ref.sum(axis=1)
+        ne = n_ref * m_eff / np.maximum(n_ref + m_eff, 1e-12)
+        root = np.sqrt(np.maximum(ne, 1e-12))
+        enough &= kstwobign.sf(root + 0.12 + 0.11 / root) * max(len(names), 1) < p.alpha
+    if n_values is None:
+        n_values = np.maximum(noisy.sum(axis=1), 0.0)
     ks_batch = _ks_signed(ref, tested)
     main = ks_batch if stat.name == "ks" else stat.compute_many(ref, cur * (m_eff / np.maximum(m, 1e-12))[:, None])
     ks = ks_batch.statistic
@@ -122,7 +136,7 @@ def _input_drift(ref: np.ndarray, noisy: np.ndarray, bins: np.ndarray, noise_var
             "statistic": round(float(main.statistic[j]), 6),
             "p_value": None if main.p_value is None else float(main.p_value[j]),
             "p_adjusted": None if adj is None else float(adj[j]),
-            "ks": round(float(ks[j]), 6), "psi": round(float(psi[j]), 6), "n": int(m[j]),
+            "ks": round(float(ks[j]), 6), "psi": round(float(psi[j]), 6), "n": int(round(n_values[j])),
             **({"n_effective": round(float(m_eff[j]), 1)} if noise_var > 0 else {}),
         })
     order = np.lexsort((-main.statistic, adj if adj is not None else -main.statistic, ~flagged))
@@ -200,6 +214,17 @@ def _data_quality(layout: Layout, vec: np.ndarray, requests: int, p: DataQuality
             "schema_errors": {k: errs[k] for k in SCHEMA_ERRORS}, "issues": issues, "features": feats}
 
 
+def _worst_empty_share(ref: np.ndarray, cur: np.ndarray, names: list[str]) -> tuple[str | None, float]:
+    """The feature with the largest share of its values in bins empty in the reference, and that share."""
+    if cur.size == 0:
+        return None, 0.0
+    totals = cur.sum(axis=1)
+    in_empty = np.where(ref <= 0, cur, 0.0).sum(axis=1)
+    shares = np.where(totals > 0, np.clip(in_empty / np.where(totals > 0, totals, 1.0), 0.0, 1.0), 0.0)
+    j = int(np.argmax(shares))
+    return names[j], float(shares[j])
+
+
 def assess(ref: Reference, layout: Layout, vec: np.ndarray, policy: HealthPolicy) -> dict[str, Any]:
     """The four signals (and data quality) for one summed vector. Pure."""
     count, windows, empty, summaries = layout.scalars(vec)
@@ -211,11 +236,15 @@ def assess(ref: Reference, layout: Layout, vec: np.ndarray, policy: HealthPolicy
     confusion = layout.part(vec, "confusion").reshape(layout.n_classes, layout.n_classes)
     labels = int(confusion.sum())
     share = empty / (count * layout.n_features) if count and layout.n_features else 0.0
+    # The same share feature by feature, from the counts against the reference (signed: noise sums to ~0): one
+    # feature whose values all fall where the reference had none is diluted to 1/F in the share above.
+    worst_feature, worst_share = _worst_empty_share(layout.reference, cur, layout.names)
     estimated = float(layout.part(vec, "cal").sum() / count) if count else None
     return {
         "summaries": summaries, "windows": windows, "count": count, "requests": requests,
         "input_drift": _input_drift(layout.reference, cur, np.asarray(layout.sizes, dtype=np.float64),
-                                    layout.noise_variance(vec), layout.names, policy.input_drift),
+                                    layout.noise_variance(vec), layout.names, policy.input_drift,
+                                    layout.part(vec, "n")),
         "output_drift": _output_drift(ref, layout, vec, policy.output_drift),
         "data_quality": _data_quality(layout, vec, requests, policy.data_quality),
         "operations": {
@@ -228,8 +257,11 @@ def assess(ref: Reference, layout: Layout, vec: np.ndarray, policy: HealthPolicy
             "measured": {"accuracy": round(float(np.trace(confusion) / labels), 6), "labels": labels}
             if labels else None,
             "estimated": None if estimated is None else round(estimated, 6),
-            "trustworthy": bool(share <= policy.trust.max_empty_share),
+            "trustworthy": bool(share <= policy.trust.max_empty_share
+                                and worst_share <= policy.trust.max_feature_empty_share),
             "empty_bin_share": round(share, 6), "max_empty_share": policy.trust.max_empty_share,
+            "worst_feature_empty_share": {"feature": worst_feature, "share": round(worst_share, 6)},
+            "max_feature_empty_share": policy.trust.max_feature_empty_share,
             "reference": ref.accuracy, "reference_source": ref.accuracy_source,
         },
     }

@@ -72,6 +72,18 @@ def test_a_0_3_sd_shift_is_still_caught_under_noise_with_three_times_the_values(
         assert not h["output_drift"]["drifted"]
 
 
+def test_strong_noise_leaves_too_few_effective_values_and_says_insufficient_with_the_true_count(
+        clinical, all_rows, profile):  # noqa: F811
+    # epsilon 0.05 (allowed on a device) over 200 windows of 20: ~4,000 values, but each window's histogram
+    # carries noise of variance ~800 a bin, so the test has the power of a handful of values.
+    rows = _population(all_rows, np.random.default_rng(5), 4000)
+    h = judge(clinical, profile, rows, 20, 0.05, 0)
+    feats = h["input_drift"]["features"]
+    assert {f["verdict"] for f in feats} == {"insufficient"}, feats[0]  # was "ok" on the clipped totals
+    assert all(f["n_effective"] < 100 for f in feats)
+    assert {f["n"] for f in feats} == {4000}  # the values counted (exact); the clipped totals read ~5,000
+
+
 def test_released_counts_are_unbiased_and_may_be_negative():
     """The mean of many releases of an empty bin is 0 (clipping made it ≈ 1/(2ε) per release)."""
     s = Summary("dev-1", "m", "1", 1, "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z", 0, [], [0, 0], [0] * 10,

@@ -209,3 +209,35 @@ def test_psi_alone_would_raise_false_alarms_against_the_small_packaged_reference
     h = judge(clinical, clinical.profile, rows, policy=psi_only)["input_drift"]
     assert len(h["drifted_features"]) >= 10 and h["features"][0]["p_adjusted"] is None
     assert judge(clinical, clinical.profile, rows)["input_drift"]["drifted_features"] == []
+
+
+def test_one_feature_wholly_outside_the_reference_makes_the_accuracy_estimate_untrusted(clinical, all_rows,
+                                                                                      unseen_rows):
+    """The share of values in reference-empty bins is judged feature by feature too (limit 25 %): over all 30
+    features, one feature entirely beyond the reference's range is only 1/30 of the values, under the 5 % limit."""
+    rng = np.random.default_rng(2)
+    profile = _reference(clinical, _population(all_rows, rng, 1000))
+    rows = _population(all_rows, rng, 2000)
+    assert judge(clinical, profile, rows)["accuracy"]["trustworthy"]
+    spec = profile.features[4]
+    top = max(spec.edges)
+    rows[:, 4] = top + 0.5 * (top - min(spec.edges))  # above every reference value, inside the valid range
+    acc = judge(clinical, profile, rows)["accuracy"]
+    assert acc["empty_bin_share"] < acc["max_empty_share"]  # the overall share alone would trust it
+    assert acc["worst_feature_empty_share"] == {"feature": spec.name, "share": 1.0}
+    assert not acc["trustworthy"]
+    # against the packaged 114-row reference, reference-like data has a few percent of one feature's values
+    # beyond its range by chance: trusted still
+    base = judge(clinical, clinical.profile, unseen_rows[rng.integers(0, len(unseen_rows), 2000)])["accuracy"]
+    assert base["trustworthy"] and 0.02 < base["worst_feature_empty_share"]["share"] < 0.25
+
+
+def test_a_reference_too_small_to_detect_anything_says_insufficient_not_ok(clinical, all_rows):
+    rng = np.random.default_rng(4)
+    tiny = _reference(clinical, _population(all_rows, rng, 3))
+    rows = _population(all_rows, rng, 2000)
+    rows[:, 0] += 3 * rows[:, 0].std()
+    feats = judge(clinical, tiny, rows)["input_drift"]["features"]
+    assert {f["verdict"] for f in feats} == {"insufficient"}, feats[0]  # even KS 1 cannot reach alpha over 30
+    small = _reference(clinical, _population(all_rows, rng, 40))  # enough for a large shift
+    assert judge(clinical, small, rows)["input_drift"]["drifted_features"] == [small.features[0].name]
