@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,10 @@ class Updater:
                                   package=pkg)
         if not result.ok:
             self.slots.discard(tmp)
+        if result.name is None and want.get("name") and want.get("version"):
+            # refused before its manifest was read (wrong target, bad signature, …): the result names the version
+            # that was asked for, so the fleet server counts it against that rollout (it waited for ever before)
+            result = replace(result, name=want["name"], version=want["version"])
         self._enter(rec, S.IDLE, f"{result.status} ({result.reason})", package=None, candidate=None,
                     last_result=result.to_dict())
         return result

@@ -255,6 +255,18 @@ def test_each_contract_rejection_is_recorded_with_its_reason(built, tmp_path, de
     assert serve(dev) == "1.0.0" and only_slots_left(dev) and not dev.slot("b").exists()
 
 
+@pytest.mark.parametrize("make", [_wrong_target, _untrusted_signer, _not_a_package])
+def test_a_rollout_install_refused_before_its_manifest_is_read_names_the_version_asked_for(built, tmp_path, dev,
+                                                                                        make):
+    # The fleet server counts a failed install against a rollout by its version: a result without one left the
+    # rollout waiting for ever (found by a README walkthrough audit, with a package for the wrong target).
+    assert Updater(dev).install(packages(built).v100).ok
+    bad = make(built, tmp_path / "bad.efpkg")
+    r = Updater(dev).deploy(lambda: bad, {"name": "clinical", "version": "1.1.0", "seq": 7})
+    assert r.status == "rejected" and (r.name, r.version) == ("clinical", "1.1.0")
+    assert (_last(dev)["name"], _last(dev)["version"]) == ("clinical", "1.1.0") and serve(dev) == "1.0.0"
+
+
 # ---- smoke test -----------------------------------------------------------------------------------------------
 def test_a_failing_smoke_test_leaves_the_active_and_standby_slots_untouched(built, tmp_path, upgraded):
     bad = corrupt_golden(built, packages(built).v200, tmp_path / "bad-2.0.0.efpkg", "2.0.0")
