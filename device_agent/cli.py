@@ -213,24 +213,60 @@ class ListenError(AgentError):
     reason = "http_listen"
 
 
+class InstanceError(AgentError):
+    """Another ``run`` or ``serve`` already runs on this device folder."""
+
+    reason = "already_running"
+
+
+INSTANCE_LOCK = "agent.lock"
+
+
+def _hold_instance(device: DeviceDir, command: str) -> int:
+    """Take ``<dir>/agent.lock`` (an exclusive ``flock``, held by this process until it exits) so that one ``run``
+    or ``serve`` at a time uses a device folder: two would share its MQTT client id (each taking the connection
+    from the other), its outbox and its status file. Returns the descriptor to keep open. Raises
+    InstanceError naming the process that holds it."""
+    import fcntl
+
+    path = device.path / INSTANCE_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)
+        raise InstanceError(f"another device-agent run or serve (pid {holder}) is using {device.path}; stop it "
+                            f"first (one agent per device folder), then start `device-agent {command}`") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import DeviceRunner
 
     device = DeviceDir(args.dir)
     cfg = device.load_config()
-    port = args.http_port if args.http_port is not None else cfg.http_port
-    where = (f"the local API cannot listen on {cfg.http_host}:{port} "
-             f"({'--http-port' if args.http_port is not None else f'http_host, http_port in {device.config_file}'})")
-    if not args.no_http:
-        _check_listen(cfg.http_host, port, where)
+    lock = _hold_instance(device, "run")
     try:
-        return DeviceRunner(args.dir, http=not args.no_http, http_port=args.http_port).run()
-    except SystemExit as exc:
-        if exc.code in (0, None):
-            raise
-        # uvicorn exits 3 (its STARTUP_FAILURE) when it cannot bind: a race with another process since the check
-        # above, or an address the check could not foresee. Its own log line above says why.
-        raise ListenError(f"{where}: the server did not start (see the error above)") from None
+        port = args.http_port if args.http_port is not None else cfg.http_port
+        key = "--http-port" if args.http_port is not None else f"http_host, http_port in {device.config_file}"
+        where = f"the local API cannot listen on {cfg.http_host}:{port} ({key})"
+        if not args.no_http:
+            _check_listen(cfg.http_host, port, where)
+        try:
+            return DeviceRunner(args.dir, http=not args.no_http, http_port=args.http_port).run()
+        except SystemExit as exc:
+            if exc.code in (0, None):
+                raise
+            # uvicorn exits 3 (its STARTUP_FAILURE) when it cannot bind: a race with another process since the
+            # check above, or an address the check could not foresee. Its own log line above says why.
+            raise ListenError(f"{where}: the server did not start (see the error above)") from None
+    finally:
+        os.close(lock)
 
 
 def _check_listen(host: str, port: int, where: str) -> None:
@@ -345,7 +381,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    DeviceDir(args.dir).load_config()  # fail early with a clear error
+    device = DeviceDir(args.dir)
+    device.load_config()  # fail early with a clear error
+    lock = _hold_instance(device, "serve")  # by this, the parent of the workers, for as long as they serve
     os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
     from .runner import local_url
 
@@ -354,8 +392,11 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["EDGEFLEET_SERVE_URL"] = url
     if args.store:
         os.environ["EDGEFLEET_KV_STORE"] = str(args.store.resolve())
-    uvicorn.run("device_agent.http_api:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=max(1, args.workers), log_level="warning", access_log=False)
+    try:
+        uvicorn.run("device_agent.http_api:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=max(1, args.workers), log_level="warning", access_log=False)
+    finally:
+        os.close(lock)
     return 0
 
 

@@ -121,6 +121,18 @@ def write_batch_input(ws: Workspace) -> None:
         out.writerows([f"patient-{i}", *row] for i, row in enumerate(x[:BATCH_ROWS].tolist()))
 
 
+PROVISION = ("device-agent provision --dir /srv/dev-7 --device-id clinic-7 --target rpi4-aarch64 --root-key "
+             "keys/root.pub --fleet-key srv/keys/fleet.pub --broker mqtt://fleet.example:1883 --tag site=north "
+             "--tag hw=rpi4 --package clinical-1.0.0.efpkg")
+
+
+def provision_serve_device(ws: Workspace) -> None:
+    ws.run_derived(PROVISION, {"/srv/dev-7": "{ws}/dev-serve", "clinic-7": "clinic-serve",
+                               "mqtt://fleet.example:1883": "{mosquitto}"},
+                   note="set-up: a device folder of its own for `serve` (one run or serve per folder, and "
+                        "`run` holds dev-7)")
+
+
 def write_simulator_rows(ws: Workspace) -> None:
     _, x, y = _holdout(ws)
     np.savez(ws.root / "holdout.npz", x=x.astype(np.float32), y=y)
@@ -206,9 +218,7 @@ SPECS: dict[str, Spec] = {
         Spec(subs={"KEYID": "{keyid}"}, expect=("keyset v3", "revoked: {keyid}"), after=build_second_version,
              why="KEYID: the first signing key (printed by `keys init`), retired after the rotation"),
     # ---- Provisioning a device -------------------------------------------------------------------------------
-    "device-agent provision --dir /srv/dev-7 --device-id clinic-7 --target rpi4-aarch64 --root-key keys/root.pub "
-    "--fleet-key srv/keys/fleet.pub --broker mqtt://fleet.example:1883 --tag site=north --tag hw=rpi4 "
-    "--package clinical-1.0.0.efpkg": Spec(expect=("provisioned device clinic-7", "first model: clinical 1.0.0")),
+    PROVISION: Spec(expect=("provisioned device clinic-7", "first model: clinical 1.0.0")),
     "device-agent status --dir /srv/dev-7 [--json]":
         Spec(variants=("bare", "full"), expect=("clinic-7", "clinical", "1.0.0")),
     "device-agent install clinical-1.1.0.efpkg --dir /srv/dev-7": Spec(expect=("installed: clinical 1.1.0 active",)),
@@ -223,10 +233,11 @@ SPECS: dict[str, Spec] = {
         expect=(f"stored {BATCH_ROWS} predictions in KV.sqlite (0 rejected",),
         why="DATA: a CSV with a key column and the example holdout's features"),
     "device-agent serve --dir D --workers 4": Spec(
-        subs={"D": "{ws}/dev-7", "4": "2"}, extra=("--port", "{agent_serve_http}"),
+        subs={"D": "{ws}/dev-serve", "4": "2"}, extra=("--port", "{agent_serve_http}"), before=provision_serve_device,
         background=Background(http_ok("http://127.0.0.1:{agent_serve_http}/v1/status"),
                               stop_when_ready="the device keeps serving through `device-agent run`"),
-        why="2 workers on a 2-core host; --port: the default 8470 may be taken"),
+        why="D: a device folder of its own (`run` holds dev-7); 2 workers on a 2-core host; --port: the default "
+            "8470 may be taken"),
     "device-agent predict --dir D INPUT [--json]": Spec(
         variants=("bare", "full"), subs={"D": "{ws}/dev-7", "INPUT": "row.json"}, expect=("1.0.0",)),
     # ---- Running the fleet server ----------------------------------------------------------------------------

@@ -122,3 +122,29 @@ def test_predict_and_batch_commands_work_offline(built, tmp_path):
     assert KVStore(tmp_path / "kv.sqlite").get("k7")["version"] == "1.0.0"  # type: ignore[index]
     (tmp_path / "bad.json").write_text('{"not": "features"}')
     assert agent_cli(["predict", str(tmp_path / "bad.json"), "--dir", str(d)]) == 1
+
+
+def test_a_second_run_or_serve_on_a_device_folder_is_refused_naming_the_first(built, tmp_path, capsys):
+    """Two agents on one folder share its MQTT client id (each taking the broker connection from the other), its
+    outbox and its status file (found by a README walkthrough audit: 21 take-overs in 20 s)."""
+    dd = _device(built, tmp_path, "mqtt://127.0.0.1:1")  # no broker: the link retries, the agent runs
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--dir", str(dd.path), "--no-http"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (dd.path / "agent.lock").is_file()
+                          and (dd.path / "agent.lock").read_text().strip() == str(proc.pid), 30)
+        for command in (["run", "--no-http"], ["serve", "--port", str(free_port())]):
+            assert agent_cli([command[0], "--dir", str(dd.path), *command[1:]]) == 1
+            err = capsys.readouterr().err.strip()
+            assert err == (f"device-agent: error (already_running): another device-agent run or serve (pid "
+                           f"{proc.pid}) is using {dd.path}; stop it first (one agent per device folder), then "
+                           f"start `device-agent {command[0]}`"), err
+        assert proc.poll() is None  # the first one is untouched
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    # once it stopped, the folder is free again
+    from device_agent.cli import _hold_instance
+
+    os.close(_hold_instance(dd, "run"))
