@@ -214,6 +214,23 @@ def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
             for r in store.query("SELECT device_id, tags FROM devices WHERE revoked IS NULL")]
 
 
+def _check_cohort_matches(devices: list[tuple[str, dict[str, str]]], cohort: Mapping[str, str], name: str) -> None:
+    """A cohort that matches no enrolled device while the fleet has some is a mistyped tag (``site=nowhere``):
+    refused, listing the values each of its keys has, rather than a rollout that waits for ever or a rollback
+    "completed" on no device. (An empty fleet is not refused: nothing is known to compare with.) Raises
+    RequestError."""
+    if not cohort or not devices or any(in_cohort(tags, cohort) for _, tags in devices):
+        return
+    known = []
+    for key in sorted(cohort):
+        values = sorted({tags[key] for _, tags in devices if key in tags})
+        shown = ", ".join(values[:20]) + (f", … ({len(values)} in all)" if len(values) > 20 else "")
+        known.append(f"{key}: {shown}" if values else f"{key}: no device has this tag")
+    wanted = ",".join(f"{k}={v}" for k, v in sorted(cohort.items()))
+    raise RequestError(f"{name} {wanted} matches none of the {len(devices)} enrolled devices; the values in use are "
+                       f"{'; '.join(known)} (enrol or tag the devices first)")
+
+
 # ---- trust --------------------------------------------------------------------------------------------------
 def untrusted(store: Store, model: str, version: str, now: float) -> ContractError | None:
     """Why devices holding the server's newest keyset refuse published ``model`` ``version`` at ``now``
@@ -295,6 +312,7 @@ def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] |
     p = params.check(cohort=cohort, stages=stages, bake_seconds=bake_seconds, max_per_minute=max_per_minute,
                      window=window, thresholds=thresholds, approve_stages=approve_stages, names=names)
     version_row(store, model, version)
+    _check_cohort_matches(_devices(store), p.cohort, names.get("cohort", "cohort"))
     _require_trusted(store, model, version, now, "cannot start a rollout")
     if previous is None:
         reported = _reported(store)
@@ -423,7 +441,9 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
     cohort = params.check_cohort(cohort, cohort_name)
     version_row(store, model, to_version)
     distrust = untrusted(store, model, to_version, now)
-    devices = [d for d, tags in _devices(store) if in_cohort(tags, cohort)]
+    fleet = _devices(store)
+    _check_cohort_matches(fleet, cohort, cohort_name)
+    devices = [d for d, tags in fleet if in_cohort(tags, cohort)]
     reported = _reported(store)
     moves = _moves_back(reported, devices, model, to_version)
     refusing = moves.pop("refuses", [])
@@ -450,6 +470,17 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
             f"version and do not hold {to_version} in their standby slot, so they would refuse it ({shown}). "
             f"Narrow {cohort_name} to leave them out, or choose the version they hold in standby "
             "(`fleet-server devices show ID` shows a device's slots)")
+    if moves.get("installs") and not moves.get("standby") and not moves.get("unknown"):
+        # No reported device would go back: every one already runs it or would install it as a newer version.
+        # That is a rollout without its stages and gates (found by a README walkthrough audit), so it is refused.
+        already = len(moves.get("already", []))
+        whose = " of the cohort" if cohort else ""
+        raise ConflictError(
+            f"nothing to roll back: no device{whose} runs a {model} newer than {to_version} "
+            f"({len(moves['installs'])} would install it as a newer version"
+            f"{f', {already} already run it' if already else ''}); a rollback only goes back. To move devices "
+            f"forward, start a rollout of {to_version} (`fleet-server rollout start {model} {to_version}`), with its "
+            "stages and gates")
     counts = {k: len(v) for k, v in moves.items() if v}
     rid = "rb-" + secrets.token_hex(4)
     with store.write() as c:

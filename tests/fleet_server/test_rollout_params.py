@@ -206,3 +206,38 @@ def test_approving_stage_1_holds_the_rollout_until_an_operator_approves_it(fleet
     svc.tick()
     st = service.status(store, rid)
     assert st["state"] == "running" and st["targeted"] > 0
+
+
+def test_a_cohort_that_matches_no_enrolled_device_is_refused_listing_the_values_in_use(fleet: Any,  # noqa: F811
+                                                                                      api: Any) -> None:
+    """A mistyped tag value started a rollout that waited for ever, and a rollback "completed" on no device
+    (found by a README walkthrough audit)."""
+    data = str(fleet[0].data_dir)
+    rc, _, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", data, "--cohort", "site=nowhere"])
+    assert rc == 1 and err.startswith("fleet-server: error: --cohort site=nowhere matches none of the 20 enrolled "
+                                      "devices; the values in use are site: "), err
+    assert err.rstrip().endswith("(enrol or tag the devices first)")
+    rc, _, err = run_cli(["rollback", "clinical", "--to", "1.0.0", "--data", data, "--cohort", "hw=rpi9"])
+    assert rc == 1 and "--cohort hw=rpi9 matches none of the 20 enrolled devices" in err, err
+    client, operator = api
+    r = client.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.1.0", "cohort": {"site": "x"}},
+                    headers=operator)
+    assert r.status_code == 422 and r.json()["detail"].startswith("cohort site=x matches none of the 20"), r.text
+    assert rollouts(fleet) == 0
+
+
+def test_a_rollback_that_would_move_every_device_forward_is_refused_pointing_to_a_rollout(fleet: Any,  # noqa: F811
+                                                                                         api: Any) -> None:
+    """The fleet runs 1.0.0: a 'rollback' to 1.1.0 installed it everywhere at once, without stages or gates
+    (found by a README walkthrough audit)."""
+    client, operator = api
+    r = client.post("/api/v1/rollbacks", json={"model": "clinical", "to": "1.1.0"}, headers=operator)
+    assert r.status_code == 409 and r.json()["detail"] == (
+        "nothing to roll back: no device runs a clinical newer than 1.1.0 (20 would install it as a newer version); "
+        "a rollback only goes back. To move devices forward, start a rollout of 1.1.0 (`fleet-server rollout start "
+        "clinical 1.1.0`), with its stages and gates"), r.text
+    rc, _, err = run_cli(["rollback", "clinical", "--to", "1.1.0", "--data", str(fleet[0].data_dir), "--cohort",
+                          "site=a"])
+    assert rc == 1 and "nothing to roll back: no device of the cohort runs a clinical newer than 1.1.0 (12 would" \
+        in err, err
+    assert rollouts(fleet) == 0
