@@ -149,7 +149,11 @@ def attach_ingest(app: FastAPI, ctx: Any, *, validator_processes: int | None = N
     ctx.extensions["ingest"] = svc
     ctx.metrics.append(svc.metrics)
     register_ingest_routes(app, ctx)
-    _chain_lifespan(app, lambda: svc.start(start_timeout), lambda: svc.stop(stop_timeout))
+    # HTTP comes up after this (uvicorn binds after the lifespan's startup), so the broker is waited for briefly:
+    # with it down, /healthz answers "degraded" within ~2 s instead of refusing connections for the whole
+    # timeout (a liveness probe would restart the server); the subscriber keeps trying in the background.
+    _chain_lifespan(app, lambda: svc.start(start_timeout, source_wait=min(start_timeout, 2.0)),
+                    lambda: svc.stop(stop_timeout))
     return svc
 
 

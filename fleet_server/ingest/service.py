@@ -79,10 +79,10 @@ class IngestService:
     def running(self) -> bool:
         return self._accepting
 
-    def start(self, timeout: float = 10.0) -> bool:
-        """Start the writer and validators, then the sources; returns whether every source came up in time
-        (a source that did not keeps trying in the background). Raises RuntimeError when a validator process
-        cannot start."""
+    def start(self, timeout: float = 10.0, source_wait: float | None = None) -> bool:
+        """Start the writer and validators, then the sources; returns whether every source came up within
+        ``source_wait`` seconds (default ``timeout``; a source that did not keeps trying in the background).
+        Raises RuntimeError when a validator process cannot start within ``timeout``."""
         with self._lock:
             if self._accepting:
                 return True
@@ -97,7 +97,8 @@ class IngestService:
             for t in self._threads:
                 t.start()
             self._accepting = True
-        return all([s.start(timeout) for s in self.sources])
+        wait = timeout if source_wait is None else source_wait
+        return all([s.start(wait) for s in self.sources])
 
     def worker_pids(self) -> list[int]:
         """PIDs of the live validator processes (empty in thread mode)."""

@@ -180,6 +180,29 @@ def test_a_second_serve_on_the_same_data_folder_or_a_taken_port_stops_before_sta
     assert wait_until(lambda: not _answers(port), 10)
 
 
+def test_serve_with_its_broker_down_at_start_answers_healthz_degraded_without_waiting_out_the_timeout(
+        cli_data: Path) -> None:
+    """uvicorn binds after the app's startup, which waited up to 10 s for the MQTT subscription: with the broker
+    down, /healthz refused connections all that time (found by a README walkthrough audit). It waits 2 s now."""
+    import httpx
+
+    from tests.brokers import free_port
+
+    port, dead = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--data", str(cli_data),
+                             "--broker", f"mqtt://127.0.0.1:{dead}", "--http", f"127.0.0.1:{port}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _answers(port), 30), proc.stderr.read() if proc.poll() is not None else ""
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
+        assert health["status"] == "degraded" and health["checks"]["mqtt"]["status"] == "down"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"mqtt ingest: not subscribed to mqtt://127.0.0.1:{dead} within 2.0 s" in err, err
+
+
 def _answers(port: int) -> bool:
     import httpx
 
