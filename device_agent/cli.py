@@ -328,6 +328,10 @@ def _predict(args: argparse.Namespace) -> int:
             item.close()
             raise AgentError(f"{path} is not a readable .npy array of numbers (it is an .npz archive); np.save "
                              "writes one") from None
+    elif path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".npz"):
+        raise AgentError(f"{path}: predict takes one input (a .json row, a .npy array or an image file); for a "
+                         f"file of many rows use `device-agent batch --dir {args.dir} --input {path} --store "
+                         "KV.sqlite`")
     else:
         item = path.read_bytes()
     agent = Agent.open(args.dir, background=False)
@@ -383,11 +387,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     device = DeviceDir(args.dir)
     device.load_config()  # fail early with a clear error
-    lock = _hold_instance(device, "serve")  # by this, the parent of the workers, for as long as they serve
-    os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
+    if args.store and not args.store.is_file():  # KVStore would create an empty one: every key a 404
+        raise AgentError(f"--store {args.store} does not exist; `device-agent batch --dir {args.dir} --input DATA "
+                         f"--store {args.store}` writes it")
     from .runner import local_url
 
     url = local_url(args.host, args.port)  # the worker holding the link records it in agent.json (status)
+    lock = _hold_instance(device, "serve")  # by this, the parent of the workers, for as long as they serve
+    os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
     if url:
         os.environ["EDGEFLEET_SERVE_URL"] = url
     if args.store:

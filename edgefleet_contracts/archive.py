@@ -96,8 +96,12 @@ def check_layout(path: Path) -> None:
                     raise UnsafeArchiveError(f"package has a {length:,}-byte extended tar header (type "
                                              f"{kind.decode()!r}); at most {MAX_EXTENDED_HEADER:,} bytes are read")
                 offset += _BLOCK + -(-length // _BLOCK) * _BLOCK
+    except FileNotFoundError:
+        raise PackageError(f"package {path} does not exist") from None
+    except IsADirectoryError:
+        raise PackageError(f"{path} is a folder, not a package file") from None
     except OSError as exc:
-        raise PackageError(f"{path} is not a readable package archive: {exc}") from exc
+        raise PackageError(f"{path} is not a readable package archive: {exc.strerror or exc}") from exc
 
 
 def _header_size(block: bytes) -> int | None:

@@ -35,7 +35,7 @@ from edgefleet_contracts.archive import VerifiedPackage, carried_keyset, open_pa
 from edgefleet_contracts.atomic import atomic_write_text, fsync_dir
 from edgefleet_contracts.canonical import parse_json
 from edgefleet_contracts.digest import sha256_file
-from edgefleet_contracts.errors import ContractError, ExpiredError, SchemaError, SignatureError
+from edgefleet_contracts.errors import ContractError, ExpiredError, PackageError, SchemaError, SignatureError
 from edgefleet_contracts.keyset import Keyset
 from edgefleet_contracts.manifest import Manifest
 from edgefleet_contracts.signing import Ed25519PublicKey, load_public_key
@@ -186,11 +186,19 @@ def publish(store: Store, packages_dir: Path, root_pub: Path, pkg: Path, *, owne
     packages_dir.mkdir(parents=True, exist_ok=True)
     keyset_file = keyset_path(packages_dir)
     now = utcnow()
+    pkg = Path(pkg)
+    if not pkg.exists():
+        raise PackageError(f"package {pkg} does not exist")
+    if pkg.is_dir():
+        raise PackageError(f"{pkg} is a folder, not a package file")
     with _publishing(keyset_file.parent), tempfile.TemporaryDirectory(dir=packages_dir.parent) as tmp:
         copy = Path(tmp) / "package.efpkg"
         shutil.copyfile(pkg, copy)
         held = held_keyset(store, packages_dir, root, now)
-        vp = _open_as_device(copy, root, held, now, staging=Path(tmp) / "payload")
+        try:
+            vp = _open_as_device(copy, root, held, now, staging=Path(tmp) / "payload")
+        except ContractError as exc:  # named by the file the operator gave, not the copy being checked
+            raise type(exc)(str(exc).replace(str(copy), str(pkg))) from None
         m = vp.manifest
         profile = (Path(tmp) / "payload" / "profile.json").read_text()
         calibration = (Path(tmp) / "payload" / "calibration.json").read_text()

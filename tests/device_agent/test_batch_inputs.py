@@ -270,3 +270,21 @@ def test_run_with_an_http_host_that_does_not_resolve_names_the_key(device, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("device-agent: error (http_listen): the local API cannot listen on no-such-host.invalid"), err
     assert f"(http_host, http_port in {device.config_file}): http_host does not resolve" in err
+
+
+def test_predict_on_a_file_of_many_rows_points_to_batch(device, tmp_path, capsys):
+    rows = tmp_path / "holdout.csv"
+    rows.write_text("a,b\n1,2\n")
+    assert agent_cli(["predict", "--dir", str(device.path), str(rows)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"device-agent: error (agent): {rows}: predict takes one input (a .json row, a .npy array or an image "
+        f"file); for a file of many rows use `device-agent batch --dir {device.path} --input {rows} --store "
+        "KV.sqlite`")  # it was read as an image: "this model takes numeric features, not an image"
+
+
+def test_serve_with_a_store_that_does_not_exist_is_refused_instead_of_serving_an_empty_one(device, tmp_path,
+                                                                                          capsys):
+    missing = tmp_path / "nope.sqlite"
+    assert agent_cli(["serve", "--dir", str(device.path), "--port", "0", "--store", str(missing)]) == 1
+    assert f"--store {missing} does not exist" in capsys.readouterr().err
+    assert not missing.exists()

@@ -525,3 +525,11 @@ def test_a_hand_edited_update_record_is_recovered_to_idle_not_a_crash_at_start(b
     rec = Updater(upgraded).record()
     assert rec.state == "idle" and rec.last_result is not None and rec.last_result["reason"] == "interrupted"
     assert serve(upgraded) == "1.1.0"
+
+
+def test_installing_a_missing_file_or_a_folder_says_so_in_one_line(built, tmp_path, dev, capsys):
+    assert main(["install", str(tmp_path / "nope.efpkg"), "--dir", str(dev.path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"device-agent: rejected (package): package {tmp_path / 'nope.efpkg'} does not exist")
+    assert main(["install", str(tmp_path), "--dir", str(dev.path)]) == 1
+    assert f"{tmp_path} is a folder, not a package file" in capsys.readouterr().err

@@ -218,3 +218,20 @@ def test_the_cli_republish_keeps_what_it_is_not_told_and_show_says_it(cli_data: 
     capsys.readouterr()
     assert fleet_cli(["models", "show", "clinical", "--data", d]) == 0
     assert "retrain on drift: no" in capsys.readouterr().out
+
+
+def test_publishing_a_missing_folder_or_junk_file_names_the_operators_file(cli_data: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Raw errno text, and for junk the path of the server's own temporary copy, were shown before (found by a
+    README walkthrough audit)."""
+    d = str(cli_data)
+    junk = tmp_path / "junk.efpkg"
+    junk.write_bytes(b"not a tar file at all" * 50)
+    for pkg, says in ((tmp_path / "nope.efpkg", f"package {tmp_path / 'nope.efpkg'} does not exist"),
+                      (tmp_path, f"{tmp_path} is a folder, not a package file"),
+                      (junk, f"{junk} is not a readable package archive")):
+        assert fleet_cli(["models", "publish", str(pkg), "--data", d, "--owner", "ml",
+                          "--oncall", "http://127.0.0.1:9/x"]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "tmp" not in err.replace(str(tmp_path), ""), err
+        assert "Errno" not in err, err
