@@ -203,8 +203,9 @@ class DeviceConfig:
         provision``) stays strict.
 
         A valid value that silently switches a check off also warns once per process: ``probation_predictions``
-        below 100 (``probation.MIN_LATENCY_SAMPLES``) ends probation before the new version has the latencies the
-        device's p95 comparison needs, so the latency of a new version is never checked on this device.
+        below 100 (``probation.MIN_LATENCY_SAMPLES``) may end probation before the new version has the latencies the
+        device's p95 comparison needs, so the latency of a new version is then not checked on this device (once
+        per process and value, whatever the file: a simulator loads hundreds alike).
 
         Raises ConfigError, prefixed with ``source``, for an unknown key or an invalid value.
         """
@@ -233,12 +234,14 @@ class DeviceConfig:
         except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
         n = cfg.probation_predictions
-        if n < MIN_LATENCY_SAMPLES and warn_once(("probation_predictions", source, n)):
-            log.warning("%s: probation_predictions is %d, below %d: probation ends after at most %d predictions of "
-                        "a new version, before it has the %d latencies the device's latency check needs, so a new "
-                        "version's p95 latency is never compared with the previous one's on this device (every "
-                        "commit says 'latency not compared'). Set probation_predictions = %d or more in %s (200 is "
-                        "the default) to keep the check", source, n, MIN_LATENCY_SAMPLES, n, MIN_LATENCY_SAMPLES,
+        # Once per process and value, not per file: a simulator loads hundreds of device folders alike.
+        if n < MIN_LATENCY_SAMPLES and warn_once(("probation_predictions", n)):
+            log.warning("%s: probation_predictions is %d, below %d: probation may end after %d predictions of a "
+                        "new version, before it has the %d latencies the device's latency check needs, so a new "
+                        "version's p95 latency is compared with the previous one's only when more predictions came "
+                        "in by the time it ends (otherwise the commit says 'latency not compared'). Set "
+                        "probation_predictions = %d or more in %s (200 is the default) to keep the check (said once "
+                        "per process)", source, n, MIN_LATENCY_SAMPLES, n, MIN_LATENCY_SAMPLES,
                         MIN_LATENCY_SAMPLES, source)
         return cfg
 

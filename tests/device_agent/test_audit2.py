@@ -141,16 +141,21 @@ def _cfg(**kw: Any) -> dict[str, Any]:
     return {"device_id": "dev-audit2", "fleet": "f", "target": "x86_64-avx2", **kw}
 
 
-def test_probation_predictions_below_100_warns_once_that_latency_is_never_compared(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_probation_predictions_below_100_warns_once_per_process_that_latency_may_not_be_compared(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import device_agent.config as config
+
+    monkeypatch.setattr(config, "_warned", set())  # what this process has said already
     caplog.set_level(logging.WARNING, logger="edgefleet.agent")
-    for _ in range(3):
+    for i in range(3):  # one folder loaded again and again, then others alike (a simulator's hundreds of devices)
         cfg = DeviceConfig.from_dict(_cfg(probation_predictions=50), source="/dev-a2/config.toml")
+        DeviceConfig.from_dict(_cfg(probation_predictions=50), source=f"/dev-a2-{i}/config.toml")
     assert cfg.probation_predictions == 50  # a valid value: used as it is
     warnings = [r.getMessage() for r in caplog.records if "probation_predictions" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("/dev-a2/config.toml: probation_predictions is 50, below 100")
-    assert "latency is never compared" in warnings[0] and "probation_predictions = 100 or more" in warnings[0]
+    assert "compared with the previous one's only when more predictions came in" in warnings[0]
+    assert "probation_predictions = 100 or more" in warnings[0] and "(said once per process)" in warnings[0]
 
 
 def test_probation_predictions_of_100_or_more_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
