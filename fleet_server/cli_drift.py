@@ -127,8 +127,8 @@ def run_drift(args: argparse.Namespace) -> int:
 
 def _alert_line(a: dict[str, Any]) -> str:
     d = a["delivery"]
-    return (f"{a['id']:>5}  {a['state']:<12} {a['severity']:<8} {a['kind']:<15} {a['updated']}  "
-            f"delivery {d['state']} ({d['attempts']})  {a['summary']}")
+    return (f"{a['id']:>5}  {a['state']:<12} {a['severity']:<8} {a['kind']:<15} opened {a['created']}  "
+            f"updated {a['updated']}  delivery {d['state']} ({d['attempts']})  {a['summary']}")
 
 
 def run_alerts(args: argparse.Namespace) -> int:

@@ -448,7 +448,10 @@ def test_the_alerts_cli_lists_acknowledges_resolves_sets_rules_and_evaluates(dri
     assert len(out["opened"]) == 1 and out["scopes"] == 1 and out["errors"] == []
     [alert_id] = out["opened"]
     assert fleet_cli(["alerts", "list", "--state", "open", *data]) == 0
-    assert f"{alert_id}  open" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    opened = alerts.get_alert(f.store, alert_id)["created"]
+    assert f"{alert_id}  open" in listed and f"opened {opened}  updated " in listed  # when it opened, not only
+    # when its evidence was last refreshed (found by a README walkthrough audit)
     assert fleet_cli(["alerts", "ack", str(alert_id), "--by", "ann", *data]) == 0
     assert alerts.get_alert(f.store, alert_id)["acknowledged_by"] == "ann"
     assert fleet_cli(["alerts", "resolve", str(alert_id), *data]) == 0
