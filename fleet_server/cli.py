@@ -27,7 +27,7 @@ from edgefleet_contracts.timeutil import duration_text, parse_duration
 from . import devices, registry
 from .cli_admin import add_admin_commands
 from .cli_common import _data, _print, _settings, _storage, _storage_flags, _tags, server_toml_text
-from .errors import ConfigError, FleetError
+from .errors import ConfigError, FleetError, NotFoundError
 from .settings import DEFAULT_HTTP, ServerSettings, check_public_url, parse_http_address
 from .store import Store
 
@@ -141,9 +141,17 @@ def _devices(args: argparse.Namespace) -> int:
     s = _settings(args)
     store = Store(s.db_path)
     if args.devices_cmd == "enroll":
+        try:
+            before: dict[str, Any] | None = devices.get(store, args.device_id)
+        except NotFoundError:
+            before = None
         doc = devices.enroll(store, s.fleet, args.device_id, _public_key_flag(args.public_key), _tags(args.tag),
                              replace=args.replace)
-        print(f"enrolled {doc['device_id']} (tags {doc['tags']})")
+        if before is not None and before["tags"] != doc["tags"]:  # enrolling again sets the tags it is given
+            print(f"enrolled {doc['device_id']} again: tags {doc['tags']} replace {before['tags']} (enroll sets "
+                  "the tags it is given)")
+        else:
+            print(f"enrolled {doc['device_id']} (tags {doc['tags']})")
     elif args.devices_cmd == "list":
         docs = devices.list_devices(store)
         _print(docs, args.json, lambda ds: "\n".join(

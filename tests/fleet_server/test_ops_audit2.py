@@ -321,6 +321,18 @@ def test_devices_enroll_takes_the_key_itself_as_base64_or_pem(cli_data: Path) ->
     assert rc == 1 and err.startswith("fleet-server: error: --public-key 'nope' (no such file, nor a key): ")
 
 
+def test_enrolling_a_device_again_says_its_tags_were_replaced(cli_data: Path) -> None:
+    b64 = public_b64(generate_key().public_key())
+    enroll = ["devices", "enroll", "--data", str(cli_data), "--device-id", "clinic-7", "--public-key", b64]
+    rc, out, _ = run_cli([*enroll, "--tag", "site=north", "--tag", "hw=rpi4"])
+    assert rc == 0 and out.strip() == "enrolled clinic-7 (tags {'hw': 'rpi4', 'site': 'north'})"
+    rc, out, _ = run_cli([*enroll, "--tag", "site=north"])  # the same key again: hw is dropped, and it says so
+    assert rc == 0 and out.strip() == ("enrolled clinic-7 again: tags {'site': 'north'} replace {'hw': 'rpi4', "
+                                       "'site': 'north'} (enroll sets the tags it is given)")
+    rc, out, _ = run_cli([*enroll, "--tag", "site=north"])
+    assert rc == 0 and out.strip() == "enrolled clinic-7 (tags {'site': 'north'})"
+
+
 @pytest.mark.parametrize(("ttl", "says"), [
     ("0s", "--ttl '0s' must be at least 1s (omit --ttl for a token that never expires)"),
     ("99999999999d", "--ttl: duration '99999999999d' is longer than a century (36,600d)"),
