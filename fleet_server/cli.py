@@ -318,6 +318,8 @@ def _rollout_text(st: dict[str, Any]) -> str:
              f"  state {st['state']}, stage {st['stage']} of {len(st['stages'])} {st['stages']}, cohort "
              f"{st['cohort'] or 'all'}",
              f"  pace: {_pace_text(st)}",
+             f"  gates (each stage, after a bake of {st['bake_seconds']:g} s): "
+             + ", ".join(f"{k} {v:g}" for k, v in sorted(st["thresholds"].items())),
              f"  devices: {st['devices'] or 'none asked yet'}"
              + (f"; {st['not_yet_asked']} more of this stage not asked yet" if st.get("not_yet_asked") else ""),
              "  decisions:"]

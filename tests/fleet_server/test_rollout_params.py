@@ -190,6 +190,9 @@ def test_status_of_a_rollout_without_a_window_or_a_limit_says_so(fleet: Any) -> 
 
     assert rc == 0 and "  pace: any time (no maintenance window), no rate limit\n" in out
     st = json.loads(run_cli(["rollout", "status", rid, "--data", d, "--json"])[1])
+    # the gates each stage must pass, as the README says status shows (found by a README walkthrough audit)
+    gates = ", ".join(f"{k} {v:g}" for k, v in sorted(st["thresholds"].items()))
+    assert f"  gates (each stage, after a bake of 600 s): {gates}\n" in out and "max_p95_latency_ratio" in gates
     assert (st["window"], st["max_per_minute"], st["waiting_for_window"]) == ("", 0, False)
 
 
