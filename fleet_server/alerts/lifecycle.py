@@ -19,7 +19,8 @@ from .rules import SEVERITY
 
 STATES = ("open", "acknowledged", "resolved")
 ACTIVE = ("open", "acknowledged")
-DELIVERY_STATES = ("pending", "delivered", "failed")
+# not_sent: resolved before its opening page went out, so no page was sent at all
+DELIVERY_STATES = ("pending", "delivered", "failed", "not_sent")
 
 
 def dedup_key(model: str, version: str | None, kind: str, scope: str) -> str:

@@ -123,6 +123,12 @@ def test_alerts_resolve_automatically_once_clear_for_the_configured_period(drift
     _fleet_only(f, resolve_after_s=600)
     now = time.time()
     [alert_id] = alerts.evaluate(f.store, now).opened
+    rec = Receiver()
+    try:
+        _route_to(f, rec.url)
+        assert alerts.deliver_due(f.store, FAST, now + 1)["delivered"] == 1  # on-call saw it open
+    finally:
+        rec.close()
     later = now + 86400 + 3600  # the windows have left the 24 h evaluation window: the condition is clear
     assert alerts.evaluate(f.store, later).resolved == []
     assert alerts.get_alert(f.store, alert_id)["evidence"]["clear_since"] == later
@@ -133,6 +139,27 @@ def test_alerts_resolve_automatically_once_clear_for_the_configured_period(drift
     assert a["delivery"]["state"] == "pending"  # the on-call route hears about the resolution too
     alerts.set_rules(f.store, "clinical", {"resolve_after_s": None})  # hand-only resolution is a setting
     assert alerts.parse_rules({"resolve_after_s": None}).resolve_after_s is None
+
+
+def test_an_alert_that_clears_before_its_first_page_pages_no_one(drift_fleet):
+    """With a settle time longer than the auto-resolve delay, the first page on-call got was a "resolved" one
+    about an alert they never saw open (found by a drift audit)."""
+    f = drift_fleet
+    f.cohorts()
+    _fleet_only(f, resolve_after_s=600, settle_s=86400)
+    rec = Receiver()
+    try:
+        _route_to(f, rec.url)
+        now = time.time()
+        [alert_id] = alerts.evaluate(f.store, now).opened
+        later = now + 86400 + 3600
+        alerts.evaluate(f.store, later)
+        assert alerts.evaluate(f.store, later + 600).resolved == [alert_id]
+        assert alerts.get_alert(f.store, alert_id)["delivery"]["state"] == "not_sent"
+        assert alerts.deliver_due(f.store, FAST, later + 90000) == {"delivered": 0, "retry": 0, "failed": 0}
+        assert rec.requests == []
+    finally:
+        rec.close()
 
 
 def test_ack_and_resolve_need_the_operator_role_and_resolving_by_hand_mutes_for_the_cooldown(drift_fleet):
