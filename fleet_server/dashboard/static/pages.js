@@ -178,7 +178,7 @@ export async function alertsPage(params) {
       }, { testid: `resolve-${a.id}` }));
     }
     const delivery = a.delivery || {};
-    const dkind = delivery.state === "delivered" ? "ok" : delivery.state === "failed" ? "bad" : "warn";
+    const dkind = { delivered: "ok", failed: "bad", not_sent: "muted" }[delivery.state] || "warn";
     return h("tr", { id: `alert-${a.id}`, "data-testid": "alert-row" },
       h("td", { text: `#${a.id}` }),
       h("td", {}, link(`#/models/${encodeURIComponent(a.model)}/${encodeURIComponent(a.version || "")}`,
