@@ -247,7 +247,7 @@ class HousekeepingService:
         window, window_of = AlertRules().window_s, "the default alert window"
         for m in self.store.query("SELECT name, alert_rules FROM models"):
             try:
-                w = parse_rules(json.loads(m["alert_rules"] or "{}")).window_s
+                w = parse_rules(json.loads(m["alert_rules"] or "{}"), strict=False).window_s
             except (ValueError, FleetError):
                 continue  # evaluation cannot use these rules either
             if w > window:

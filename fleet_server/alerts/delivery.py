@@ -1,7 +1,7 @@
 """Alert delivery to the owner's on-call route (``models.oncall``), with retries; run by the background worker.
 
 Opening (and auto-resolving) an alert sets ``delivery_state = pending`` (auto-resolving one whose opening page
-is still pending sets ``not_sent``: nobody is paged about an alert they never saw open); :func:`deliver_due` POSTs
+was never attempted sets ``not_sent``: nobody is paged about an alert they never saw open); :func:`deliver_due` POSTs
 the alert as JSON to ``models.oncall`` and records ``delivered``, or retries with exponential backoff
 (``backoff_base_s · 2^(attempt-1)``, capped) up to ``webhook_retries`` retries, then ``failed`` with the last
 error. Every step is in the ``alerts`` row, visible through the API. The body is the alert document as the API

@@ -57,11 +57,12 @@ def _clear(c: Any, model: str, raised: set[str], now: float, rules: AlertRules, 
             c.execute("UPDATE alerts SET evidence = ? WHERE id = ?", (json.dumps(ev, sort_keys=True), r["id"]))
         elif rules.resolve_after_s is not None and now - since >= rules.resolve_after_s:
             ev.update(resolved_by="auto", resolved_at=now)
-            # An alert whose opening page has not gone out yet (its settle time, or retries) pages no one now:
-            # a "resolved" page about an alert on-call never saw opened says nothing (``not_sent``).
+            # An alert whose opening page was never attempted (its settle time) pages no one now: a "resolved"
+            # page about an alert on-call never saw opened says nothing (``not_sent``). Once an attempt started
+            # (it may have reached on-call, its answer lost), the resolution is paged as usual.
             c.execute("UPDATE alerts SET state = 'resolved', evidence = ?, updated = ?, delivery_state = CASE "
-                      "WHEN delivery_state = 'pending' THEN 'not_sent' ELSE 'pending' END, delivery_attempts = 0, "
-                      "delivery_error = NULL, next_attempt = ? WHERE id = ?",
+                      "WHEN delivery_state = 'pending' AND delivery_attempts = 0 THEN 'not_sent' ELSE 'pending' END, "
+                      "delivery_attempts = 0, delivery_error = NULL, next_attempt = ? WHERE id = ?",
                       (json.dumps(ev, sort_keys=True), now, now, r["id"]))
             record_event(c, now, "alert_resolved", model, {"id": r["id"], "by": "auto",
                                                            "clear_for_s": round(now - since, 3)})

@@ -10,6 +10,7 @@ or a value of the wrong type, naming it and listing the valid ones.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -18,6 +19,8 @@ from ..drift import CORRECTIONS
 from ..errors import NotFoundError, RequestError
 from ..health import HealthPolicy
 from ..store import Store
+
+log = logging.getLogger("edgefleet.alerts")
 
 KINDS = ("input_drift", "output_drift", "data_quality", "accuracy_drop", "error_rate", "latency_p95",
          "retraining_due")
@@ -109,9 +112,10 @@ def _override(obj: Any, doc: Any, where: str) -> Any:
     return replace(obj, **changes)
 
 
-def parse_rules(doc: Any) -> AlertRules:
+def parse_rules(doc: Any, *, strict: bool = True) -> AlertRules:
     """Defaults overridden by a ``models.alert_rules`` document. Raises RequestError naming the bad key and
-    listing the valid ones."""
+    listing the valid ones. ``strict=False`` for stored documents: a value :func:`_check_values` refuses (one
+    that was accepted before it existed) falls back to its default instead of the whole document."""
     if doc is None or doc == {}:
         return AlertRules()
     if not isinstance(doc, dict):
@@ -145,7 +149,7 @@ def parse_rules(doc: Any) -> AlertRules:
         else:
             raise RequestError(f"alert_rules.{k} is not a rule; rules: {', '.join(secs)}, window_s, resolve_after_s, "
                                "cooldown_s, settle_s, cohort_tags")
-    _check_values(secs, top.get("cohort_tags"))
+    _check_values(secs, top, strict)
     health = HealthPolicy(secs["input_drift"], secs["output_drift"], secs["data_quality"], secs["trust"])
     return replace(r, health=health, accuracy_drop=secs["accuracy_drop"], error_rate=secs["error_rate"],
                    latency_p95=secs["latency_p95"], enabled=enabled, **top)
@@ -158,30 +162,58 @@ _FRACTIONS = {"input_drift": ("ks_floor",), "output_drift": ("confidence_floor",
               "error_rate": ("max_rate",)}
 
 
-def _check_values(secs: dict[str, Any], cohort_tags: list[str] | None) -> None:
-    """What the types alone do not catch: a statistic or correction that does not exist (which would otherwise
-    fail every evaluation of the model, silently ending its alerts), a probability or rate outside 0..1, a
-    threshold the statistic does not read, an empty tag name. Raises RequestError naming the setting."""
+def _check_values(secs: dict[str, Any], top: dict[str, Any], strict: bool) -> None:
+    """What the types alone do not catch: a correction that does not exist (which would otherwise fail every
+    evaluation of the model, silently ending its alerts), a probability or rate outside 0..1, a threshold the
+    statistic does not read, an empty tag name.
+
+    ``strict`` (rules being set): raises RequestError naming the first such setting. Otherwise (rules stored before
+    these checks existed) each such setting alone goes back to its default, in place, and is logged once; the
+    rest of the document (what is turned off, the window, the cohort tags) is kept."""
+    defaults = _sections(AlertRules())
+
+    def bad(section: str, key: str, message: str) -> None:
+        if strict:
+            raise RequestError(message)
+        if warn_once(("alert_rules", message)):
+            log.warning("stored %s; using the default %r instead (set the rules again to change it)", message,
+                        getattr(defaults[section], key))
+        secs[section] = replace(secs[section], **{key: getattr(defaults[section], key)})
+
     drift = secs["input_drift"]
-    stat = drift.stat()  # an unknown or categorical statistic fails here, listing the choices
+    stat = drift.stat()  # an unknown or categorical statistic fails here, listing the choices (strict or not)
     if drift.correction not in CORRECTIONS:
-        raise RequestError(f"alert_rules.input_drift.correction {drift.correction!r} is not a correction; "
-                           f"corrections: {', '.join(CORRECTIONS)}")
+        bad("input_drift", "correction", f"alert_rules.input_drift.correction {drift.correction!r} is not a "
+            f"correction; corrections: {', '.join(CORRECTIONS)}")
     if drift.threshold is not None and stat.threshold_kind != "distance":
-        raise RequestError(f"alert_rules.input_drift.threshold applies to distance statistics (psi, jensen_shannon); "
-                           f"{stat.name} is judged by alpha and its effect floors")
+        bad("input_drift", "threshold", "alert_rules.input_drift.threshold applies to distance statistics (psi, "
+            f"jensen_shannon); {stat.name} is judged by alpha and its effect floors")
     for name in ("input_drift", "output_drift"):
         alpha = secs[name].alpha
         if not 0 < alpha < 1:
-            raise RequestError(f"alert_rules.{name}.alpha is a probability over 0 and under 1 (0.01 by default), "
-                               f"not {alpha!r}")
+            bad(name, "alpha", f"alert_rules.{name}.alpha is a probability over 0 and under 1 (0.01 by default), "
+                f"not {alpha!r}")
     for name, keys in _FRACTIONS.items():
         for k in keys:
             v = getattr(secs[name], k)
             if not 0 <= v <= 1:
-                raise RequestError(f"alert_rules.{name}.{k} is a fraction from 0 to 1, not {v!r}")
-    if cohort_tags is not None and not all(t.strip() for t in cohort_tags):
-        raise RequestError("alert_rules.cohort_tags must name tags: an empty name matches no device")
+                bad(name, k, f"alert_rules.{name}.{k} is a fraction from 0 to 1, not {v!r}")
+    tags = top.get("cohort_tags")
+    if tags is not None and not all(t.strip() for t in tags):
+        if strict:
+            raise RequestError("alert_rules.cohort_tags must name tags: an empty name matches no device")
+        top["cohort_tags"] = [t for t in tags if t.strip()] or None
+
+
+_warned: set[Any] = set()
+
+
+def warn_once(key: Any) -> bool:
+    """True the first time this process meets ``key`` (stored rules are parsed at every evaluation)."""
+    if key in _warned:
+        return False
+    _warned.add(key)
+    return True
 
 
 def rules_for(store: Store, model: str) -> AlertRules:
@@ -190,7 +222,7 @@ def rules_for(store: Store, model: str) -> AlertRules:
     if row is None:
         known = [r["name"] for r in store.query("SELECT name FROM models ORDER BY name")]
         raise NotFoundError(f"unknown model {model!r}; known: {', '.join(known) or 'none'}")
-    return parse_rules(json.loads(row["alert_rules"] or "{}"))
+    return parse_rules(json.loads(row["alert_rules"] or "{}"), strict=False)
 
 
 def set_rules(store: Store, model: str, overrides: dict[str, Any]) -> dict[str, Any]:
