@@ -9,6 +9,7 @@ server compares like with like.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,9 +103,11 @@ def quantile_edges(values: np.ndarray, bins: int = 20) -> list[float]:
         return [0.0]
     levels = np.unique(v)
     if levels.size == 1:
-        return [float(levels[0]), float(np.nextafter(levels[0], np.inf))]
+        c = float(levels[0])
+        up = math.nextafter(c, math.inf)
+        return [c, up] if math.isfinite(up) else [c]
     if levels.size <= bins:
-        mids = (levels[:-1] + levels[1:]) / 2.0
+        mids = levels[:-1] + (levels[1:] - levels[:-1]) / 2.0  # no overflow near the largest float
         return [float(levels[0]), *(float(m) for m in mids), float(levels[-1])]
     edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, bins + 1)))
     return [float(e) for e in edges]

@@ -79,7 +79,7 @@ class DeviceKey:
         """Whether ``sig`` is this key's Ed25519 signature of ``data`` (never raises)."""
         if _zebra_verify is not None and self.valid_point:
             try:
-                return len(sig) == 64 and bool(_zebra_verify(sig, data, self.raw))
+                return len(sig) == 64 and bool(_zebra_verify(bytes(sig), bytes(data), self.raw))  # no copy of bytes
             except Exception:  # a non-bytes argument; ed_verify itself answers False for anything malformed
                 return False
         if _sodium_open is not None:

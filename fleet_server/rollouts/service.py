@@ -470,15 +470,16 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
             f"version and do not hold {to_version} in their standby slot, so they would refuse it ({shown}). "
             f"Narrow {cohort_name} to leave them out, or choose the version they hold in standby "
             "(`fleet-server devices show ID` shows a device's slots)")
-    if moves.get("installs") and not moves.get("standby") and not moves.get("unknown"):
-        # No reported device would go back: every one already runs it or would install it as a newer version.
+    forward = [d for d in moves.get("installs", []) if ((reported.get(d) or {}).get("active") or {}).get("name")
+               == model]  # runs an older version of this model (not nothing, not another model)
+    if forward and not moves.get("standby") and not moves.get("unknown") and not moves.get("already"):
+        # No reported device would go back or already runs it: every one would install it as a newer version.
         # That is a rollout without its stages and gates (found by a README walkthrough audit), so it is refused.
-        already = len(moves.get("already", []))
+        # (With devices already on it, a rollback also cancels a newer desired state pending for them: allowed.)
         whose = " of the cohort" if cohort else ""
         raise ConflictError(
             f"nothing to roll back: no device{whose} runs a {model} newer than {to_version} "
-            f"({len(moves['installs'])} would install it as a newer version"
-            f"{f', {already} already run it' if already else ''}); a rollback only goes back. To move devices "
+            f"({len(forward)} would install it as a newer version); a rollback only goes back. To move devices "
             f"forward, start a rollout of {to_version} (`fleet-server rollout start {model} {to_version}`), with its "
             "stages and gates")
     counts = {k: len(v) for k, v in moves.items() if v}

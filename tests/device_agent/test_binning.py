@@ -53,3 +53,9 @@ def test_continuous_features_keep_quantile_edges_and_nan_is_not_a_level() -> Non
     assert quantile_edges(np.arange(21.0)) == [float(e) for e in np.quantile(np.arange(21.0), np.linspace(0, 1, 21))]
     assert quantile_edges(np.array([0.0, 1.0, np.nan, np.inf])) == [0.0, 0.5, 1.0]
     assert quantile_edges(np.array([np.nan])) == [0.0]
+
+
+def test_levels_near_the_largest_float_give_finite_edges() -> None:
+    huge = np.finfo(np.float64).max
+    assert quantile_edges(np.array([1e308, 1.7e308])) == [1e308, 1.35e308, 1.7e308]  # (a + b) / 2 would overflow
+    assert quantile_edges(np.array([huge] * 3)) == [huge]  # no float above it

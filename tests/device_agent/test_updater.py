@@ -406,14 +406,27 @@ def test_a_rollback_to_a_standby_signed_by_a_now_revoked_key_warns_and_says_whic
     assert "standby_signer_revoked" not in switched.details
 
 
-def test_a_slot_installed_without_a_signer_record_rolls_back_without_a_check(built, upgraded):
-    manifest = upgraded.slot("a") / "manifest.json"
+def test_a_slot_installed_without_a_signer_record_rolls_back_without_a_check(built, tmp_path, dev):
+    from model_packager.keys import KeyFolder, revoke_key, rotate_keys
+
+    pk = packages(built)
+    keys = tmp_path / "keys"
+    shutil.copytree(built.keys, keys)
+    old_id = key_id(signing_key(keys).public_key())
+    rotate_keys(keys)
+    revoke_key(keys, old_id[:12])  # 1.0.0's signer revoked, as in the test above
+    assert Updater(dev).install(pk.v100).ok
+    carrying_v3 = with_version(built, pk.v110, tmp_path / "v3.efpkg", "1.1.0", signer=signing_key(keys),
+                               keyset_env=KeyFolder(keys).keyset_envelope())
+    assert Updater(dev).install(carrying_v3).status == "installed"
+    manifest = dev.slot("a") / "manifest.json"
     doc = json.loads(manifest.read_text())
     del doc["signer"]  # as an agent older than the signer record wrote it
     manifest.write_text(json.dumps(doc))
-    assert Slots(upgraded).signer("a") is None
-    r = Updater(upgraded).rollback()
-    assert r.status == "rolled_back" and "warning" not in r.message and serve(upgraded) == "1.0.0"
+    assert Slots(dev).signer("a") is None
+    r = Updater(dev).rollback()  # the same revoked signer, but nothing says so: no warning, no refusal
+    assert r.status == "rolled_back" and "warning" not in r.message and serve(dev) == "1.0.0"
+    assert "standby_signer_revoked" not in r.details
 
 
 def test_a_hand_edited_trust_store_is_refused(built, dev):
