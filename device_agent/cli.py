@@ -13,6 +13,7 @@ into ``http_listen``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet_contracts.errors import ContractError
+from edgefleet_contracts.process import LockHeldError, pid_lock
 
 from .config import DeviceDir
 from .errors import AgentError
@@ -222,27 +224,17 @@ class InstanceError(AgentError):
 INSTANCE_LOCK = "agent.lock"
 
 
-def _hold_instance(device: DeviceDir, command: str) -> int:
-    """Take ``<dir>/agent.lock`` (an exclusive ``flock``, held by this process until it exits) so that one ``run``
-    or ``serve`` at a time uses a device folder: two would share its MQTT client id (each taking the connection
-    from the other), its outbox and its status file. Returns the descriptor to keep open. Raises
-    InstanceError naming the process that holds it."""
-    import fcntl
-
-    path = device.path / INSTANCE_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _hold_instance(device: DeviceDir, command: str) -> contextlib.ExitStack:
+    """Take ``<dir>/agent.lock`` (``pid_lock``) so that one ``run`` or ``serve`` at a time uses a device folder: two
+    would share its MQTT client id (each taking the connection from the other), its outbox and its status file.
+    Returns the held lock, to release with ``with``. Raises InstanceError naming the process that holds it."""
+    held = contextlib.ExitStack()
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        finally:
-            os.close(fd)
-        raise InstanceError(f"another device-agent run or serve (pid {holder}) is using {device.path}; stop it "
+        held.enter_context(pid_lock(device.path / INSTANCE_LOCK))
+    except LockHeldError as exc:
+        raise InstanceError(f"another device-agent run or serve (pid {exc.holder}) is using {device.path}; stop it "
                             f"first (one agent per device folder), then start `device-agent {command}`") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return held
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -250,8 +242,7 @@ def _run(args: argparse.Namespace) -> int:
 
     device = DeviceDir(args.dir)
     cfg = device.load_config()
-    lock = _hold_instance(device, "run")
-    try:
+    with _hold_instance(device, "run"):
         port = args.http_port if args.http_port is not None else cfg.http_port
         key = "--http-port" if args.http_port is not None else f"http_host, http_port in {device.config_file}"
         where = f"the local API cannot listen on {cfg.http_host}:{port} ({key})"
@@ -265,8 +256,6 @@ def _run(args: argparse.Namespace) -> int:
             # uvicorn exits 3 (its STARTUP_FAILURE) when it cannot bind: a race with another process since the
             # check above, or an address the check could not foresee. Its own log line above says why.
             raise ListenError(f"{where}: the server did not start (see the error above)") from None
-    finally:
-        os.close(lock)
 
 
 def _check_listen(host: str, port: int, where: str) -> None:
@@ -393,17 +382,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .runner import local_url
 
     url = local_url(args.host, args.port)  # the worker holding the link records it in agent.json (status)
-    lock = _hold_instance(device, "serve")  # by this, the parent of the workers, for as long as they serve
-    os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
-    if url:
-        os.environ["EDGEFLEET_SERVE_URL"] = url
-    if args.store:
-        os.environ["EDGEFLEET_KV_STORE"] = str(args.store.resolve())
-    try:
+    with _hold_instance(device, "serve"):  # by this, the parent of the workers, for as long as they serve
+        os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
+        if url:
+            os.environ["EDGEFLEET_SERVE_URL"] = url
+        if args.store:
+            os.environ["EDGEFLEET_KV_STORE"] = str(args.store.resolve())
         uvicorn.run("device_agent.http_api:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=max(1, args.workers), log_level="warning", access_log=False)
-    finally:
-        os.close(lock)
     return 0
 
 

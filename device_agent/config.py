@@ -27,15 +27,15 @@ import ipaddress
 import logging
 import math
 import re
-import threading
 import tomllib
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from edgefleet_contracts.atomic import atomic_write_text
+from edgefleet_contracts.process import warn_once
 from edgefleet_contracts.timeutil import DailyWindow
 from edgefleet_contracts.topics import check_id
 
@@ -341,24 +341,6 @@ def check_types(values: Any, cls: type[DeviceConfig]) -> None:
             if annotation == "float" and isinstance(value, float):
                 kind = "a finite number"
             raise ConfigError(f"{name} must be {kind} ({_example(name, default)}), not {_described(value)}")
-
-
-# ---- warnings given once per process ----------------------------------------------------------------------
-_warned: set[Hashable] = set()
-_warned_lock = threading.Lock()
-
-
-def warn_once(key: Hashable) -> bool:
-    """True the first time this process asks about ``key``, False ever after.
-
-    For warnings about a file that several parts of one process load (the agent, its updater, its desired-state
-    handler, each rebuilt report all read config.toml): the operator sees each one once per start of a command,
-    not once per load. The only state this module keeps, and only to deduplicate log lines."""
-    with _warned_lock:
-        if key in _warned:
-            return False
-        _warned.add(key)
-        return True
 
 
 def _toml_str(s: str) -> str:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from edgefleet_contracts.process import LockHeldError, pid_lock
 from edgefleet_contracts.transport import graceful_server
 
 from .app import create_app
@@ -67,22 +66,16 @@ def _one_server(data_dir: Path) -> Iterator[None]:
     on-call and drive rollouts twice, and take the broker session from each other (an audit saw 47 reconnects in
     15 s and duplicate pages). The lock dies with the process, so a crash never leaves the folder locked."""
     path = data_dir / "serve.lock"
+    held = contextlib.ExitStack()
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        held.enter_context(pid_lock(path))  # only taking the lock is translated: not what the server raises later
+    except LockHeldError as exc:
+        raise ConfigError(f"another fleet-server serve (pid {exc.holder}) is running on {data_dir}; stop it first "
+                          "(one server per data folder)") from None
     except OSError as exc:
         raise ConfigError(f"cannot open {path}: {exc.strerror or exc} (serve needs a writable data folder)") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise ConfigError(f"another fleet-server serve (pid {holder}) is running on {data_dir}; stop it first "
-                              "(one server per data folder)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with held:
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _check_listen(host: str, port: int) -> None:

@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from edgefleet_contracts.process import warn_once
+
 from ..drift import CORRECTIONS
 from ..errors import NotFoundError, RequestError
 from ..health import HealthPolicy
@@ -203,17 +205,6 @@ def _check_values(secs: dict[str, Any], top: dict[str, Any], strict: bool) -> No
         if strict:
             raise RequestError("alert_rules.cohort_tags must name tags: an empty name matches no device")
         top["cohort_tags"] = [t for t in tags if t.strip()] or None
-
-
-_warned: set[Any] = set()
-
-
-def warn_once(key: Any) -> bool:
-    """True the first time this process meets ``key`` (stored rules are parsed at every evaluation)."""
-    if key in _warned:
-        return False
-    _warned.add(key)
-    return True
 
 
 def rules_for(store: Store, model: str) -> AlertRules:

@@ -143,9 +143,9 @@ def _cfg(**kw: Any) -> dict[str, Any]:
 
 def test_probation_predictions_below_100_warns_once_per_process_that_latency_may_not_be_compared(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import device_agent.config as config
+    import edgefleet_contracts.process as process
 
-    monkeypatch.setattr(config, "_warned", set())  # what this process has said already
+    monkeypatch.setattr(process, "_warned", set())  # what this process has said already
     caplog.set_level(logging.WARNING, logger="edgefleet.agent")
     for i in range(3):  # one folder loaded again and again, then others alike (a simulator's hundreds of devices)
         cfg = DeviceConfig.from_dict(_cfg(probation_predictions=50), source="/dev-a2/config.toml")

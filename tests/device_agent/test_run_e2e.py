@@ -147,4 +147,5 @@ def test_a_second_run_or_serve_on_a_device_folder_is_refused_naming_the_first(bu
     # once it stopped, the folder is free again
     from device_agent.cli import _hold_instance
 
-    os.close(_hold_instance(dd, "run"))
+    with _hold_instance(dd, "run"):
+        assert (dd.path / "agent.lock").read_text().strip() == str(os.getpid())

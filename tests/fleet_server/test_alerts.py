@@ -374,9 +374,9 @@ def test_stored_rules_from_before_the_value_checks_keep_everything_but_the_bad_v
     """Set now, these values are refused; stored before the checks existed, each falls back to its default alone,
     and what the owner turned off stays off (the whole document was dropped for the defaults, found by a diff
     review)."""
-    from fleet_server.alerts import rules as rules_module
+    import edgefleet_contracts.process as process
 
-    monkeypatch.setattr(rules_module, "_warned", set())  # what this process has logged already
+    monkeypatch.setattr(process, "_warned", set())  # what this process has logged already
     f = drift_fleet
     stored = {"input_drift": {"enabled": False, "correction": "fdr"}, "error_rate": {"max_rate": 5},
               "window_s": 7200, "cohort_tags": ["site", ""]}
