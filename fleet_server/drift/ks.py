@@ -16,6 +16,15 @@ from scipy.stats import kstwobign
 from .registry import Statistic
 
 
+def p_value(d: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The p-value of KS statistics ``d`` for samples of ``n`` and ``m`` values (1 where either is empty)."""
+    ok = (n > 0) & (m > 0)
+    ne = np.where(ok, n * m / np.where(ok, n + m, 1.0), 0.0)
+    root = np.sqrt(ne)
+    lam = np.where(ok, (root + 0.12 + 0.11 / np.where(ok, root, 1.0)) * d, 0.0)
+    return np.clip(np.where(ok, kstwobign.sf(lam), 1.0), 0.0, 1.0)
+
+
 def _ks(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = ref.sum(axis=1)
     m = cur.sum(axis=1)
@@ -24,11 +33,7 @@ def _ks(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     safe_m = np.where(ok, m, 1.0)[:, None]
     d = np.abs(np.cumsum(ref, axis=1) / safe_n - np.cumsum(cur, axis=1) / safe_m).max(axis=1)
     d = np.where(ok, d, 0.0)
-    ne = np.where(ok, n * m / np.where(ok, n + m, 1.0), 0.0)
-    root = np.sqrt(ne)
-    lam = np.where(ok, (root + 0.12 + 0.11 / np.where(ok, root, 1.0)) * d, 0.0)
-    p = np.where(ok, kstwobign.sf(lam), 1.0)
-    return d, np.clip(p, 0.0, 1.0), d
+    return d, p_value(d, n, m), d
 
 
 KS = Statistic(

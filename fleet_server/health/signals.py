@@ -36,10 +36,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.stats import kstwobign
 
 from edgefleet_contracts.summary import LATENCY_EDGES_MS
 
+from ..drift.ks import p_value as ks_p_value
 from ..drift.registry import StatBatch, correct, get_statistic
 from .policy import DataQualityPolicy, HealthPolicy, InputDriftPolicy, OutputDriftPolicy
 from .reference import Layout, Reference
@@ -110,10 +110,7 @@ def _input_drift(ref: np.ndarray, noisy: np.ndarray, bins: np.ndarray, noise_var
     if stat.threshold_kind == "p_value":
         # A reference so small that even the largest gap (every value moved past every reference value, KS 1)
         # could not reach alpha across the features can detect nothing: "insufficient", not a reassuring "ok".
-        n_ref = ref.sum(axis=1)
-        ne = n_ref * m_eff / np.maximum(n_ref + m_eff, 1e-12)
-        root = np.sqrt(np.maximum(ne, 1e-12))
-        enough &= kstwobign.sf(root + 0.12 + 0.11 / root) * max(len(names), 1) < p.alpha
+        enough &= ks_p_value(np.ones(len(names)), ref.sum(axis=1), m_eff) * max(len(names), 1) < p.alpha
     if n_values is None:
         n_values = np.maximum(noisy.sum(axis=1), 0.0)
     ks_batch = _ks_signed(ref, tested)
