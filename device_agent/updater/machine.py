@@ -324,8 +324,10 @@ class Updater:
             return "file_mismatch", f"the standby {m.name} {m.version} is damaged: {bad}"
         return None
 
-    def _revoked_signer(self, slot: str) -> str | None:
-        """A warning when the model in ``slot`` was signed by a key the device's keyset now revokes, else None.
+    def _signer_warning(self, slot: str, m: Manifest, done: str) -> tuple[str, dict[str, str]]:
+        """When the model ``m`` in ``slot`` was signed by a key the device's keyset now revokes: the result
+        message's ``"; warning: …"`` and its details' ``standby_signer_revoked``, logged as ``done`` (what the
+        switch was); else ``("", {})``.
 
         Switching to it (a rollback, or a rollout back to the standby) is not refused: it passed every check,
         signature included, when it was installed, and a rollback is how a device gets back to a working model,
@@ -335,15 +337,17 @@ class Updater:
         are not checked."""
         signer = self.slots.signer(slot)
         if signer is None:
-            return None
+            return "", {}
         try:
             keyset = self.trust.trusted_keyset()
         except TrustStoreError:
-            return None  # the trust store's own problem is reported where it is used
+            return "", {}  # the trust store's own problem is reported where it is used
         if keyset is None or signer not in keyset.revoked:
-            return None
-        return (f"it was signed by key {short(signer)}, which the device's keyset (version {keyset.version}) now "
-                "revokes; install a package signed by a live key")
+            return "", {}
+        warning = (f"it was signed by key {short(signer)}, which the device's keyset (version {keyset.version}) "
+                   "now revokes; install a package signed by a live key")
+        log.warning("%s %s %s in slot %s: %s", done, m.name, m.version, slot, warning)
+        return f"; warning: {warning}", {"standby_signer_revoked": signer}
 
     def standby_is_older(self) -> bool | None:
         """Whether switching to the standby slot goes back (``checks.goes_back``); None without an active model
@@ -405,13 +409,9 @@ class Updater:
             return result
         assert standby is not None
         folder, m = standby
-        warning = self._revoked_signer(folder.name)
-        if warning is not None:
-            log.warning("rolled back to %s %s in slot %s: %s", m.name, m.version, folder.name, warning)
-            details = {**details, "standby_signer_revoked": self.slots.signer(folder.name)}
+        note, revoked = self._signer_warning(folder.name, m, "rolled back to")
         result = self._result("rolled_back", reason, f"{prefix}rolled back from {old} to {m.name} {m.version} "
-                              f"(slot {folder.name})" + (f"; warning: {warning}" if warning else ""), m,
-                              folder.name, details)
+                              f"(slot {folder.name}){note}", m, folder.name, {**details, **revoked})
         self._enter(rec, S.IDLE, f"rolled_back ({reason})", package=None, candidate=None,
                     last_result=result.to_dict())
         return result
@@ -472,11 +472,9 @@ class Updater:
                 f"; standby {was} in slot {other(slot)}" if active else "")
             details: dict[str, Any] = {"from": None if active is None else {"name": active[1].name,
                                                                             "version": active[1].version}}
-            warning = self._revoked_signer(slot)
-            if warning is not None:
-                log.warning("switched to %s %s in the standby slot %s: %s", m.name, m.version, slot, warning)
-                now += f"; warning: {warning}"
-                details["standby_signer_revoked"] = self.slots.signer(slot)
+            note, revoked = self._signer_warning(slot, m, "switched to")
+            now += note
+            details.update(revoked)
             if probation is not None:
                 previous = None if active is None else {"name": active[1].name, "version": active[1].version,
                                                         "slot": active[0].name}
