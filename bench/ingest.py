@@ -57,6 +57,7 @@ from fleet_server.settings import ServerSettings  # noqa: E402
 from fleet_server.store import Store  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 from tests.fleet_server.conftest import make_summary  # noqa: E402
+from tests.fleet_server.test_mqtt_fast_read import publish  # noqa: E402
 
 FLEET = "bench"
 
@@ -272,16 +273,7 @@ def breakdown(folder: Path, devices: list[tuple[str, Ed25519PrivateKey]], n: int
 def _mqtt_read_cost(messages: list[tuple[str, bytes]], fast: bool) -> float:
     """CPU µs (this thread's) per message for ``_IngestClient`` to read ``messages`` as QoS 1 PUBLISH packets
     from a socket and hand each on as (topic bytes, packet id, payload bytes), as ``MqttIngest`` does."""
-    wire = bytearray()
-    for i, (t, payload) in enumerate(messages):
-        body = struct.pack("!H", len(t)) + t.encode() + struct.pack("!H", i % 65535 + 1) + payload
-        length, enc = len(body), bytearray()
-        while True:
-            length, digit = length >> 7, length & 127
-            enc.append(digit | (128 if length else 0))
-            if not length:
-                break
-        wire += bytes([0x32]) + enc + body
+    wire = b"".join(publish(t.encode(), payload, mid=i % 65535 + 1) for i, (t, payload) in enumerate(messages))
     got: list[int] = []
     client = _IngestClient(CallbackAPIVersion.VERSION2, client_id="bench-read", protocol=mqtt.MQTTv311,
                            manual_ack=True)
@@ -294,7 +286,7 @@ def _mqtt_read_cost(messages: list[tuple[str, bytes]], fast: bool) -> float:
         client.publish_fast = lambda t, mid, payload: got.append(mid)
     rsock, wsock = socket.socketpair()
     client._sock = rsock
-    sender = threading.Thread(target=wsock.sendall, args=(bytes(wire),), daemon=True)
+    sender = threading.Thread(target=wsock.sendall, args=(wire,), daemon=True)
     sender.start()
     t0 = time.thread_time()
     while len(got) < len(messages):
