@@ -22,6 +22,7 @@ summary without it (an earlier agent) counts as one release at ``epsilon``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,54 @@ def noise_variance(epsilon: float) -> float:
     if epsilon < 1e-140:  # ε² would underflow towards 0 and 2/ε² overflow
         return MAX_NOISE_VARIANCE
     return min(2.0 / (epsilon * epsilon) + 1.0 / 12.0, MAX_NOISE_VARIANCE)
+
+
+def consistency_problem(count: int, n: list[int], bin_totals: list[int], class_counts: list[int],
+                        confidence_counts: list[int], calibrated_sum: list[float], latency_counts: list[int],
+                        empty_bins: int, noised: bool, name: Callable[[int], str]) -> str | None:
+    """What makes a summary's numbers disagree with each other (each check holds exactly for every window an
+    agent closes, and for merged windows, as all of them add), or None. Per feature ``i``: ``n[i]`` and
+    ``bin_totals[i]`` (the sum of its counts); ``name(i)`` its name, for the message.
+
+    One prediction gives one latency, one predicted class and one confidence, so those histograms each add up to
+    ``window.count``; a feature's bins hold its ``n`` in-range values, at most one per prediction; a value in a
+    bin that was empty in the reference counts once in ``empty_bins``; a calibrated confidence lies in [0, 1], so
+    a class's calibrated sum lies between 0 and its count. In a noised summary (``privacy.epsilon``) the feature
+    bins, class and confidence counts carry noise and add up to their totals only on average: only the checks
+    without them apply (latencies, ``n``, ``empty_bins``, calibrated sums between 0 and ``window.count``).
+    A summary that breaks one was not written by an agent as it works (a bug, or a key holder's forgery), and
+    would skew what the server computes from it (sample sizes, estimated accuracy above 1). The common case
+    costs a few list operations (the server's ingest runs this per summary); the loops only name a problem."""
+    total = sum(latency_counts)
+    if total != count:
+        return (f"summary.ops.latency_counts add up to {total}, but window.count is {count} (one latency per "
+                "prediction)")
+    if n and max(n) > count:
+        i = next(i for i, v in enumerate(n) if v > count)
+        return f"summary.features[{i}] ({name(i)}): n is {n[i]}, more than the window's {count} predictions"
+    if not noised and bin_totals != n:
+        i = next(i for i, (a, b) in enumerate(zip(bin_totals, n, strict=True)) if a != b)
+        return f"summary.features[{i}] ({name(i)}): counts add up to {bin_totals[i]}, but n is {n[i]}"
+    values = sum(n)
+    if empty_bins > values:
+        return f"summary.output.empty_bins is {empty_bins}, more than the {values} feature values counted"
+    tolerance = 1e-6 * max(1, count)  # calibrated sums are rounded to 9 decimals per class
+    if calibrated_sum and min(calibrated_sum) < -tolerance:
+        return "summary.output.calibrated_sum must not be negative (calibrated confidences lie in [0, 1])"
+    if noised:
+        if sum(calibrated_sum) > count + tolerance:
+            return (f"summary.output.calibrated_sum adds up to {sum(calibrated_sum):g}, more than the window's "
+                    f"{count} predictions (calibrated confidences lie in [0, 1])")
+        return None
+    for what, hist in (("class_counts", class_counts), ("confidence_counts", confidence_counts)):
+        total = sum(hist)
+        if total != count:
+            return f"summary.output.{what} add up to {total}, but window.count is {count} (one per prediction)"
+    for c, (cal, k) in enumerate(zip(calibrated_sum, class_counts, strict=True)):
+        if cal > k + tolerance:
+            return (f"summary.output.calibrated_sum[{c}] is {cal:g}, more than the class's {k} predictions "
+                    "(calibrated confidences lie in [0, 1])")
+    return None
 
 
 def _int_list(v: Any, what: str, length: int | None = None, *, signed: bool = False) -> list[int]:
@@ -184,7 +233,7 @@ class Summary:
             confusion = [_int_list(r, "summary.labels.confusion row", len(class_counts)) for r in rows]
             if len(confusion) != len(class_counts):
                 raise SchemaError("summary.labels.confusion must be square, one row per class")
-        return cls(
+        s = cls(
             device_id=check_id(f.string(d, "device_id", w), "summary.device_id"),
             model=f.string(model, "name", "summary.model"), version=f.string(model, "version", "summary.model"),
             seq=f.integer(d, "seq", w, minimum=0), start=start, end=end,
@@ -202,6 +251,13 @@ class Summary:
             epsilon_spent=_num(priv.get("epsilon_spent", 0.0), "summary.privacy.epsilon_spent"),
             noise_variance=noise_var,
         )
+        fs = s.features
+        problem = consistency_problem(s.count, [x.n for x in fs], [sum(x.counts) for x in fs], s.class_counts,
+                                      s.confidence_counts, s.calibrated_sum, s.latency_counts, s.empty_bins, noised,
+                                      lambda i: fs[i].name)
+        if problem is not None:
+            raise SchemaError(problem)
+        return s
 
 
 def _feature(fd: Any, i: int, noised: bool = False) -> FeatureWindow:

@@ -44,7 +44,7 @@ from msgspec import Meta, Struct
 
 from edgefleet_contracts.errors import SchemaError
 from edgefleet_contracts.signing import short
-from edgefleet_contracts.summary import LATENCY_EDGES_MS, SUMMARY_SPEC, SUMMARY_TYPE
+from edgefleet_contracts.summary import LATENCY_EDGES_MS, SUMMARY_SPEC, SUMMARY_TYPE, consistency_problem
 from edgefleet_contracts.timeutil import parse
 from edgefleet_contracts.topics import check_id
 
@@ -122,8 +122,8 @@ class SignedSummary(Struct, gc=False, forbid_unknown_fields=True):
     def consistent(self) -> bool:
         """The rules of ``Summary.from_dict`` that a type cannot say (the full path names them): a safe device
         id, window times that parse and are in order, noise variance only with an epsilon, one calibrated sum
-        and one confusion row per class. (A noised summary's negative counts fail ``_Count`` and take the full
-        path, which allows them there.)"""
+        and one confusion row per class, numbers that agree with each other (``consistency_problem``). (A
+        noised summary's negative counts fail ``_Count`` and take the full path, which allows them there.)"""
         try:
             check_id(self.device_id, "summary.device_id")
             if parse(self.window.end, "summary.window.end") < parse(self.window.start, "summary.window.start"):
@@ -139,7 +139,10 @@ class SignedSummary(Struct, gc=False, forbid_unknown_fields=True):
             rows = self.labels.confusion
             if len(rows) != n or any(len(r) != n for r in rows):
                 return False
-        return True
+        out, fs = self.output, self.features
+        return consistency_problem(self.window.count, [f.n for f in fs], [sum(f.counts) for f in fs],
+                                   out.class_counts, out.confidence_counts, out.calibrated_sum, self.ops.latency_counts,
+                                   out.empty_bins, self.privacy.epsilon is not None, lambda i: fs[i].name) is None
 
 
 class Signature(Struct, gc=False, forbid_unknown_fields=True):

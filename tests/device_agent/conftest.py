@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from device_agent.agent import Agent
@@ -72,6 +73,27 @@ def make_summary() -> SummaryFactory:
 @pytest.fixture
 def device_key() -> Ed25519PrivateKey:
     return generate_key()
+
+
+@pytest.fixture()
+def clinical(built: Any, tmp_path: Path) -> Any:
+    """The session's clinical package, installed in a slot and loaded (LoadedModel)."""
+    return load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), get_target("x86_64-avx2"))
+
+
+@pytest.fixture()
+def rows(built: Any) -> np.ndarray:
+    """The clinical holdout's rows, four times over (more than 2 x the window's staging BATCH)."""
+    with np.load(built.holdout) as z:
+        x = z["x"].astype(np.float32)
+    return np.concatenate([x] * 4)
+
+
+@pytest.fixture()
+def vision(vision_built: Any, tmp_path: Path) -> Any:
+    """The session's vision package, installed in a slot and loaded (LoadedModel)."""
+    return load_model(extract(vision_built.package, tmp_path / "vslot", vision_built.keys / "root.pub"),
+                      get_target("x86_64-avx2"))
 
 
 @pytest.fixture()

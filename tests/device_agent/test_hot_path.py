@@ -32,23 +32,6 @@ TARGET = get_target("x86_64-avx2")
 LITERT_FIXTURE = Path(__file__).resolve().parents[2] / "model_packager" / "fixtures" / "digits_int8.tflite"
 
 
-@pytest.fixture()
-def clinical(built, tmp_path):
-    return load_model(extract(built.package, tmp_path / "slot", built.keys / "root.pub"), TARGET)
-
-
-@pytest.fixture()
-def rows(built):
-    with np.load(built.holdout) as z:
-        x = z["x"].astype(np.float32)
-    return np.concatenate([x] * 4)  # > 2 * BATCH rows
-
-
-@pytest.fixture()
-def vision(vision_built, tmp_path):
-    return load_model(extract(vision_built.package, tmp_path / "vslot", vision_built.keys / "root.pub"), TARGET)
-
-
 def _agent(model, tmp_path, **cfg) -> Agent:
     c = DeviceConfig(device_id="dev-1", target=TARGET.name,
                      **{"min_window_samples": 1, "allow_small_windows": True, "window_count": 10**6,

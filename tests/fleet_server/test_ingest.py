@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from edgefleet_contracts.canonical import canonical_bytes
 from edgefleet_contracts.report import Report
-from edgefleet_contracts.signing import generate_key, sign_envelope
+from edgefleet_contracts.signing import envelope_json, generate_key, sign_envelope
 from edgefleet_contracts.timeutil import fmt
 from fleet_server.app import create_app
 from fleet_server.auth import create_token
@@ -84,7 +84,7 @@ def _forged(f: Fleet) -> bytes:
 
 def _tampered(f: Fleet) -> bytes:
     env = f["dev-1"].envelope(1)
-    env["signed"]["window"]["count"] += 1
+    env["signed"]["features"][0]["sum"] += 1.0  # any change the schema allows: only the signature tells
     return json.dumps([env]).encode()
 
 
@@ -110,6 +110,13 @@ def _other_spec(f: Fleet) -> bytes:
     return json.dumps([sign_envelope(env["signed"], f["dev-1"].key)]).encode()
 
 
+def _inconsistent(f: Fleet) -> bytes:
+    """Signed by the device's own key, well typed, but its class counts add up to more than window.count."""
+    env = f["dev-1"].envelope(1)
+    env["signed"]["output"]["class_counts"][0] += 5
+    return b"[" + envelope_json(sign_envelope(env["signed"], f["dev-1"].key)) + b"]"
+
+
 BAD: dict[str, tuple[Callable[[Fleet], bytes], str, int]] = {
     # case: (body, reason, HTTP status)
     "forged_by_another_key": (_forged, "bad_signature", 422),
@@ -121,6 +128,7 @@ BAD: dict[str, tuple[Callable[[Fleet], bytes], str, int]] = {
     "nan": (lambda f: f["dev-1"].message([1]).replace(b'"sum":10.0', b'"sum":NaN', 1), "malformed_json", 422),
     "wrong_types": (_wrong_types, "schema", 422),
     "unsupported_spec": (_other_spec, "schema", 422),
+    "inconsistent_counts": (_inconsistent, "schema", 422),
     "not_an_envelope": (lambda f: b'{"device_id": "dev-1", "seq": 1}', "shape", 422),
     "empty_list": (lambda f: b"[]", "shape", 422),
     "over_500_envelopes": (lambda f: json.dumps([{}] * 501).encode(), "shape", 422),
@@ -144,6 +152,8 @@ def test_a_bad_message_is_rejected_quarantined_and_counted_and_ingest_goes_on(ht
     assert doc["rejected"][0]["detail"]
     if case == "oversized_10_MB":  # the body is read only just past the limit: no false exact size
         assert doc["rejected"][0]["detail"].startswith("message is at least ")
+    if case == "inconsistent_counts":  # the fast path leaves it to the full path, which names the rule
+        assert "summary.output.class_counts add up to" in doc["rejected"][0]["detail"]
 
     rows = fleet.quarantined()
     assert [(q["reason"], q["source"]) for q in rows] == [(reason, "http")]
@@ -437,7 +447,7 @@ def test_a_signature_refusal_says_whether_the_key_or_the_document_is_wrong(http:
     """A changed document signed by the enrolled key and a document signed by another key are different problems
     for the integrator; the refusal used to name the same key twice for the first."""
     client, fleet, _ = http
-    tampered = fleet["dev-1"].message([1]).replace(b'"count":', b'"count":1', 1)
+    tampered = fleet["dev-1"].message([1]).replace(b'"sum":', b'"sum":1', 1)
     detail = post(client, tampered).json()["rejected"][0]["detail"]
     assert "does not verify: the document was changed after it was signed" in detail, detail
     other = post(client, fleet["dev-1"].message([2], signer=generate_key())).json()["rejected"][0]["detail"]
