@@ -72,7 +72,7 @@ def build_report(device: DeviceDir) -> Report:
         active=None if active is None else {"name": active[1].name, "version": active[1].version},
         standby=None if standby is None else {"name": standby[1].name, "version": standby[1].version},
         update_state=str(rec.state), last_result=_shared_result(rec.last_result), agent_version=AGENT_VERSION,
-        desired_seq=desired_seq, desired_outcome=desired_outcome,
+        desired_seq=desired_seq, desired_outcome=desired_outcome, target=cfg.target,
     )
 
 

@@ -30,12 +30,15 @@ class Report:
     # "deferred" with reason "maintenance_window", "installed", "failed"), so that an operator sees why a device
     # has not moved yet; None when the device holds none. Optional in the contract: older agents omit it.
     desired_outcome: dict[str, Any] | None = None
+    # The target profile the device runs (``rpi4-aarch64``): it installs only packages built for it, so the server
+    # refuses to send it another target's package. Optional: older agents omit it ("" unknown).
+    target: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": REPORT_TYPE, "spec": REPORT_SPEC, "device_id": self.device_id, "at": self.at,
                 "active": self.active, "standby": self.standby, "update_state": self.update_state,
                 "last_result": self.last_result, "agent_version": self.agent_version,
-                "desired_seq": self.desired_seq, "desired_outcome": self.desired_outcome}
+                "desired_seq": self.desired_seq, "desired_outcome": self.desired_outcome, "target": self.target}
 
     @classmethod
     def from_dict(cls, d: Any) -> Report:
@@ -68,4 +71,5 @@ class Report:
                        if outcome.get(k) is not None}
         return cls(check_id(f.string(d, "device_id", "report"), "report.device_id"), at, slots[0], slots[1],
                    f.string(d, "update_state", "report"), lr, str(d.get("agent_version", "")),
-                   f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0, outcome)
+                   f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0, outcome,
+                   check_id(d["target"], "report.target") if d.get("target") else "")

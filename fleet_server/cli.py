@@ -155,7 +155,8 @@ def _devices(args: argparse.Namespace) -> int:
     elif args.devices_cmd == "list":
         docs = devices.list_devices(store)
         _print(docs, args.json, lambda ds: "\n".join(
-            f"{d['device_id']:<24} {_active(d):<24} last seen {_ago(d['last_seen'])}  "
+            f"{d['device_id']:<24} {_active(d):<24} {(d.get('reported') or {}).get('target') or '-':<16} "
+            f"last seen {_ago(d['last_seen'])}  "
             + " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))
             + ("  REVOKED" if d["state"] == "revoked" else "") for d in ds) or "no devices enrolled")
     elif args.devices_cmd == "revoke":

@@ -231,6 +231,30 @@ def _check_cohort_matches(devices: list[tuple[str, dict[str, str]]], cohort: Map
                        f"{'; '.join(known)} (enrol or tag the devices first)")
 
 
+def _check_targets(reported: Mapping[str, dict[str, Any]], devices: list[str], row: Any, doing: str,
+                   cohort_name: str) -> None:
+    """A device installs only a package built for its own target profile (it refuses any other as
+    ``wrong_target``), so sending a package to devices that report another target would fail each of them and,
+    in a rollout, trip the install-failure gate into rolling back the devices it fits. Refused instead, naming
+    them. Devices that have not reported their target (not yet reported, or an agent older than the field) are not
+    judged: they judge for themselves. Raises ConflictError."""
+    built = row["target"]
+    other: dict[str, list[str]] = {}
+    for d in devices:
+        t = (reported.get(d) or {}).get("target") or ""
+        if t and t != built:
+            other.setdefault(t, []).append(d)
+    if not other:
+        return
+    n = sum(len(v) for v in other.values())
+    shown = "; ".join(f"{t}: {', '.join(ds[:10])}{f' and {len(ds) - 10} more' if len(ds) > 10 else ''}"
+                      for t, ds in sorted(other.items()))
+    raise ConflictError(
+        f"{doing}: {row['name']} {row['version']} is built for target {built}, and {n} of the {len(devices)} "
+        f"device(s) of the {cohort_name} run another target, so they would refuse it ({shown}). Narrow "
+        f"{cohort_name} with a tag that leaves them out, or publish a version built for their target")
+
+
 # ---- trust --------------------------------------------------------------------------------------------------
 def untrusted(store: Store, model: str, version: str, now: float) -> ContractError | None:
     """Why devices holding the server's newest keyset refuse published ``model`` ``version`` at ``now``
@@ -311,14 +335,17 @@ def start(store: Store, *, model: str, version: str, cohort: Mapping[str, str] |
     now = now or time.time()
     p = params.check(cohort=cohort, stages=stages, bake_seconds=bake_seconds, max_per_minute=max_per_minute,
                      window=window, thresholds=thresholds, approve_stages=approve_stages, names=names)
-    version_row(store, model, version)
-    _check_cohort_matches(_devices(store), p.cohort, names.get("cohort", "cohort"))
+    row = version_row(store, model, version)
+    cohort_name = names.get("cohort", "cohort")
+    fleet = _devices(store)
+    _check_cohort_matches(fleet, p.cohort, cohort_name)
+    members = [d for d, tags in fleet if in_cohort(tags, p.cohort)]
+    reported = _reported(store)
+    _check_targets(reported, members, row, "cannot start a rollout", cohort_name)
     _require_trusted(store, model, version, now, "cannot start a rollout")
     if previous is None:
-        reported = _reported(store)
-        versions = Counter(
-            (reported.get(d) or {}).get("active", {}).get("version") for d, tags in _devices(store)
-            if in_cohort(tags, p.cohort) and ((reported.get(d) or {}).get("active") or {}).get("name") == model)
+        versions = Counter((reported.get(d) or {}).get("active", {}).get("version") for d in members
+                           if ((reported.get(d) or {}).get("active") or {}).get("name") == model)
         versions.pop(version, None)
         versions.pop(None, None)
         previous = versions.most_common(1)[0][0] if versions else None
@@ -445,6 +472,8 @@ def rollback(store: Store, signer: DesiredSigner, model: str, to_version: str, c
     _check_cohort_matches(fleet, cohort, cohort_name)
     devices = [d for d, tags in fleet if in_cohort(tags, cohort)]
     reported = _reported(store)
+    _check_targets(reported, devices, version_row(store, model, to_version), f"cannot roll {model} back to "
+                   f"{to_version}", cohort_name)
     moves = _moves_back(reported, devices, model, to_version)
     refusing = moves.pop("refuses", [])
     warning = None

@@ -261,6 +261,7 @@ def test_a_good_desired_state_downloads_with_a_resume_installs_and_commits_after
 
     rep = build_report(dev)  # what the runner publishes
     assert (rep.desired_seq, rep.update_state, rep.active) == (1, "idle", {"name": "clinical", "version": "1.1.0"})
+    assert rep.target == Updater(dev).config.target and rep.to_dict()["target"]  # the server checks rollouts by it
     assert rep.last_result is not None and rep.last_result["status"] == "committed"
     for s in ("downloading", "verifying", "staging", "smoke_test", "activating", "probation", "idle"):
         assert s in states  # a report was queued at every state change

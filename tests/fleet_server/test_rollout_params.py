@@ -244,3 +244,50 @@ def test_a_rollback_that_would_move_every_device_forward_is_refused_pointing_to_
     assert rc == 1 and "nothing to roll back: no device of the cohort runs a clinical newer than 1.1.0 (12 would" \
         in err, err
     assert rollouts(fleet) == 0
+
+
+def _report_target(store: Any, devices: list[str], target: str) -> None:
+    with store.write() as c:
+        for d in devices:
+            c.execute("UPDATE devices SET reported = json_set(reported, '$.target', ?) WHERE device_id = ?",
+                      (target, d))
+
+
+def test_devices_reporting_another_target_are_refused_a_rollout_or_rollback_naming_them(fleet: Any,  # noqa: F811
+                                                                                       api: Any) -> None:
+    """A device installs only packages built for its own target (``wrong_target``): a rollout to a cohort with
+    such devices failed each of them, and the install-failure gate then rolled back the devices it fits. The
+    packages here are built for x86_64-avx2; devices 18 and 19 (site b) report rpi4-aarch64, 00-05 report
+    x86_64-avx2 and the rest report no target (older agents): only 18 and 19 are judged, and refused."""
+    settings, store, _ = fleet
+    _report_target(store, ["dev-18", "dev-19"], "rpi4-aarch64")
+    _report_target(store, [f"dev-{i:02d}" for i in range(6)], "x86_64-avx2")
+    client, operator = api
+    r = client.post("/api/v1/rollouts", json={"model": "clinical", "version": "1.1.0"}, headers=operator)
+    assert r.status_code == 409 and r.json()["detail"] == (
+        "cannot start a rollout: clinical 1.1.0 is built for target x86_64-avx2, and 2 of the 20 device(s) of the "
+        "cohort run another target, so they would refuse it (rpi4-aarch64: dev-18, dev-19). Narrow cohort with a "
+        "tag that leaves them out, or publish a version built for their target"), r.text
+    data = str(settings.data_dir)
+    rc, _, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", data, "--cohort", "site=b"])
+    assert rc == 1 and "2 of the 8 device(s) of the --cohort run another target" in err, err
+    rc, _, err = run_cli(["rollback", "clinical", "--to", "1.0.0", "--data", data])
+    assert rc == 1 and "cannot roll clinical back to 1.0.0: clinical 1.0.0 is built for target x86_64-avx2, and 2 " \
+        "of the 20" in err, err
+    assert rollouts(fleet) == 0
+    rc, out, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", data, "--cohort", "site=a"])
+    assert rc == 0 and rollouts(fleet) == 1, err  # the twelve of site a: six x86_64-avx2, six not reported
+    rc, out, _ = run_cli(["devices", "list", "--data", data])
+    lines = {line.split()[0]: line.split() for line in out.splitlines()}
+    assert (lines["dev-18"][3], lines["dev-00"][3], lines["dev-10"][3]) == ("rpi4-aarch64", "x86_64-avx2", "-")
+
+
+def test_a_report_carries_the_devices_target_and_refuses_a_malformed_one() -> None:
+    from edgefleet_contracts.errors import SchemaError
+    from edgefleet_contracts.report import Report
+
+    doc = Report("dev-1", "2026-01-01T00:00:00Z", None, None, "idle", None, target="rpi4-aarch64").to_dict()
+    assert Report.from_dict(doc).target == "rpi4-aarch64"
+    assert Report.from_dict({k: v for k, v in doc.items() if k != "target"}).target == ""  # an older agent
+    with pytest.raises(SchemaError, match="report.target"):
+        Report.from_dict({**doc, "target": "../x"})

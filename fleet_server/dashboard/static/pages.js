@@ -135,6 +135,7 @@ export async function deviceDetail(_params, id) {
       h("dt", { text: "last install" }), h("dd", { text: resultText(rep.last_result) }),
       h("dt", { text: "reported at" }), h("dd", { text: rep.at || "–" }),
       h("dt", { text: "agent" }), h("dd", { text: rep.agent_version || "–" }),
+      h("dt", { text: "target" }), h("dd", { text: rep.target || "–" }),
       h("dt", { text: "last seen" }), h("dd", { text: `${ago(d.last_seen)} (${when(d.last_seen)})` }),
       h("dt", { text: "tags" }), h("dd", { text: Object.entries(d.tags).map(([k, v]) => `${k}=${v}`).join(", ") }),
       h("dt", { text: "enrolled" }), h("dd", { text: when(d.enrolled) })),
