@@ -374,6 +374,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from . import worker_stats
+
     device = DeviceDir(args.dir)
     device.load_config()  # fail early with a clear error
     if args.store and not args.store.is_file():  # KVStore would create an empty one: every key a 404
@@ -383,6 +385,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     url = local_url(args.host, args.port)  # the worker holding the link records it in agent.json (status)
     with _hold_instance(device, "serve"):  # by this, the parent of the workers, for as long as they serve
+        worker_stats.reset(device.path)  # the service's counters start at 0, as one process's do
         os.environ["EDGEFLEET_DEVICE_DIR"] = str(args.dir.resolve())
         if url:
             os.environ["EDGEFLEET_SERVE_URL"] = url

@@ -35,6 +35,7 @@ import binascii
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from .errors import (
     UnknownClassError,
     UnknownPredictionError,
 )
+from .worker_stats import WorkerStats, combined
 
 MAX_BODY_BYTES = 25 * 1024 * 1024
 MAX_INSTANCES = 1024
@@ -156,7 +158,11 @@ def _one(agent: Agent, inst: Any, *, top: bool = False) -> Any:
     return agent.predict(data)
 
 
-def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int = MAX_BODY_BYTES,
+               status: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
+    """``status``: what ``/v1/status`` and ``/metrics`` report (default: the agent's own status; under ``serve``
+    the service's, summed over its workers: ``worker_stats``)."""
+    status_of = status or agent.status
     app = FastAPI(title="edgefleet device agent", version="1", docs_url=None, redoc_url=None)
 
     @app.middleware("http")
@@ -233,8 +239,8 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
         return JSONResponse({"ok": True})
 
     @app.get("/v1/status")
-    async def status() -> Response:
-        return JSONResponse(agent.status())
+    async def get_status() -> Response:
+        return JSONResponse(status_of())
 
     @app.get("/v1/precomputed/{key:path}")
     async def precomputed(key: str) -> Response:
@@ -247,13 +253,14 @@ def create_app(agent: Agent, kv: KVStore | None = None, *, max_body_bytes: int =
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return PlainTextResponse(prometheus_text(agent), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(agent, status_of()), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-def prometheus_text(agent: Agent) -> str:
-    st = agent.status()
+def prometheus_text(agent: Agent, status: dict[str, Any] | None = None) -> str:
+    """The Prometheus text of ``status`` (default: the agent's own)."""
+    st = agent.status() if status is None else status
     m = st["model"] or {"name": "", "version": ""}
     lab = f'model="{m["name"]}",version="{m["version"]}"'
     lines = [
@@ -309,7 +316,11 @@ def app_from_env() -> FastAPI:
     if agent.log is not None:
         agent.log.share(agent.flush_staged)
     link = ServeLink(Path(d), agent, os.environ.get("EDGEFLEET_SERVE_URL") or None)
-    app = create_app(agent, KVStore(Path(store)) if store else None)
+    stats = WorkerStats(Path(d), agent.status)
+    app = create_app(agent, KVStore(Path(store)) if store else None,
+                     status=lambda: combined(Path(d), agent.status()))
     app.router.on_startup.append(link.start)
+    app.router.on_startup.append(stats.start)
     app.router.on_shutdown.append(link.close)
+    app.router.on_shutdown.append(stats.stop)
     return app

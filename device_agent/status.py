@@ -31,6 +31,7 @@ RUNTIME_STATUS_FIELDS = (
     "predictions", "rejected", "feedback", "feedback_unmatched", "windows_closed", "summaries_emitted",
     "windows_held_for_k", "windows_held_disk_full", "windows_recovered", "windows_lost", "summarizer_failures",
     "outbox", "reload_failures", "tick_failures", "prediction_log",
+    "workers",  # under `serve` only (null otherwise): the counters are the service's, summed (worker_stats)
 )
 
 

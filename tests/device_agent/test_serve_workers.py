@@ -285,3 +285,47 @@ def test_two_logs_on_one_folder_label_once_and_a_rewrite_keeps_the_others_labels
     finally:
         a.close()
         b.close()
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+               or line.startswith(name + " "))
+
+
+def test_status_and_metrics_count_the_whole_service_whichever_worker_answers(built, tmp_path, start_serve):
+    """Each worker used to answer with its own counters, so a scrape of /metrics jumped between workers' values.
+    Now every answer is the sum over the service's workers (``worker_stats``), an exited worker's counts kept."""
+    dd = _device(built, tmp_path)
+    served = start_serve(dd, 3)
+    x = _rows(built)
+    for row in x[:45]:  # fresh connections: spread over the workers
+        assert httpx.post(f"{served.base}/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
+    for _ in range(6):
+        assert httpx.post(f"{served.base}/v1/predict", json={"inputs": [1.0]}).status_code == 422
+
+    def every_answer(check: Any) -> bool:
+        return all(check() for _ in range(6))  # six fresh connections: several workers answer
+
+    def status() -> dict[str, Any]:
+        return httpx.get(f"{served.base}/v1/status", timeout=5).json()
+
+    def counted(doc: dict[str, Any]) -> tuple[int, dict[str, int]]:
+        return doc["predictions"], doc["rejected"]
+
+    assert wait_until(lambda: every_answer(lambda: counted(status()) == (45, {"wrong_shape": 6})), 10), status()
+    doc = status()
+    assert doc["workers"]["live"] == 3 and doc["workers"]["exited"] == 0
+    answering = {status()["workers"]["answering"] for _ in range(12)}
+    assert len(answering) > 1, "one worker answered every request: the sum was not tested"
+    text = httpx.get(f"{served.base}/metrics").text
+    assert _metric(text, "edgefleet_agent_predictions_total") == 45
+    assert _metric(text, "edgefleet_agent_rejected_total") == 6
+    assert status_doc(dd)["predictions"] == 45  # `device-agent status` asks the service
+
+    victim = next(iter(answering - {served.proc.pid}))
+    os.kill(victim, signal.SIGKILL)  # an exited worker's counts stay in the service's sums
+    for row in x[45:60]:
+        assert httpx.post(f"{served.base}/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
+    assert wait_until(lambda: every_answer(lambda: status()["predictions"] == 60), 15), status()
+    assert status()["workers"]["exited"] == 1
+    assert _stop(served) == 0
