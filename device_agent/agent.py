@@ -454,19 +454,23 @@ class Agent(OtherPaths):
         """What GET /v1/status answers: ``status.device_status_fields`` and ``status.RUNTIME_STATUS_FIELDS``
         (``device-agent status`` shows the same fields)."""
         m = self._model
-        runtime = {
-            "predictions": self.counters.predictions, "rejected": dict(self.counters.rejected),
-            "feedback": self.counters.feedback, "feedback_unmatched": self.counters.feedback_unmatched,
-            "windows_closed": self.counters.windows_closed, "summaries_emitted": self.summarizer.emitted,
-            "windows_held_for_k": self.summarizer.held,
-            "windows_held_disk_full": self.summarizer.windows_held_disk_full,
-            "windows_recovered": self.summarizer.windows_recovered, "windows_lost": self.summarizer.windows_lost,
-            "summarizer_failures": self.summarizer.failures, "outbox": self._outbox_counters(),
-            "reload_failures": self.reload_failures, "tick_failures": self.tick_failures,
-            "prediction_log": self.log.counters() if self.log is not None else None,
-        }
+        runtime = {**self.counter_fields(), "outbox": self._outbox_counters(),
+                   "prediction_log": self.log.counters() if self.log is not None else None}
         model = {"name": m.name, "version": m.version} if m else None
         return {**device_status_fields(self.cfg, self.target.name, model, self._epsilon_spent()), **runtime}
+
+    def counter_fields(self) -> dict[str, Any]:
+        """The status fields this process counts (since it started) and its held-for-disk gauge; nothing read from
+        disk (``worker_stats`` writes these every second under ``serve``)."""
+        c, sm = self.counters, self.summarizer
+        return {
+            "predictions": c.predictions, "rejected": dict(c.rejected), "feedback": c.feedback,
+            "feedback_unmatched": c.feedback_unmatched, "windows_closed": c.windows_closed,
+            "summaries_emitted": sm.emitted, "windows_held_for_k": sm.held,
+            "windows_held_disk_full": sm.windows_held_disk_full, "windows_recovered": sm.windows_recovered,
+            "windows_lost": sm.windows_lost, "summarizer_failures": sm.failures,
+            "reload_failures": self.reload_failures, "tick_failures": self.tick_failures,
+        }
 
     def _outbox_counters(self) -> dict[str, int] | None:
         """The outbox's depth and write errors (disk full), or None when the sink keeps none or is busy."""

@@ -56,7 +56,7 @@ from .errors import (
     UnknownClassError,
     UnknownPredictionError,
 )
-from .worker_stats import WorkerStats, combined
+from .worker_stats import WorkerStats
 
 MAX_BODY_BYTES = 25 * 1024 * 1024
 MAX_INSTANCES = 1024
@@ -316,9 +316,9 @@ def app_from_env() -> FastAPI:
     if agent.log is not None:
         agent.log.share(agent.flush_staged)
     link = ServeLink(Path(d), agent, os.environ.get("EDGEFLEET_SERVE_URL") or None)
-    stats = WorkerStats(Path(d), agent.status)
+    stats = WorkerStats(Path(d), agent.counter_fields)
     app = create_app(agent, KVStore(Path(store)) if store else None,
-                     status=lambda: combined(Path(d), agent.status()))
+                     status=lambda: stats.service_status(agent.status()))
     app.router.on_startup.append(link.start)
     app.router.on_startup.append(stats.start)
     app.router.on_shutdown.append(link.close)

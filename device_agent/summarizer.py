@@ -258,7 +258,7 @@ class Summarizer:
         with self.sink.transaction() as tx:
             held_raw = tx.get_meta(key)
             if held_raw:
-                s = merge(Summary.from_dict(json.loads(held_raw)), s)
+                s = self._merge_held(held_raw, s)
             if s.count < self.k:
                 tx.set_meta(key, json.dumps(s.to_dict()))
                 held_for_k = True
@@ -280,6 +280,20 @@ class Summarizer:
             return None
         self.emitted += 1
         return s
+
+    def _merge_held(self, held_raw: str, s: Summary) -> Summary:
+        """``s`` merged with the window held for k, or ``s`` alone when the held one cannot be read or merged (a
+        damaged outbox, or one kept by another agent version whose summaries no longer pass the contract): then
+        that held window is dropped, counted in ``windows_lost`` and logged, rather than failing every window of
+        the version from then on. The caller's transaction clears or replaces the held window."""
+        try:
+            return merge(Summary.from_dict(json.loads(held_raw)), s)
+        except (ValueError, SchemaError) as exc:  # json.JSONDecodeError is a ValueError
+            self.failures += 1
+            self.windows_lost += 1
+            log.error("the window held below k for %s %s cannot be used (%s); it is dropped and this window goes on "
+                      "alone", s.model, s.version, exc)
+            return s
 
     def _recovered(self, key: tuple[str, str], pending: Summary) -> None:
         del self._unstored[key]

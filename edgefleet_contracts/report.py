@@ -16,6 +16,18 @@ REPORT_TYPE = "edgefleet.report"
 REPORT_SPEC = 1
 
 
+MAX_TARGET_CHARS = 128
+
+
+def _target(v: Any) -> str:
+    """``report.target``: a target profile's name (any name a target file may have), "" when absent."""
+    if v is None:
+        return ""
+    if not isinstance(v, str) or len(v) > MAX_TARGET_CHARS or not v.isprintable():
+        raise SchemaError(f"report.target must be a target name of at most {MAX_TARGET_CHARS} printable characters")
+    return v
+
+
 @dataclass
 class Report:
     device_id: str
@@ -72,4 +84,4 @@ class Report:
         return cls(check_id(f.string(d, "device_id", "report"), "report.device_id"), at, slots[0], slots[1],
                    f.string(d, "update_state", "report"), lr, str(d.get("agent_version", "")),
                    f.integer(d, "desired_seq", "report", minimum=0) if "desired_seq" in d else 0, outcome,
-                   check_id(d["target"], "report.target") if d.get("target") else "")
+                   _target(d.get("target")))

@@ -155,7 +155,7 @@ def _devices(args: argparse.Namespace) -> int:
     elif args.devices_cmd == "list":
         docs = devices.list_devices(store)
         _print(docs, args.json, lambda ds: "\n".join(
-            f"{d['device_id']:<24} {_active(d):<24} {(d.get('reported') or {}).get('target') or '-':<16} "
+            f"{d['device_id']:<24} {_active(d):<24} {(d.get('reported') or {}).get('target') or '-':<20} "
             f"last seen {_ago(d['last_seen'])}  "
             + " ".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))
             + ("  REVOKED" if d["state"] == "revoked" else "") for d in ds) or "no devices enrolled")
@@ -323,6 +323,9 @@ def _rollout_text(st: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v:g}" for k, v in sorted(st["thresholds"].items())),
              f"  devices: {st['devices'] or 'none asked yet'}"
              + (f"; {st['not_yet_asked']} more of this stage not asked yet" if st.get("not_yet_asked") else ""),
+             *([f"  left out, they report another target than the package's: {', '.join(st['other_target'][:10])}"
+                + (f" and {len(st['other_target']) - 10} more" if len(st["other_target"]) > 10 else "")]
+               if st.get("other_target") else []),
              "  decisions:"]
     for d in st["decisions"]:
         lines.append(f"    {time.strftime('%H:%M:%S', time.gmtime(d['at']))} {d['actor']:<8} {d['kind']:<15} "

@@ -153,8 +153,16 @@ def status(store: Store, rollout_id: str, now: float | None = None) -> dict[str,
         "bake_seconds": r.bake_seconds, "thresholds": {**DEFAULT_THRESHOLDS, **r.thresholds},
         "approve_stages": [s + 1 for s in r.approve_stages], "window": r.window, "max_per_minute": r.max_per_minute,
         **_window_wait(store, r, now), "targeted": len(r.targeted), "not_yet_asked": _not_yet_asked(store, r),
-        "devices": dict(states), "decisions": decisions,
+        "devices": dict(states), "other_target": _left_out(store, r), "decisions": decisions,
     }
+
+
+def _left_out(store: Store, r: Rollout) -> list[str]:
+    """Cohort devices a rollout leaves out because they report another target than its package's (sorted)."""
+    if r.kind != "rollout":
+        return []
+    tags = dict(_devices(store))
+    return sorted(d for d in _other_target(store, r.model, r.version) if d in tags and in_cohort(tags[d], r.cohort))
 
 
 def _deferred(report: dict[str, Any], seq: int | None) -> str | None:
@@ -170,7 +178,7 @@ def _not_yet_asked(store: Store, r: Rollout) -> int:
     """Devices of the current stage the rollout has not asked yet (its rate limit, its window, an approval)."""
     if r.state in ("completed", "rolled_back", "aborted") or r.kind != "rollout":
         return 0
-    members = stage_devices(r.model, _devices(store), r.cohort, r.stages[r.stage])
+    members = stage_devices(r.model, _rollout_devices(store, r), r.cohort, r.stages[r.stage])
     return sum(1 for d in members if d not in r.targeted)
 
 
@@ -178,7 +186,7 @@ def _window_wait(store: Store, r: Rollout, now: float) -> dict[str, Any]:
     """``waiting_for_window`` and ``window_opens_in_seconds`` of :func:`status`."""
     if not r.window or r.state != "running" or in_window(r.window, now):
         return {"waiting_for_window": False, "window_opens_in_seconds": None}
-    members = stage_devices(r.model, _devices(store), r.cohort, r.stages[r.stage])
+    members = stage_devices(r.model, _rollout_devices(store, r), r.cohort, r.stages[r.stage])
     waiting = any(d not in r.targeted for d in members)
     opens = DailyWindow.parse(r.window).seconds_until_open(datetime.fromtimestamp(now, UTC))
     return {"waiting_for_window": waiting, "window_opens_in_seconds": opens if waiting else None}
@@ -212,6 +220,20 @@ def _devices(store: Store) -> list[tuple[str, dict[str, str]]]:
     """The fleet's devices and their tags; revoked devices are no longer part of it (never targeted)."""
     return [(r["device_id"], json.loads(r["tags"]))
             for r in store.query("SELECT device_id, tags FROM devices WHERE revoked IS NULL")]
+
+
+def _other_target(store: Store, model: str, version: str) -> set[str]:
+    """Devices that report a target profile other than the one ``model`` ``version`` is built for: they would refuse
+    it (``_check_targets``), so a running rollout leaves them out of its stages (a device that reports such a target
+    only after the start, or joins the cohort later)."""
+    built = version_row(store, model, version)["target"]
+    return {d for d, rep in _reported(store).items() if (rep.get("target") or "") not in ("", built)}
+
+
+def _rollout_devices(store: Store, r: Rollout) -> list[tuple[str, dict[str, str]]]:
+    """The fleet's devices a rollout's stages are drawn from: ``_devices`` less ``_other_target``."""
+    other = _other_target(store, r.model, r.version) if r.kind == "rollout" else set()
+    return [(d, tags) for d, tags in _devices(store) if d not in other]
 
 
 def _check_cohort_matches(devices: list[tuple[str, dict[str, str]]], cohort: Mapping[str, str], name: str) -> None:
@@ -730,7 +752,7 @@ class RolloutService:
     def _step_one(self, rollout_id: str, now: float) -> None:
         """One engine step of one active rollout, saved with its decisions and desired states (or not at all)."""
         r = get(self.store, rollout_id)
-        members = stage_devices(r.model, _devices(self.store), r.cohort, r.stages[r.stage])
+        members = stage_devices(r.model, _rollout_devices(self.store, r), r.cohort, r.stages[r.stage])
         # built only if the gates are judged on this step: it parses every summary of the stage so far (0.4 s
         # with 89 of 1,000 devices on the new version, growing with every device and minute)
         res = step(r, members, functools.partial(snapshot, self.store, r, members), now)

@@ -329,3 +329,37 @@ def test_status_and_metrics_count_the_whole_service_whichever_worker_answers(bui
     assert wait_until(lambda: every_answer(lambda: status()["predictions"] == 60), 15), status()
     assert status()["workers"]["exited"] == 1
     assert _stop(served) == 0
+
+
+def test_the_services_counters_never_go_back_whichever_worker_answers(built, tmp_path, start_serve):
+    """Load on one worker (one kept-alive connection) while fresh connections ask any worker: every answer's
+    prediction count is at least the one before (a worker used to add its live count to the others' second-old
+    files, and the sum went back 12 -> 0 when another worker answered; found by a diff review)."""
+    dd = _device(built, tmp_path)
+    served = start_serve(dd, 2)
+    x = _rows(built)
+    sent = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=served.base) as client:
+            for row in x[:400]:
+                if stop.is_set():
+                    return
+                assert client.post("/v1/predict", json={"inputs": [float(v) for v in row]}).status_code == 200
+                sent[0] += 1
+
+    t = threading.Thread(target=load)
+    t.start()
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 20
+    while (t.is_alive() or len(seen) < 20) and time.monotonic() < deadline:
+        doc = httpx.get(f"{served.base}/v1/status", timeout=5).json()
+        seen.append((doc["workers"]["answering"], doc["predictions"]))
+    stop.set()
+    t.join(10)
+    backwards = [(a, b) for a, b in zip(seen, seen[1:], strict=False) if b[1] < a[1]]
+    assert not backwards, backwards[:5]
+    assert len({pid for pid, _ in seen}) == 2, "one worker answered every request: nothing was tested"
+    assert wait_until(lambda: httpx.get(f"{served.base}/v1/status").json()["predictions"] == sent[0], 10)
+    assert _stop(served) == 0

@@ -235,3 +235,23 @@ def test_the_agent_reports_held_windows_and_a_shutdown_on_a_full_disk_counts_the
     assert "edgefleet_agent_windows_lost_total 2\n" in prometheus_text(agent)
     assert [r for r in caplog.records if "LOST 2 window(s)" in r.getMessage() and "shutting down" in r.getMessage()]
     assert [(g.seq, g.count) for g in stored(outbox)] == [(1, 10)]
+
+
+@pytest.mark.parametrize("damage", ["not json", "fails the contract"])
+def test_a_held_window_that_cannot_be_read_is_dropped_and_counted_not_every_later_window(
+        model: LoadedModel, rows: np.ndarray, outbox: Outbox, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    s = Summarizer("dev-1", outbox, k=20)
+    try:
+        assert s.close(window(model, rows, 7, 1)) is None  # held below k
+        held = json.loads(outbox.get_meta("held:clinical:1.0.0") or "{}")
+        held["output"]["class_counts"][0] += 3  # no longer adds up to window.count
+        with outbox.transaction() as tx:
+            tx.set_meta("held:clinical:1.0.0", "{half" if damage == "not json" else json.dumps(held))
+        with caplog.at_level(logging.ERROR, logger="device_agent.summarizer"):
+            out = s.close(window(model, rows, 25, 2))
+        assert out is not None and [(g.seq, g.count) for g in stored(outbox)] == [(1, 25)]  # this window alone
+        assert (s.windows_lost, s.failures) == (1, 1) and "cannot be used" in caplog.text
+        assert not outbox.get_meta("held:clinical:1.0.0")  # cleared: later windows are not held back by it
+        assert s.close(window(model, rows, 21, 3)) is not None and len(stored(outbox)) == 2
+    finally:
+        s.stop()

@@ -26,11 +26,11 @@ def test_counters_add_over_live_and_exited_workers_gauges_over_live_only(tmp_pat
     reset(tmp_path)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (tmp_path / FOLDER / f"{live.pid}.json").write_text(json.dumps(
+        (tmp_path / FOLDER / f"{live.pid}-0a1b2c3d.json").write_text(json.dumps(
             {"predictions": 5, "rejected": {"nan": 2, "wrong_shape": 1}, "windows_held_disk_full": 2}))
-        (tmp_path / FOLDER / f"{_dead_pid()}.json").write_text(json.dumps(
+        (tmp_path / FOLDER / f"{_dead_pid()}-00000000.json").write_text(json.dumps(
             {"predictions": 7, "rejected": {"nan": 1}, "windows_held_disk_full": 4, "windows_lost": 1}))
-        (tmp_path / FOLDER / "123456789.json").write_text("{half-writ")  # unreadable: skipped
+        (tmp_path / FOLDER / "123456789-ffffffff.json").write_text("{half-writ")  # unreadable: skipped
         (tmp_path / FOLDER / "notes.json").write_text("{}")  # not a worker's file
         doc = combined(tmp_path, OWN)
     finally:
@@ -43,17 +43,25 @@ def test_counters_add_over_live_and_exited_workers_gauges_over_live_only(tmp_pat
     assert OWN["predictions"] == 10 and OWN["rejected"] == {"nan": 1}  # the agent's own status is left alone
 
 
-def test_a_worker_writes_its_counters_whole_and_once_more_when_it_stops(tmp_path: Path) -> None:
+def test_a_worker_answers_with_what_it_wrote_so_the_sums_never_go_back(tmp_path: Path) -> None:
     reset(tmp_path)
-    status = dict(OWN)
-    stats = WorkerStats(tmp_path, lambda: status, every=30)
+    counters = {"predictions": 10, "rejected": {"nan": 1}, "windows_held_disk_full": 1, "windows_lost": 0}
+    stats = WorkerStats(tmp_path, lambda: dict(counters), every=30)
     stats.start()
-    mine = tmp_path / FOLDER / f"{os.getpid()}.json"
-    assert json.loads(mine.read_text()) == {"predictions": 10, "rejected": {"nan": 1}, "windows_held_disk_full": 1,
-                                            "windows_lost": 0}
-    status["predictions"] = 12
+    assert json.loads(stats.path.read_text()) == counters
+    assert stats.path.name.startswith(f"{os.getpid()}-")  # and a random id: a reused pid writes another file
+    counters["predictions"] = 12
+    doc = stats.service_status({**OWN, **counters})
+    assert doc["predictions"] == 12 and json.loads(stats.path.read_text())["predictions"] == 12  # written first
+    assert doc["workers"] == {"answering": os.getpid(), "live": 1, "exited": 0}  # its own file counted once
+
+    blocker = stats.path.with_suffix(".tmp")
+    blocker.mkdir()  # the next write fails as on a full disk (an OSError, whoever runs the test)
+    counters["predictions"] = 15
+    doc = stats.service_status({**OWN, **counters})
+    assert doc["predictions"] == 12 and stats.failures == 1  # what was written, not the live 15
+    blocker.rmdir()
     stats.stop()
-    assert json.loads(mine.read_text())["predictions"] == 12
-    assert combined(tmp_path, status)["predictions"] == 12  # its own file is not counted twice
+    assert json.loads(stats.path.read_text())["predictions"] == 15
     reset(tmp_path)  # serve starting again: the sums start from 0
     assert list((tmp_path / FOLDER).iterdir()) == []

@@ -259,7 +259,7 @@ def test_devices_reporting_another_target_are_refused_a_rollout_or_rollback_nami
     such devices failed each of them, and the install-failure gate then rolled back the devices it fits. The
     packages here are built for x86_64-avx2; devices 18 and 19 (site b) report rpi4-aarch64, 00-05 report
     x86_64-avx2 and the rest report no target (older agents): only 18 and 19 are judged, and refused."""
-    settings, store, _ = fleet
+    settings, store, svc = fleet
     _report_target(store, ["dev-18", "dev-19"], "rpi4-aarch64")
     _report_target(store, [f"dev-{i:02d}" for i in range(6)], "x86_64-avx2")
     client, operator = api
@@ -275,8 +275,17 @@ def test_devices_reporting_another_target_are_refused_a_rollout_or_rollback_nami
     assert rc == 1 and "cannot roll clinical back to 1.0.0: clinical 1.0.0 is built for target x86_64-avx2, and 2 " \
         "of the 20" in err, err
     assert rollouts(fleet) == 0
-    rc, out, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", data, "--cohort", "site=a"])
+    rc, out, err = run_cli(["rollout", "start", "clinical", "1.1.0", "--data", data, "--cohort", "site=a", "--stages",
+                            "100", "--bake", "1h"])
     assert rc == 0 and rollouts(fleet) == 1, err  # the twelve of site a: six x86_64-avx2, six not reported
+    rid = out.split()[0]
+    _report_target(store, ["dev-07"], "rpi4-aarch64")  # reports its target only after the start
+    svc.tick()
+    st = service.status(store, rid)
+    assert st["targeted"] == 11 and st["other_target"] == ["dev-07"], st  # never asked to install it
+    assert "dev-07" not in service.get(store, rid).targeted
+    rc, text, _ = run_cli(["rollout", "status", rid, "--data", data])
+    assert "left out, they report another target than the package's: dev-07" in text, text
     rc, out, _ = run_cli(["devices", "list", "--data", data])
     lines = {line.split()[0]: line.split() for line in out.splitlines()}
     assert (lines["dev-18"][3], lines["dev-00"][3], lines["dev-10"][3]) == ("rpi4-aarch64", "x86_64-avx2", "-")
@@ -289,5 +298,7 @@ def test_a_report_carries_the_devices_target_and_refuses_a_malformed_one() -> No
     doc = Report("dev-1", "2026-01-01T00:00:00Z", None, None, "idle", None, target="rpi4-aarch64").to_dict()
     assert Report.from_dict(doc).target == "rpi4-aarch64"
     assert Report.from_dict({k: v for k, v in doc.items() if k != "target"}).target == ""  # an older agent
-    with pytest.raises(SchemaError, match="report.target"):
-        Report.from_dict({**doc, "target": "../x"})
+    assert Report.from_dict({**doc, "target": "rpi4-aarch64+coral"}).target == "rpi4-aarch64+coral"  # any file stem
+    for bad in (42, "x" * 129, "a\nb"):
+        with pytest.raises(SchemaError, match="report.target must be a target name"):
+            Report.from_dict({**doc, "target": bad})
