@@ -363,8 +363,8 @@ def _batch(args: argparse.Namespace) -> int:
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="real-time prediction service with several uvicorn workers (server pattern)")
     p.add_argument("--dir", required=True, type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--host", help="address to bind (default: the device's config.toml http_host)")
+    p.add_argument("--port", type=int, help="port to bind (default: the device's config.toml http_port)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--store", type=Path, help="batch key-value store to serve under /v1/precomputed/KEY")
     p.set_defaults(func=_serve)
@@ -377,7 +377,10 @@ def _serve(args: argparse.Namespace) -> int:
     from . import worker_stats
 
     device = DeviceDir(args.dir)
-    device.load_config()  # fail early with a clear error
+    cfg = device.load_config()  # fail early with a clear error
+    # The local API's address is the device's, as `run` binds it; the flags override it for this service only.
+    args.host = cfg.http_host if args.host is None else args.host
+    args.port = cfg.http_port if args.port is None else args.port
     if args.store and not args.store.is_file():  # KVStore would create an empty one: every key a 404
         raise AgentError(f"--store {args.store} does not exist; `device-agent batch --dir {args.dir} --input DATA "
                          f"--store {args.store}` writes it")

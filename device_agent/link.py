@@ -172,6 +172,7 @@ class MqttLink:
         self._since = fmt(utcnow())
         self._last_error: str | None = None
         self._written: tuple[str, str | None] | None = None
+        self._down = False  # an outage was logged at WARNING; its end will be
         self._counters = {"sent": 0, "acked": 0, "messages_sent": 0, "messages_acked": 0, "publish_errors": 0,
                           "connects": 0, "reconnects": 0, "heartbeats": 0, "subscribed": 0, "desired_received": 0,
                           "desired_errors": 0, "link_file_errors": 0, "stale_reads": 0}
@@ -254,7 +255,16 @@ class MqttLink:
             doc = {"state": self._state, "since": self._since, "last_error": self._last_error}
         if snapshot == self._written:
             return
-        if state != CONNECTED and error:
+        # An outage and its end are logged at WARNING once each (the log of `run` showed nothing for days offline,
+        # found by an offline-clinic audit); the retries in between, and changes of error, at INFO.
+        if state == DISCONNECTED and error and not self._down:
+            self._down = True
+            log.warning("mqtt link to %s is down (%s); summaries wait in the outbox and are sent when it is back",
+                        self.cfg.broker, error)
+        elif state == CONNECTED and self._down:
+            self._down = False
+            log.warning("mqtt link to %s is back", self.cfg.broker)
+        elif state != CONNECTED and error:
             log.info("mqtt link %s: %s", state, error)
         try:
             atomic_write_text(link_file(self.device_dir), json.dumps(doc, indent=1) + "\n")

@@ -38,9 +38,13 @@ class Candidate:
         return d
 
 
-def predict_all(rt: Runtime, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Class probabilities ``[rows, classes]`` for every row of ``x``. Raises DataError (no rows) or ModelError
-    (an output of another shape)."""
+def predict_all(rt: Runtime, x: np.ndarray, batch: int = 1) -> np.ndarray:
+    """Class probabilities ``[rows, classes]`` for every row of ``x``, one row a run by default: as a device runs
+    the model in real time. A dynamically quantized model computes its activations' scale per run, so scored in
+    batches of 256 it gave other answers than on a device: the clinical example's int8 variant showed 0.9649
+    accuracy (0.88 points above the float model) in its package and 0.9561 on the device, one row at a time
+    (found by an audit). Accuracy, agreement, the accuracy bound, the calibration map and the drift reference all
+    come from these probabilities. Raises DataError (no rows) or ModelError (an output of another shape)."""
     if len(x) == 0:
         raise DataError("no data rows to evaluate the model on")
     probs = np.concatenate([rt.run(x[i : i + batch]) for i in range(0, len(x), batch)])

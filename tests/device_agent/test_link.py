@@ -4,6 +4,7 @@ before deletion, signed envelopes, retained report, heartbeats, desired state, l
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,8 +125,9 @@ def test_queued_summaries_are_delivered_once_in_order_signed_and_then_deleted(
 
 def test_a_broker_outage_loses_nothing_and_duplicates_nothing(
         tmp_path: Path, outbox: Outbox, device_dir: DeviceDir, make_link: LinkFactory,
-        make_summary: SummaryFactory) -> None:
+        make_summary: SummaryFactory, caplog: pytest.LogCaptureFixture) -> None:
     # Persistence on, subscriber with a persistent session: what is published while it reconnects is kept.
+    caplog.set_level(logging.WARNING, logger="device_agent.link")
     with Mosquitto(tmp_path / "broker", persistence=True) as broker:
         sub = Subscriber(broker, [SUMMARY_TOPIC], client_id="collector", clean_session=False).start()
         try:
@@ -152,6 +154,10 @@ def test_a_broker_outage_loses_nothing_and_duplicates_nothing(
             assert seqs(sub.messages()) == list(range(1, 301))
             assert link.counters()["reconnects"] == 1
             assert link_json(device_dir)["state"] == "connected"
+            # the outage and its end at WARNING, once each, whatever the retries in between (the default log level
+            # of `device-agent run` showed nothing of a days-long outage)
+            said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert [m.split(" is ")[1][:4] for m in said if "mqtt link to" in m] == ["down", "back"], said
         finally:
             sub.stop()
 

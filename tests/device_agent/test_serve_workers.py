@@ -363,3 +363,17 @@ def test_the_services_counters_never_go_back_whichever_worker_answers(built, tmp
     assert len({pid for pid, _ in seen}) == 2, "one worker answered every request: nothing was tested"
     assert wait_until(lambda: httpx.get(f"{served.base}/v1/status").json()["predictions"] == sent[0], 10)
     assert _stop(served) == 0
+
+
+def test_serve_listens_where_the_devices_config_says_unless_told_otherwise(built, tmp_path):
+    """`serve` bound a hard-coded 8470 whatever config.toml's http_port said (found by an offline-clinic audit)."""
+    dd = _device(built, tmp_path)
+    port = free_port()
+    dd.save_config(replace(dd.load_config(), http_port=port))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "serve", "--dir", str(dd.path), "--workers",
+                             "2"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _up(f"http://127.0.0.1:{port}"), 60), "serve did not listen on config's http_port"
+    finally:
+        assert _stop(Served(f"http://127.0.0.1:{port}", proc)) == 0

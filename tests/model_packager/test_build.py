@@ -175,3 +175,23 @@ def test_litert_package_builds_and_verifies(built, tmp_path, capsys):
     with pytest.raises(QuantizationError, match="LiteRT models are packaged as provided"):
         build_package(_req(built, tmp_path, model=FIXTURE, calibration=tmp_path / "digits.npz", holdout=None,
                            quantize="int8-static"))
+
+
+def test_evaluation_scores_one_row_a_run_as_a_device_serves(built, tmp_path):
+    """The int8-dynamic variant computes its activation scales per run: scored in batches its accuracy was not the
+    device's. The package's evaluation must be what a device gets predicting the holdout one row at a time."""
+    from device_agent.model import load_model
+    from edgefleet_contracts.targets import get_target
+    from model_packager.evaluate import predict_all
+    from tests.conftest import extract
+
+    r = build_package(_req(built, tmp_path, quantize="int8-dynamic", name="q"))
+    evaluation = r.manifest.evaluation
+    model = load_model(extract(r.path, tmp_path / "slot", built.keys / "root.pub"), get_target("x86_64-avx2"))
+    with np.load(built.holdout) as h:
+        x, y = h["x"].astype(np.float32), h["y"]
+    rt = model.runtime
+    single = np.concatenate([rt.run(x[i:i + 1]) for i in range(len(x))])
+    assert not np.array_equal(rt.run(x), single), "batching changes nothing for this model: the test proves nothing"
+    assert np.array_equal(predict_all(rt, x), single)
+    assert evaluation["accuracy"] == pytest.approx(float((single.argmax(axis=1) == y).mean()), abs=1e-12)
