@@ -348,6 +348,16 @@ def test_a_package_attack_is_refused_and_changes_nothing(built, tmp_path, agents
         assert {k: after[k] for k in ("keyset", "keyset_version", "high_water")} == \
                {k: hw_before[k] for k in ("keyset", "keyset_version", "high_water")}
         unchanged_after(dev, agent, before, x[1], running, allow=("trust store file trust.json",))
+    elif case == "downgrade":
+        # A genuine package verifies before the version check refuses it, and a successful verification moves the
+        # high-water mark to the wall clock (trust_store: "the wall clock at each successful verification"): the
+        # one permitted change, forward only, when a second has passed since the last mark (it failed ~1 run in 4
+        # when the mark's second had turned). The keyset and the clock events are as they were.
+        after = trust_doc(dev)
+        assert after["high_water"] >= hw_before["high_water"]
+        assert {k: v for k, v in after.items() if k != "high_water"} == \
+               {k: v for k, v in hw_before.items() if k != "high_water"}
+        unchanged_after(dev, agent, before, x[1], running, allow=("trust store file trust.json",))
     else:
         unchanged_after(dev, agent, before, x[1], running)
 
